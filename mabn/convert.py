@@ -1,0 +1,122 @@
+"""Model surgery: swap BatchNorm2d layers for any norm, centralize the weights of the convs
+that feed MABN, and fold norms into convs for inference.
+
+"The conv that feeds a norm" is found in registration order: the most recent ``nn.Conv2d``
+(any subclass, e.g. detectron2's) registered before the norm with as many output channels
+as the norm has channels, and no other norm in between. This holds for timm, torchvision
+and detectron2 ResNets, FPNs and ROI heads (conv, then its norm, or a conv owning ``.norm``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import norms
+from .registry import build_norm
+
+BATCH_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, norms.BatchNorm2d, norms.BatchRenorm2d, norms.MABN2d)
+SHARED_STATE = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, **options) -> nn.Module:
+    """Replace every trainable ``nn.BatchNorm2d`` (incl. SyncBatchNorm) of ``model`` by
+    ``norm`` built with ``options``, sharing the affine parameters (and, where the new layer
+    has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    Then, if ``centralize`` (default: ``norm == "mabn"``), centralize the weights of the
+    convs feeding each MABN layer. Returns the new root module."""
+
+    def swap(module):
+        if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine:
+            new = build_norm(norm, module.num_features, **options)
+            new.to(device=module.weight.device)
+            new.weight, new.bias = module.weight, module.bias
+            for name in SHARED_STATE:
+                if hasattr(new, name) and getattr(module, name, None) is not None:
+                    setattr(new, name, getattr(module, name))
+            return new
+        for name, child in module.named_children():
+            module.add_module(name, swap(child))
+        return module
+
+    model = swap(model)
+    if norm == "mabn" if centralize is None else centralize:
+        centralize_weights(model)
+    return model
+
+
+def conv_norm_pairs(model: nn.Module):
+    """(conv name, conv, norm name, norm) for each norm fed directly by a conv."""
+    pairs, last_conv = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last_conv = (name, module)
+        elif isinstance(module, BATCH_STAT_NORMS + (nn.GroupNorm,)):
+            channels = getattr(module, "num_features", getattr(module, "num_channels", None))
+            if last_conv is not None and last_conv[1].out_channels == channels:
+                pairs.append((*last_conv, name, module))
+            last_conv = None
+    return pairs
+
+
+class Centralize(nn.Module):
+    """Weight centralization: W - mean(W) over (in_channels, kh, kw), per output channel."""
+
+    def forward(self, weight):
+        return weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def _load_plain_weight(module, state_dict, prefix, *args):
+    """Let a checkpoint of the plain conv (key ``weight``) load into the centralized one."""
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + "parametrizations.weight.original"] = state_dict.pop(prefix + "weight")
+
+
+def centralize_weights(model: nn.Module) -> nn.Module:
+    """Centralize (as a parametrization, so gradients flow through it) the weight of every
+    conv feeding a MABN layer. Idempotent. State dicts of the plain model still load."""
+    for _, conv, _, norm in conv_norm_pairs(model):
+        if not isinstance(norm, norms.MABN2d) or is_centralized(conv):
+            continue
+        parametrize.register_parametrization(conv, "weight", Centralize())
+        conv.register_load_state_dict_pre_hook(_load_plain_weight)
+    return model
+
+
+def is_centralized(conv: nn.Module) -> bool:
+    """Whether ``conv.weight`` is centralized by ``centralize_weights``."""
+    return parametrize.is_parametrized(conv, "weight") and any(
+        isinstance(p, Centralize) for p in conv.parametrizations.weight)
+
+
+def inference_affine(norm: nn.Module):
+    """(scale, shift) of an eval-mode BN-like norm, or None if it is not a per-channel affine."""
+    if isinstance(norm, norms.MABN2d):
+        return norm.inference_scale(), norm.bias
+    if isinstance(norm, BATCH_STAT_NORMS) and getattr(norm, "running_var", None) is not None:
+        weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+        bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+        scale = weight * torch.rsqrt(norm.running_var + norm.eps)
+        return scale, bias - norm.running_mean * scale
+    return None
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> nn.Module:
+    """Fold every BN/BRN/MABN that a conv feeds into that conv, in place: the conv gets the
+    eval-mode affine in its weight and bias, the norm becomes ``nn.Identity``. Only valid for
+    inference (call on an eval-mode model); outputs equal the unfolded eval-mode model."""
+    for conv_name, conv, norm_name, norm in conv_norm_pairs(model):
+        affine = inference_affine(norm)
+        if affine is None:
+            continue
+        scale, shift = affine
+        if parametrize.is_parametrized(conv, "weight"):
+            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bias = conv.bias * scale + shift if conv.bias is not None else shift.clone()
+        conv.bias = nn.Parameter(bias.detach())
+        parent_name, _, attr = norm_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, nn.Identity())
+    return model

@@ -1,0 +1,455 @@
+"""The normalization layers of the comparison: BN, BRN and MABN with a normalization batch,
+SyncBN, GN, LN and IN.
+
+Every layer takes the channel count first and accepts ``device``/``dtype``, so that timm,
+torchvision and detectron2 can build it through ``norm_layer(channels)``.
+
+Normalization batch: a per-device batch of N samples is split into N / b consecutive
+groups of b samples, each normalized with its own statistics (b >= N, or None, is the
+ordinary behaviour). This is how the paper simulates "batch 2" at an SGD batch of 32.
+
+None of the layers subclasses ``nn.BatchNorm2d``: torch's SyncBN conversion and
+detectron2's FrozenBN conversion decide by ``isinstance(m, BatchNorm2d)`` and would
+silently replace them. Parameter and buffer names follow ``nn.BatchNorm2d`` where the
+meaning is the same, so BN checkpoints load into ``BatchNorm2d``/``BatchRenorm2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def num_groups(batch_size: int, normalization_batch: int | None) -> int:
+    """Number of normalization groups in a batch; raises if the batch is not divisible."""
+    if normalization_batch is None or normalization_batch >= batch_size:
+        return 1
+    if batch_size % normalization_batch:
+        raise ValueError(
+            f"per-device batch {batch_size} is not divisible by normalization batch "
+            f"{normalization_batch}: choose a normalization batch that divides it"
+        )
+    return batch_size // normalization_batch
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics are accumulated in fp32 for half/bf16 inputs (autocast), else in x's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Running statistic before each of G sequential EMA updates, and after the last.
+
+    ``stats`` is (G, C); returns (G + 1, C) where row k is the running value after the
+    first k updates ``r <- (1 - momentum) * r + momentum * s``, as nn.BatchNorm2d applied
+    to each group in turn would leave it.
+    """
+    steps = stats.shape[0]
+    k = torch.arange(steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
+    j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
+    keep = 1.0 - momentum
+    weights = torch.where(j < k, momentum * keep ** (k - 1 - j).clamp(min=0), 0.0)
+    # a broadcast sum, not a matmul: autocast would run a matmul in half precision
+    return keep ** k * initial + (weights.unsqueeze(-1) * stats).sum(1)
+
+
+def per_sample(values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(G, C) per-group values as (N, C, 1, 1) per-sample values that broadcast against x."""
+    if values.shape[0] == 1:
+        return values[:, :, None, None]
+    return values.repeat_interleave(batch_size // values.shape[0], dim=0)[:, :, None, None]
+
+
+def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """x (N, C, H, W) as (G, N / G, C, H * W): statistics reduce over dims 1 and 3."""
+    return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
+
+
+class _GroupedBatchStats(nn.Module):
+    """Parameters and running statistics shared by BN and BRN (named as in nn.BatchNorm2d)."""
+
+    def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.1,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.normalization_batch = normalization_batch
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def extra_repr(self):
+        return (f"{self.num_features}, normalization_batch={self.normalization_batch}, "
+                f"eps={self.eps}, momentum={self.momentum}")
+
+    def _eval_forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+    def _group_stats(self, x, groups):
+        """Biased variance and mean per (group, channel), in fp32, shaped (G, C)."""
+        xg = group_view(x, groups)
+        var, mean = torch.var_mean(xg.to(accumulation_dtype(x)), dim=(1, 3), correction=0)
+        return var, mean, xg.shape[1] * xg.shape[3]
+
+    @torch.no_grad()
+    def _running_states(self, var, mean, count):
+        """Running (mean, var) before each group and after the last: (G + 1, C) each."""
+        unbiased = var * (count / max(count - 1, 1))
+        means = ema_states(self.running_mean.to(mean.dtype), mean, self.momentum)
+        vars_ = ema_states(self.running_var.to(mean.dtype), unbiased, self.momentum)
+        self.running_mean.copy_(means[-1])
+        self.running_var.copy_(vars_[-1])
+        self.num_batches_tracked.add_(mean.shape[0])
+        return means, vars_
+
+
+class BatchNorm2d(_GroupedBatchStats):
+    """BatchNorm2d with a normalization batch.
+
+    With b >= N this is ``nn.BatchNorm2d`` (same kernel). With b < N each group of b
+    consecutive samples is normalized with its own batch mean and variance, and the running
+    statistics are updated once per group, in order: exactly what ``nn.BatchNorm2d`` applied
+    to each group in turn would do (``num_batches_tracked`` counts groups).
+    ``momentum=None`` (cumulative average) is supported only for b >= N.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            return self._eval_forward(x)
+        groups = num_groups(x.shape[0], self.normalization_batch)
+        if groups == 1:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum
+            if momentum is None:
+                momentum = 1.0 / self.num_batches_tracked.item()
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                True, momentum, self.eps)
+        if self.momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs normalization_batch >= batch")
+        var, mean, count = self._group_stats(x, groups)
+        self._running_states(var.detach(), mean.detach(), count)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return torch.addcmul(per_sample(shift, len(x)), x, per_sample(scale, len(x))).to(x.dtype)
+
+
+class BatchRenorm2d(_GroupedBatchStats):
+    """Batch Renormalization (Ioffe, 2017) with a normalization batch.
+
+    Per group: ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma,
+    -d_max, d_max)``, both without gradient; ``sigma = sqrt(running_var + eps)``. Running
+    statistics follow BatchNorm2d's rule (once per group, in order) and each group's r, d use
+    the running statistics as they stand before that group. Schedule (REFERENCE.md section 3):
+    r_max = 1, d_max = 0 until ``warmup_iters`` training iterations, then both relax linearly
+    to ``r_max`` at ``r_max_iters`` and ``d_max`` at ``d_max_iters``. With r_max = 1 and
+    d_max = 0 it is BatchNorm2d.
+    """
+
+    def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.01,
+                 r_max=3.0, d_max=5.0, warmup_iters=5000, r_max_iters=40000, d_max_iters=25000,
+                 device=None, dtype=None):
+        super().__init__(num_features, normalization_batch, eps, momentum, device, dtype)
+        if momentum is None:
+            raise ValueError("brn needs a float momentum (running-statistics update rate)")
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_iters, self.r_max_iters, self.d_max_iters = warmup_iters, r_max_iters, d_max_iters
+        self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+                f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "
+                f"d_max_iters={self.d_max_iters}")
+
+    def _relaxed(self, final, start_value, end_iter):
+        """Linear ramp from ``start_value`` to ``final`` between warmup_iters and end_iter."""
+        done = self.num_iterations.to(self.running_var.dtype)
+        if end_iter > self.warmup_iters:
+            frac = ((done - self.warmup_iters) / (end_iter - self.warmup_iters)).clamp(0, 1)
+        else:
+            frac = (done >= self.warmup_iters).to(done.dtype)
+        return start_value + (final - start_value) * frac
+
+    def limits(self):
+        """(r_max, d_max) for the current iteration, as tensors (no host synchronization)."""
+        return self._relaxed(self.r_max, 1.0, self.r_max_iters), self._relaxed(self.d_max, 0.0, self.d_max_iters)
+
+    def forward(self, x):
+        if not self.training:
+            return self._eval_forward(x)
+        groups = num_groups(x.shape[0], self.normalization_batch)
+        var, mean, count = self._group_stats(x, groups)
+        means, vars_ = self._running_states(var.detach(), mean.detach(), count)
+        r_max, d_max = self.limits()
+        self.num_iterations.add_(1)
+        sigma_batch = torch.sqrt(var + self.eps)
+        sigma_running = torch.sqrt(vars_[:-1] + self.eps)
+        # minimum/maximum, not clamp with tensor bounds: in this layer the latter gave gamma
+        # gradients that differed from eager under torch.compile (aot_eager, torch 2.14)
+        r = torch.minimum(torch.maximum(sigma_batch.detach() / sigma_running, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean.detach() - means[:-1]) / sigma_running, -d_max), d_max)
+        scale = self.weight * r / sigma_batch
+        shift = self.bias + self.weight * d - mean * scale
+        return torch.addcmul(per_sample(shift, len(x)), x, per_sample(scale, len(x))).to(x.dtype)
+
+
+class _MABNFunction(torch.autograd.Function):
+    """MABN's normalization with its own backward (REFERENCE.md section 1).
+
+    Forward ``y = gamma * r * x * inv_std + beta`` per (group, channel), with
+    ``inv_std = 1 / sqrt(var + eps)`` and r constants. Backward ``dx = (g - z * psi) * inv_std``
+    with ``g = dy * gamma * r``, ``z = x * inv_std`` and psi the window average (or batch
+    value) of ``mean(g * z)``; the window buffer ``psi_window`` is advanced here, in place.
+    With one group per batch the per-channel parts run in torch's fused batch-norm kernels
+    (eval-mode forward and backward with mean 0); with several, in broadcast tensor ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, r, psi_window, use_window, eps):
+        ctx.save_for_backward(x, weight, var, r, use_window)
+        ctx.psi_window = psi_window  # state advanced by backward, not a saved value
+        ctx.eps = eps
+        if len(var) == 1:
+            return torch.batch_norm(x, weight * r[0], bias, torch.zeros_like(var[0]), var[0],
+                                    False, 0.0, eps, torch.backends.cudnn.enabled)
+        gain = per_sample(weight * r * torch.rsqrt(var + eps), len(x))
+        return torch.addcmul(bias[:, None, None], x, gain).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, var, r, use_window = ctx.saved_tensors
+        groups, channels = var.shape
+        inv_std = torch.rsqrt(var + ctx.eps)
+        gain = weight * r * inv_std
+        if groups == 1:  # dx = dy * gain, dy_z = sum(dy * x) * inv_std, dbias = sum(dy)
+            dx, dy_z, dbias = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight * r[0], torch.zeros_like(var[0]), var[0], None, None, False, ctx.eps,
+                [True, True, True])
+            dy_z = dy_z.unsqueeze(0)
+        else:
+            dtype = accumulation_dtype(x)
+            dy_x = (dy.to(dtype) * x).sum(dim=(2, 3)).view(groups, -1, channels).sum(1)
+            dy_z = dy_x * inv_std
+            dbias = dy.sum(dim=(0, 2, 3), dtype=dtype)
+            dx = dy * per_sample(gain, len(x))
+        psi = weight * r * dy_z / (x.numel() // (groups * channels))
+        psi_sma, history = window_average(ctx.psi_window, psi)
+        ctx.psi_window.copy_(history)
+        psi = torch.where(use_window, psi_sma, psi)
+        dx.addcmul_(x, per_sample(-psi * inv_std * inv_std, len(x)))
+        dweight = (r * dy_z).sum(0)
+        return dx.to(dy.dtype), dweight, dbias, None, None, None, None, None
+
+
+def window_average(history: torch.Tensor, current: torch.Tensor):
+    """Simple moving average over the last m steps for each of G new steps.
+
+    ``history`` (m, C) holds the previous m step statistics, oldest first; ``current``
+    (G, C) the new ones in order. Returns the (G, C) averages of the m most recent values at
+    each new step, and the new (m, C) history.
+    """
+    window = history.shape[0]
+    sequence = torch.cat([history, current.to(history.dtype)])
+    averages = sequence.unfold(0, window, 1)[1:].mean(-1)
+    return averages, sequence[-window:]
+
+
+class MABN2d(nn.Module):
+    """Moving Average Batch Normalization (Yan et al., ICLR 2020), REFERENCE.md section 1.
+
+    Per channel, with chi2 the second moment mean(x^2) of a normalization batch and psi the
+    backward statistic mean(g * z): no mean subtraction (pair with weight centralization of
+    the conv that feeds it: ``mabn.convert_model``); chi2 and psi averaged over the last
+    ``sma_window`` normalization batches (SMA); ``y = gamma * r * x / sqrt(chi2_sma + eps) +
+    beta`` with ``r = sqrt(chi2_sma + eps) / sqrt(ema_chi2 + eps)`` clipped to
+    [1/r_max, r_max] and without gradient; inference uses ``gamma * x / sqrt(ema_chi2 + eps) +
+    beta``.
+
+    Groups of a batch are consecutive steps of the window (as the authors' ImageNet code), so
+    any per-device batch divisible by the normalization batch works. Relation to the
+    authors' ``MABN.py``:
+
+    - batch statistics (no SMA) while ``num_iterations < warmup_iters`` (100, as MABN.py) or
+      while the window does not yet hold ``sma_window`` real statistics (MABN.py waits one
+      iteration longer: ``iteration <= buffer_size``);
+    - r is held at 1 while ``num_iterations <= renorm_warmup_iters`` (1000 = MABN.py's
+      ``max(1000, warmup_iters)``), then clipped to [1/5, 5];
+    - ``ema_chi2`` is updated once per iteration with the mean over groups of the statistic
+      used to normalize, momentum 0.02 in PyTorch's convention (the paper's 0.98), and is set
+      to that value on the first iteration (the ImageNet code; MABN.py starts it at 1);
+    - eps = 1e-5.
+
+    The authors' ImageNet layer (cls/networks/MABN.py) uses SMA from iteration 2 and r = 1
+    for 99 iterations: ``warmup_iters=1, renorm_warmup_iters=99`` (configs/experiment).
+
+    Ablations: ``forward_stat`` "sma" (default), "batch" (current group only) or "ema"
+    (normalize by the EMA after warm-up, r = 1); ``backward_stat`` "sma" (default) or
+    "batch"; ``renorm=False`` holds r at 1. Weight centralization is a property of the conv,
+    see ``mabn.convert.centralize_weights``.
+
+    Training uses no host synchronization (no ``.item()``, no branch on tensor values).
+    Gradient checkpointing would advance the windows twice per step: not supported.
+    """
+
+    def __init__(self, num_features, normalization_batch=None, sma_window=16, momentum=0.02,
+                 eps=1e-5, warmup_iters=100, renorm_warmup_iters=1000, r_max=5.0,
+                 forward_stat="sma", backward_stat="sma", renorm=True, device=None, dtype=None):
+        super().__init__()
+        if forward_stat not in ("sma", "batch", "ema"):
+            raise ValueError(f"mabn forward_stat must be sma, batch or ema, got {forward_stat!r}")
+        if backward_stat not in ("sma", "batch"):
+            raise ValueError(f"mabn backward_stat must be sma or batch, got {backward_stat!r}")
+        if sma_window < 1:
+            raise ValueError(f"mabn sma_window must be >= 1, got {sma_window}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.normalization_batch = normalization_batch
+        self.sma_window = sma_window
+        self.momentum = momentum
+        self.eps = eps
+        self.warmup_iters = warmup_iters
+        self.renorm_warmup_iters = renorm_warmup_iters
+        self.r_max = r_max
+        self.forward_stat = forward_stat
+        self.backward_stat = backward_stat
+        self.renorm = renorm
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("ema_chi2", torch.ones(num_features, device=device))
+        self.register_buffer("chi2_window", torch.zeros(sma_window, num_features, device=device))
+        self.register_buffer("psi_window", torch.zeros(sma_window, num_features, device=device))
+        self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
+
+    def extra_repr(self):
+        return (f"{self.num_features}, normalization_batch={self.normalization_batch}, "
+                f"sma_window={self.sma_window}, momentum={self.momentum}, eps={self.eps}, "
+                f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
+                f"r_max={self.r_max}, forward_stat={self.forward_stat}, "
+                f"backward_stat={self.backward_stat}, renorm={self.renorm}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A BatchNorm2d checkpoint loads too: its second moment var + mean^2 seeds the EMA."""
+        if prefix + "running_var" in state_dict and prefix + "ema_chi2" not in state_dict:
+            mean = state_dict.pop(prefix + "running_mean")
+            state_dict[prefix + "ema_chi2"] = state_dict.pop(prefix + "running_var") + mean.square()
+            state_dict.pop(prefix + "num_batches_tracked", None)
+            for name in ("chi2_window", "psi_window", "num_iterations"):
+                state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def inference_scale(self):
+        """Per-channel multiplier of the eval-mode layer (its shift is ``bias``)."""
+        return self.weight * torch.rsqrt(self.ema_chi2 + self.eps)
+
+    def forward(self, x):
+        if not self.training:
+            zero = torch.zeros_like(self.ema_chi2)
+            return F.batch_norm(x, zero, self.ema_chi2, self.weight, self.bias, False, 0.0, self.eps)
+        groups = num_groups(x.shape[0], self.normalization_batch)
+        var, r, use_window = self._statistics(x, groups)
+        if self.backward_stat == "batch":
+            use_window = torch.zeros_like(use_window)
+        return _MABNFunction.apply(x, self.weight, self.bias, var, r, self.psi_window, use_window, self.eps)
+
+    @torch.no_grad()
+    def _statistics(self, x, groups):
+        """Advance the chi2 window and EMA; return the normalizing chi2, r and the SMA mask (G, C)."""
+        self.num_iterations.add_(1)
+        iteration = self.num_iterations
+        xg = group_view(x, groups)
+        count = xg.shape[1] * xg.shape[3]
+        chi2 = torch.linalg.vector_norm(xg, dim=(1, 3), dtype=accumulation_dtype(x)).square() / count
+        chi2_sma, history = window_average(self.chi2_window, chi2)
+        self.chi2_window.copy_(history)
+        step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=x.device)
+        use_window = ((step >= self.sma_window) & (iteration >= self.warmup_iters)).unsqueeze(1)
+        smoothed = torch.where(use_window, chi2_sma, chi2)
+        ema_before = self.ema_chi2.clone()
+        self.ema_chi2.copy_(torch.where(
+            iteration == 1, smoothed.mean(0),
+            (1 - self.momentum) * self.ema_chi2 + self.momentum * smoothed.mean(0)))
+        if self.forward_stat == "batch":
+            var = chi2
+        elif self.forward_stat == "ema":
+            var = torch.where(use_window, ema_before.expand_as(chi2), chi2)
+        else:
+            var = smoothed
+        r = torch.sqrt(var + self.eps) * torch.rsqrt(ema_before + self.eps)
+        if not self.renorm:
+            return var, torch.ones_like(r), use_window
+        clip = iteration > self.renorm_warmup_iters
+        r = torch.where(clip, r.clamp(1.0 / self.r_max, self.r_max), torch.ones_like(r))
+        return var, r, use_window
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm2d with the statistics of the global batch, as ``nn.SyncBatchNorm``.
+
+    Implemented with a differentiable all-reduce of per-channel sums, so it runs on any device
+    and backend: torch's layer, and DDP around it, refuse CPU tensors (gloo). Without a process
+    group (or in eval mode) it is BatchNorm2d.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, True, True, device, dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"syncbn expects NCHW input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.to(accumulation_dtype(x))
+        local = torch.cat([xf.sum(dim=(0, 2, 3)), xf.square().sum(dim=(0, 2, 3)),
+                           xf.new_tensor([x.numel() // x.shape[1]])])
+        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        channels = x.shape[1]
+        count = total[-1]
+        mean = total[:channels] / count
+        var = total[channels:2 * channels] / count - mean.square()
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return torch.addcmul(shift[:, None, None], x, scale[:, None, None]).to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization (Wu & He, 2018), channels first, 32 groups by default."""
+
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, device=None, dtype=None):
+        if num_channels % num_groups:
+            raise ValueError(
+                f"gn: {num_channels} channels are not divisible by {num_groups} groups: "
+                f"set num_groups to a divisor of {num_channels}")
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+
+
+class LayerNorm2d(GroupNorm):
+    """Layer Normalization over (C, H, W) per sample: GroupNorm with one group (GN paper's LN)."""
+
+    def __init__(self, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_channels, 1, eps, affine, device, dtype)
+
+
+class InstanceNorm2d(GroupNorm):
+    """Instance Normalization with affine: GroupNorm with one channel per group (GN paper's IN)."""
+
+    def __init__(self, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_channels, num_channels, eps, affine, device, dtype)

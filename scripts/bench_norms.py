@@ -1,0 +1,117 @@
+"""Forward+backward time of each norm on ResNet-50 layer shapes, as a ratio to nn.BatchNorm2d
+measured in the same run (round-robin, median of repeats, so machine noise hits all alike).
+
+    python scripts/bench_norms.py                       # ResNet-50 shapes, batch 32
+    python scripts/bench_norms.py --out results/bench_norms_cpu.md
+    python scripts/bench_norms.py --authors-mabn /path/to/megvii-model/MABN/MABN.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mabn
+
+# (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
+RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
+                   (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
+QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
+BATCH_NORMS = ("bn", "brn", "mabn")
+
+
+def cases(norms, normalization_batches, authors):
+    """(label, factory(channels)) for every benchmarked layer; the baseline comes first."""
+    yield "nn.BatchNorm2d", nn.BatchNorm2d
+    for name in norms:
+        for nb in normalization_batches if name in BATCH_NORMS else [None]:
+            label = f"{name} (norm. batch {nb})" if nb else name
+            options = {"normalization_batch": nb} if nb else {}
+            if name == "mabn":  # window = 32 / normalization batch, past its warm-up
+                options.update(sma_window=max(1, 32 // nb), warmup_iters=0, renorm_warmup_iters=0)
+            yield label, mabn.norm_layer(name, **options)
+    if authors:
+        yield "authors' MABN.py (batch 32)", lambda c: authors.MABN2d(c, B=32, real_B=512, warmup_iters=0)
+
+
+def load_authors(path):
+    spec = importlib.util.spec_from_file_location("authors_mabn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step(layer, x, dy):
+    x.grad = None
+    layer(x).backward(dy)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def benchmark(shapes, batch, layers, repeats, device):
+    """Median seconds per shape, summed over shapes, for each label."""
+    totals = dict.fromkeys(layers, 0.0)
+    for channels, height, width in shapes:
+        x = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
+        dy = torch.randn_like(x)
+        built = {label: factory(channels).to(device).train() for label, factory in layers.items()}
+        for layer in built.values():
+            step(layer, x, dy)  # warm-up
+        times = {label: [] for label in built}
+        for repeat in range(repeats):
+            order = list(built)
+            order = order[repeat % len(order):] + order[:repeat % len(order)]
+            for label in order:
+                start = time.perf_counter()
+                step(built[label], x, dy)
+                times[label].append(time.perf_counter() - start)
+        for label, values in times.items():
+            totals[label] += statistics.median(values)
+    return totals
+
+
+def table(totals, title):
+    baseline = totals["nn.BatchNorm2d"]
+    lines = [title, "", "| layer | fwd+bwd ms (sum over shapes) | ratio to nn.BatchNorm2d |", "|---|---|---|"]
+    for label, seconds in totals.items():
+        lines.append(f"| {label} | {seconds * 1000:.1f} | {seconds / baseline:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32, help="per-device batch")
+    parser.add_argument("--normalization-batches", type=int, nargs="+", default=[32, 2])
+    parser.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    authors = load_authors(args.authors_mabn) if args.authors_mabn else None
+    layers = dict(cases(args.norms, args.normalization_batches, authors))
+    shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
+    totals = benchmark(shapes, args.batch, layers, args.repeats, args.device)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
+             f"{'quick' if args.quick else 'ResNet-50'} shapes, {device}, torch {torch.__version__}, "
+             f"median of {args.repeats}.\n\nCommand: `python {' '.join(sys.argv)}`")
+    text = table(totals, title)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Slow, obvious references written from the formulas (REFERENCE.md sections 1 and 3).
+
+They loop over normalization batches one at a time and never call the library's layers."""
+
+import torch
+
+
+class ReferenceMABN:
+    """MABN step by step: every normalization batch is one step of the SMA windows."""
+
+    def __init__(self, channels, window, momentum=0.02, eps=1e-5, warmup_iters=100,
+                 renorm_warmup_iters=1000, r_max=5.0, forward_stat="sma", backward_stat="sma",
+                 renorm=True, dtype=torch.float64):
+        self.window, self.momentum, self.eps = window, momentum, eps
+        self.forward_stat, self.backward_stat, self.renorm = forward_stat, backward_stat, renorm
+        self.warmup_iters, self.renorm_warmup_iters, self.r_max = warmup_iters, renorm_warmup_iters, r_max
+        self.chi2_history, self.psi_history = [], []
+        self.ema = torch.ones(channels, dtype=dtype)
+        self.iteration = 0
+
+    def step(self, x, dy, gamma, beta, normalization_batch):
+        """One training iteration: returns y, dx, dgamma, dbeta, and records the statistics."""
+        self.iteration += 1
+        groups = x.split(normalization_batch)
+        grads = dy.split(normalization_batch)
+        used, tracked = [], []
+        ema_before = self.ema.clone()
+        for xg in groups:
+            chi2 = (xg * xg).mean(dim=(0, 2, 3))
+            self.chi2_history.append(chi2)
+            smoothed = len(self.chi2_history) >= self.window and self.iteration >= self.warmup_iters
+            sma = torch.stack(self.chi2_history[-self.window:]).mean(0) if smoothed else chi2
+            tracked.append(sma)
+            if self.forward_stat == "batch":
+                var = chi2
+            elif self.forward_stat == "ema":
+                var = ema_before if smoothed else chi2
+            else:
+                var = sma
+            used.append((var, smoothed))
+        tracked = torch.stack(tracked).mean(0)
+        if self.iteration == 1:
+            self.ema = tracked
+        else:
+            self.ema = (1 - self.momentum) * self.ema + self.momentum * tracked
+        ys, dxs = [], []
+        dgamma = torch.zeros_like(gamma)
+        dbeta = torch.zeros_like(beta)
+        for xg, dyg, (var, smoothed) in zip(groups, grads, used):
+            std = torch.sqrt(var + self.eps).view(1, -1, 1, 1)
+            r = std / torch.sqrt(ema_before + self.eps).view(1, -1, 1, 1)
+            if self.renorm and self.iteration > self.renorm_warmup_iters:
+                r = r.clamp(1 / self.r_max, self.r_max)
+            else:
+                r = torch.ones_like(r)
+            z = xg / std
+            ys.append(gamma.view(1, -1, 1, 1) * r * z + beta.view(1, -1, 1, 1))
+            g = dyg * gamma.view(1, -1, 1, 1) * r
+            psi = (g * z).mean(dim=(0, 2, 3))
+            self.psi_history.append(psi)
+            if smoothed and self.backward_stat == "sma":
+                psi = torch.stack(self.psi_history[-self.window:]).mean(0)
+            dxs.append((g - z * psi.view(1, -1, 1, 1)) / std)
+            dgamma += (dyg * r * z).sum(dim=(0, 2, 3))
+            dbeta += dyg.sum(dim=(0, 2, 3))
+        return torch.cat(ys), torch.cat(dxs), dgamma, dbeta
+
+
+class ReferenceBRN:
+    """Batch Renormalization (Ioffe 2017) applied to each normalization batch in turn."""
+
+    def __init__(self, channels, momentum, eps, r_max, d_max, warmup_iters, r_max_iters, d_max_iters,
+                 dtype=torch.float64):
+        self.momentum, self.eps = momentum, eps
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_iters, self.r_max_iters, self.d_max_iters = warmup_iters, r_max_iters, d_max_iters
+        self.mean = torch.zeros(channels, dtype=dtype)
+        self.var = torch.ones(channels, dtype=dtype)
+        self.iterations_done = 0
+        self.clipped = 0
+
+    def limit(self, final, start, end):
+        if self.iterations_done < self.warmup_iters:
+            return start
+        if end <= self.warmup_iters:
+            return final
+        frac = min(1.0, (self.iterations_done - self.warmup_iters) / (end - self.warmup_iters))
+        return start + (final - start) * frac
+
+    def forward(self, x, gamma, beta, normalization_batch):
+        """Differentiable forward (r and d detached) of one iteration."""
+        r_max = self.limit(self.r_max, 1.0, self.r_max_iters)
+        d_max = self.limit(self.d_max, 0.0, self.d_max_iters)
+        ys = []
+        for xg in x.split(normalization_batch):
+            mu = xg.mean(dim=(0, 2, 3))
+            var = ((xg - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+            sigma_b = torch.sqrt(var + self.eps)
+            sigma = torch.sqrt(self.var + self.eps)
+            raw_r = sigma_b.detach() / sigma
+            r = raw_r.clamp(1 / r_max, r_max)
+            d = ((mu.detach() - self.mean) / sigma).clamp(-d_max, d_max)
+            self.clipped += int((r != raw_r).sum())
+            xhat = (xg - mu.view(1, -1, 1, 1)) / sigma_b.view(1, -1, 1, 1)
+            ys.append(gamma.view(1, -1, 1, 1) * (xhat * r.view(1, -1, 1, 1) + d.view(1, -1, 1, 1))
+                      + beta.view(1, -1, 1, 1))
+            n = xg.numel() // xg.shape[1]
+            with torch.no_grad():
+                self.mean = (1 - self.momentum) * self.mean + self.momentum * mu
+                self.var = (1 - self.momentum) * self.var + self.momentum * var * n / (n - 1)
+        self.iterations_done += 1
+        return torch.cat(ys)

@@ -1,0 +1,145 @@
+"""Registry, model conversion, weight centralization and inference folding on real model
+families (timm and torchvision ResNets)."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import mabn
+from mabn.convert import conv_norm_pairs, fold_norms, is_centralized
+from mabn.registry import NORMS
+
+OPTIONS = {
+    "bn": {"normalization_batch": 2}, "syncbn": {}, "gn": {}, "ln": {}, "in": {},
+    "brn": {"normalization_batch": 2, "warmup_iters": 0, "r_max_iters": 2, "d_max_iters": 2},
+    "mabn": {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "renorm_warmup_iters": 1},
+}
+FAMILIES = {
+    "timm": lambda **kw: timm.create_model("resnet18", num_classes=10, **kw),
+    "torchvision": lambda **kw: torchvision.models.resnet18(num_classes=10, **kw),
+}
+
+
+def norm_modules(model):
+    return [m for m in model.modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, mabn.BatchNorm2d,
+                              mabn.BatchRenorm2d, mabn.MABN2d))]
+
+
+def test_unknown_norm_and_option_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"unknown norm 'bnx': choose one of bn, brn, gn, in, ln, mabn, syncbn"):
+        mabn.norm_layer("bnx")
+    with pytest.raises(TypeError, match=r"norm 'gn' does not take these options \['sma_window'\]"):
+        mabn.norm_layer("gn", sma_window=4)
+    with pytest.raises(ValueError, match=r"gn: 48 channels are not divisible by 32 groups"):
+        mabn.build_norm("gn", 48)
+
+
+def test_register_norm_makes_a_name_available_everywhere():
+    class Scale(nn.Module):
+        def __init__(self, channels, factor=2.0):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    mabn.register_norm("scale", Scale)
+    try:
+        model = torchvision.models.resnet18(norm_layer=mabn.norm_layer("scale", factor=0.5))
+        assert sum(isinstance(m, Scale) for m in model.modules()) == 20
+        with pytest.raises(ValueError, match="already registered"):
+            mabn.register_norm("scale", nn.Identity)
+    finally:
+        NORMS.pop("scale")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_norm_layer_builds_every_norm_of_the_family(family, name):
+    model = FAMILIES[family](norm_layer=mabn.norm_layer(name, **OPTIONS[name]))
+    expected = type(mabn.build_norm(name, 64, **OPTIONS[name]))
+    found = norm_modules(model)
+    assert len(found) == 20 and all(type(m) is expected for m in found)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_convert_model_replaces_every_batchnorm(family, name):
+    model = FAMILIES[family]()
+    original = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    converted = mabn.convert_model(model, name, **OPTIONS[name])
+    expected = type(mabn.build_norm(name, 64, **OPTIONS[name]))
+    found = norm_modules(converted)
+    assert len(found) == len(original) == 20
+    assert all(type(m) is expected for m in found)
+    for old, new in zip(original, found):
+        assert new.weight is old.weight and new.bias is old.bias
+    pairs = conv_norm_pairs(converted)
+    assert len(pairs) == 20
+    assert all(is_centralized(conv) == (name == "mabn") for _, conv, _, _ in pairs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mabn_conversion_centralizes_weights_and_loads_plain_checkpoints(family):
+    plain = FAMILIES[family]()
+    plain_state = plain.state_dict()
+    model = mabn.convert_model(FAMILIES[family](), "mabn", **OPTIONS["mabn"])
+    model.load_state_dict(plain_state)
+    for _, conv, _, _ in conv_norm_pairs(model):
+        original = conv.parametrizations.weight.original
+        assert not torch.allclose(original.mean(dim=(1, 2, 3)), torch.zeros(original.shape[0]), atol=1e-4)
+        torch.testing.assert_close(conv.weight.mean(dim=(1, 2, 3)), torch.zeros(conv.out_channels),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(conv.weight, original - original.mean(dim=(1, 2, 3), keepdim=True))
+    first = conv_norm_pairs(model)[0]
+    assert torch.equal(first[1].parametrizations.weight.original, plain_state[first[0] + ".weight"])
+    # BN statistics seed MABN's EMA with the second moment var + mean^2
+    bn_key = first[2]
+    torch.testing.assert_close(first[3].ema_chi2, plain_state[bn_key + ".running_var"]
+                               + plain_state[bn_key + ".running_mean"] ** 2)
+    mabn.centralize_weights(model)  # idempotent
+    assert len(first[1].parametrizations.weight) == 1
+
+
+def train_a_little(model, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(4, 3, 32, 32, generator=generator)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (4,), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn", "syncbn"])
+def test_folding_keeps_eval_outputs_and_leaves_plain_convs(family, name):
+    model = train_a_little(mabn.convert_model(FAMILIES[family](), name, **OPTIONS[name]))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_norms(copy.deepcopy(model))
+        got = folded(x)
+    assert not norm_modules(folded)
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert all(type(c) is nn.Conv2d and c.bias is not None for c in convs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_folding_leaves_group_norm_alone():
+    model = train_a_little(mabn.convert_model(FAMILIES["torchvision"](), "gn"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_norms(copy.deepcopy(model))
+        torch.testing.assert_close(folded(x), expected)
+    assert len(norm_modules(folded)) == 20

@@ -1,0 +1,83 @@
+"""Two CPU processes (gloo) under DDP: batch-statistics norms use per-process statistics,
+syncbn uses the statistics of the global batch, in forward and backward."""
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import mabn
+
+WORLD = 2
+OPTIONS = {
+    "bn": {"normalization_batch": 2}, "brn": {"normalization_batch": 2}, "gn": {"num_groups": 2},
+    "mabn": {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0},
+    "syncbn": {},
+}
+
+
+def local_data(rank):
+    generator = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(4, 4, 3, 3, generator=generator) * (1 + rank) + rank
+    dy = torch.randn(4, 4, 3, 3, generator=generator)
+    return x, dy
+
+
+def worker(rank, port, name):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        norm = mabn.build_norm(name, 4, **OPTIONS[name])
+        reference = copy.deepcopy(norm)
+        # broadcast_buffers=False: no process overwrites the others' statistics (as in training)
+        model = DistributedDataParallel(nn.Sequential(norm), broadcast_buffers=False)
+        x, dy = local_data(rank)
+        x.requires_grad_(True)
+        for _ in range(2):  # the second step reads the windows / running statistics of the first
+            x.grad = None
+            model(x).backward(dy)
+
+        if name == "syncbn":  # reference: plain BN on the global batch
+            data = [local_data(r) for r in range(WORLD)]
+            xs = torch.cat([d[0] for d in data]).requires_grad_(True)
+            ys = [torch.nn.functional.batch_norm(xs, reference.running_mean, reference.running_var,
+                                                 reference.weight, reference.bias, True, 0.1) for _ in range(2)]
+            reference.num_batches_tracked += 2
+            xs.grad = None
+            ys[-1].backward(torch.cat([d[1] for d in data]))
+            expected_grad = xs.grad[rank * 4:(rank + 1) * 4]
+        else:  # reference: the same layer on this process's data alone
+            xr = x.detach().clone().requires_grad_(True)
+            for _ in range(2):
+                xr.grad = None
+                reference(xr).backward(dy)
+            expected_grad = xr.grad
+        torch.testing.assert_close(x.grad, expected_grad, rtol=1e-4, atol=1e-5)
+        buffers = dict(norm.named_buffers())
+        for (key, got), expected in zip(buffers.items(), reference.buffers()):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=key)
+
+        # statistics differ between processes unless synced (so the checks above can fail)
+        if buffers:
+            mine = torch.cat([v.flatten().float() for v in buffers.values()])
+            everyone = [torch.zeros_like(mine) for _ in range(WORLD)]
+            dist.all_gather(everyone, mine)
+            assert torch.equal(everyone[0], everyone[1]) == (name == "syncbn")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_ddp_statistics_are_per_process_except_syncbn(name):
+    mp.spawn(worker, args=(free_port(), name), nprocs=WORLD)
