@@ -1,0 +1,1 @@
+"""Detection helpers for Mask R-CNN: COCO-format results and evaluation."""

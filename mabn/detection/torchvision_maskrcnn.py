@@ -1,0 +1,102 @@
+"""Mask R-CNN R-FPN from torchvision pieces, with a pluggable norm layer everywhere the paper puts one."""
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+}
+FPN_CHANNELS = 256
+
+
+def build_maskrcnn(
+    num_classes: int,
+    norm_layer: Callable[[int], nn.Module],
+    backbone: str = "resnet50",
+    backbone_weights: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    **maskrcnn_kwargs: Any,
+) -> MaskRCNN:
+    """Build Mask R-CNN with `norm_layer` in trunk, FPN, 4conv1fc box head and 4conv mask head.
+
+    Nothing is frozen. The RPN head (one 3x3 conv), anchors and the box/mask predictors are
+    MaskRCNN's defaults, none of which has a norm. `maskrcnn_kwargs` go to `MaskRCNN`.
+    """
+    if backbone not in TRUNKS:
+        raise ValueError(f"unknown backbone {backbone!r}; use one of: {', '.join(TRUNKS)}")
+    trunk = TRUNKS[backbone](weights=None, norm_layer=norm_layer)
+    c5 = trunk.fc.in_features
+    fpn_backbone = BackboneWithFPN(
+        trunk,
+        return_layers={f"layer{i + 1}": str(i) for i in range(4)},
+        in_channels_list=[c5 // 8, c5 // 4, c5 // 2, c5],
+        out_channels=FPN_CHANNELS,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=norm_layer,
+    )
+    if backbone_weights is not None:
+        load_trunk_weights(fpn_backbone.body, backbone_weights)
+    box_head = FastRCNNConvFCHead((FPN_CHANNELS, 7, 7), [256] * 4, [1024], norm_layer=norm_layer)
+    mask_head = MaskRCNNHeads(FPN_CHANNELS, [256] * 4, 1, norm_layer=norm_layer)
+    return MaskRCNN(
+        fpn_backbone,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        box_head=box_head,
+        mask_head=mask_head,
+        **maskrcnn_kwargs,
+    )
+
+
+def load_trunk_weights(body: nn.Module, path: str) -> None:
+    """Load a ResNet classifier state_dict (optionally under "model"/"state_dict", keys
+    prefixed by "module."/"model.") into the FPN body; its `fc` is dropped."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}"
+        for k, v in state.items()
+        if v.shape != own.get(k, v).shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
+        )
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(
+            f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; "
+            "use weights trained with the same backbone and norm layer"
+        )
+    if unexpected:
+        warnings.warn(
+            f"weights={path}: ignored {len(unexpected)} keys the backbone lacks, e.g. {unexpected[:3]}"
+        )
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(("module.", "model.")):
+        key = key.split(".", 1)[1]
+    return key
