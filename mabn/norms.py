@@ -389,6 +389,23 @@ class MABN2d(nn.Module):
         return var, r, use_window
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of each process's input is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, values, group):
+        ctx.group = group
+        values = values.clone()
+        dist.all_reduce(values, group=group)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm2d with the statistics of the global batch, as ``nn.SyncBatchNorm``.
 
@@ -410,12 +427,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         xf = x.to(accumulation_dtype(x))
         local = torch.cat([xf.sum(dim=(0, 2, 3)), xf.square().sum(dim=(0, 2, 3)),
                            xf.new_tensor([x.numel() // x.shape[1]])])
-        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         channels = x.shape[1]
         count = total[-1]
         mean = total[:channels] / count

@@ -1,0 +1,38 @@
+"""Config helpers shared by the Hydra entry points: resolvers and up-front checks, so bad
+input fails at once with one line that names the fix."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input; the entry points print it as one line, without a traceback."""
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if denominator <= 0 or numerator % denominator:
+        raise ConfigError(f"{numerator} is not divisible by {denominator}: choose batch among the divisors "
+                          f"of norm.simulated_batch={numerator}")
+    return numerator // denominator
+
+
+def register_resolvers() -> None:
+    """``${div:a,b}``: exact integer division (the MABN window = simulated batch / batch)."""
+    OmegaConf.register_new_resolver("div", _divide, replace=True)
+
+
+def check_normalization_batch(cfg: DictConfig, per_device_batch: int, key: str = "per_device_batch") -> None:
+    """The normalization batch must divide the per-device batch (for norms that use one)."""
+    if "normalization_batch" not in cfg.norm.options:
+        return
+    batch = cfg.batch
+    if batch < 1 or per_device_batch % batch:
+        divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
+        raise ConfigError(f"batch={batch} does not divide {key}={per_device_batch}: use batch in "
+                          f"{divisors} or change {key}")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain, fully resolved containers (for W&B, summaries and checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -1,0 +1,1 @@
+"""Training engine shared by the entry points: distributed setup, checkpoints, logging, sampling."""

@@ -1,0 +1,123 @@
+"""Collect the summary.json of finished runs into a table (and a plot) next to the paper's.
+
+    python scripts/collect_results.py runs/imagenet                     # print the table
+    python scripts/collect_results.py runs/imagenet --out results/fashion_mnist.md --plot results/fashion_mnist.png
+
+Classification runs give top-1 error (%) per norm (rows) and normalization batch (columns);
+detection runs give box/mask AP per norm. The paper's numbers (REFERENCE.md section 2) are
+printed beside them when the run is the paper's setting (ImageNet ResNet-50, COCO Mask R-CNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# ImageNet ResNet-50 top-1 error by normalization batch (authors' README/figure; GN paper for GN)
+PAPER_IMAGENET = {
+    "bn": {32: 23.41, 16: 24.25, 8: 25.5, 4: 27.9, 2: 35.22},
+    "brn": {32: 23.5, 16: 24.40, 8: 25.33, 4: 26.88, 2: 30.29},
+    "mabn": {32: 23.54, 16: 23.73, 8: 23.62, 4: 23.73, 2: 23.67, 1: 23.73},
+    "gn": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1},
+}
+# COCO Mask R-CNN R50-FPN 2x, (start, norm) -> box AP, mask AP
+PAPER_COCO = {
+    ("scratch", "bn"): (32.38, 29.07), ("scratch", "brn"): (34.07, 30.98),
+    ("scratch", "syncbn"): (36.80, 33.10), ("scratch", "mabn"): (36.50, 32.69),
+    ("finetune", "syncbn"): (38.25, 34.22), ("finetune", "mabn"): (38.42, 34.12),
+}
+
+
+def load_summaries(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in sorted(root.rglob("summary.json"))]
+
+
+def is_paper_imagenet(summary: dict) -> bool:
+    config = summary.get("config", {})
+    return config.get("data", {}).get("name") == "imagenet" and config.get("model", {}).get("name") == "resnet50"
+
+
+def classification_table(summaries: list[dict]) -> str:
+    errors = defaultdict(dict)
+    speed = defaultdict(dict)
+    for s in summaries:
+        errors[s["norm"]][s["batch"]] = errors[s["norm"]].get(s["batch"], []) + [s["top1_error"]]
+        speed[s["norm"]][s["batch"]] = s["images_per_second"]
+    paper = all(is_paper_imagenet(s) for s in summaries)
+    batches = sorted({b for row in errors.values() for b in row}, reverse=True)
+    header = "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |"
+    lines = ["Top-1 error (%) by normalization batch" + (" (paper in brackets)" if paper else "")
+             + "; mean over seeds.", "", header, "|---" * (len(batches) + 1) + "|"]
+    for norm in sorted(errors):
+        cells = []
+        for b in batches:
+            values = errors[norm].get(b)
+            cell = f"{sum(values) / len(values):.2f}" if values else "-"
+            if paper and b in PAPER_IMAGENET.get(norm, {}):
+                cell += f" ({PAPER_IMAGENET[norm][b]})"
+            cells.append(cell)
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    lines += ["", "Training images/s: " + "; ".join(
+        f"{n}@{b}: {v:.0f}" for n in sorted(speed) for b, v in sorted(speed[n].items(), reverse=True))]
+    return "\n".join(lines)
+
+
+def detection_table(summaries: list[dict]) -> str:
+    keys = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
+    lines = ["| start | norm | imgs/device | " + " | ".join(keys) + " | paper box/mask AP |",
+             "|---" * (len(keys) + 4) + "|"]
+    for s in summaries:
+        paper = PAPER_COCO.get((s["start"], s["norm"]))
+        lines.append(f"| {s['start']} | {s['norm']} | {s['batch']} | "
+                     + " | ".join(f"{s[k]:.2f}" for k in keys)
+                     + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |")
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_norm = defaultdict(lambda: defaultdict(list))
+    for s in summaries:
+        by_norm[s["norm"]][s["batch"]].append(s["top1_error"])
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for norm, points in sorted(by_norm.items()):
+        batches = sorted(points, reverse=True)
+        axes.plot([str(b) for b in batches], [sum(points[b]) / len(points[b]) for b in batches], "o-", label=norm)
+    axes.set_xlabel("normalization batch")
+    axes.set_ylabel("top-1 error (%)")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="folder searched recursively for summary.json")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--plot", type=Path, help="write a plot of error vs normalization batch (classification)")
+    args = parser.parse_args(argv)
+    summaries = load_summaries(args.root)
+    if not summaries:
+        sys.exit(f"error: no summary.json under {args.root}: run a training job first")
+    detection = "box_AP" in summaries[0]
+    text = detection_table(summaries) if detection else classification_table(summaries)
+    text += f"\n\nCommand: `python scripts/collect_results.py {' '.join(argv or sys.argv[1:])}`"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.plot and not detection:
+        plot(summaries, args.plot)
+    return text
+
+
+if __name__ == "__main__":
+    main()

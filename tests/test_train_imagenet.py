@@ -1,0 +1,165 @@
+"""train_imagenet.py: config groups, short runs per norm, exact resume, errors, NaN stop,
+W&B offline records and 2-process DDP."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from test_distributed_norms import free_port
+from hydra_configs import ROOT, compose_config, group_options
+from mabn.engine.classification import ClassificationRun, train
+from mabn.engine.loggers import RunLogger
+from mabn.engine.training import Preemption
+from wandb_records import history_and_config
+
+SYNTHETIC = ["data=synthetic", "workers=0", "log_every_steps=2", "per_device_batch=8"]
+
+
+def cli(*overrides, env=None, timeout=300):
+    """Run the entry point as a user would; returns the completed process."""
+    return subprocess.run([sys.executable, "train_imagenet.py", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("group", ["norm", "model", "data", "optim", "logger", "experiment"])
+def test_every_option_of_every_group_composes_and_resolves(group):
+    for option in group_options(group):
+        needs_root = ["data.root=/somewhere"] if "imagenet" in option else []
+        cfg = compose_config("train_imagenet", [f"{group}={option}", *needs_root])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["batch"] >= 1
+        if group == "norm":
+            assert resolved["norm"]["name"] == option
+
+
+def test_batch_is_the_normalization_batch_and_sets_the_mabn_window():
+    for batch, window in ((1, 32), (2, 16), (8, 4), (32, 1)):
+        cfg = compose_config("train_imagenet", ["norm=mabn", f"batch={batch}"])
+        assert cfg.norm.options.normalization_batch == batch
+        assert cfg.norm.options.sma_window == window
+        assert cfg.per_device_batch == 32
+    paper = compose_config("train_imagenet", ["experiment=paper_imagenet", "data.root=/x"])
+    assert (paper.model.name, paper.data.name, paper.norm.name, paper.batch, paper.epochs) == \
+        ("resnet50", "imagenet", "mabn", 2, 120)
+    assert paper.optim.schedule.milestones_epochs == [30, 60, 90] and paper.optim.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("norm", group_options("norm"))
+def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, f"norm={norm}", "batch=2", "max_steps=4"])
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 4 and summary["norm"] == norm
+    assert 0 <= summary["top1_error"] <= 100 and summary["images_per_second"] > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["top1_error"] == summary["top1_error"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+def final_state(run_dir):
+    return torch.load(run_dir / "model_final.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("norm", ["mabn", "bn"])
+def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_run(norm, tmp_path):
+    # Fashion-MNIST with random crops and flips, 32 images / batch 8 = 4 steps per epoch,
+    # 2 loader processes; preempted at step 6 (in the middle of the second epoch)
+    overrides = ["data.train_samples_limit=32", "data.val_samples_limit=64", "per_device_batch=8",
+                 "workers=2", f"norm={norm}", "batch=2", "epochs=3", "log_every_steps=1", "seed=3"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert cli(*overrides, f"hydra.run.dir={straight}").returncode == 0
+    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=6")
+    assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr
+    assert torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert not (interrupted / "summary.json").exists()
+    second = cli(*overrides, f"hydra.run.dir={interrupted}")
+    assert second.returncode == 0, second.stderr
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((interrupted / "summary.json").read_text())
+    assert (a["top1_error"], a["top5_error"], a["steps"]) == (b["top1_error"], b["top5_error"], b["steps"])
+    losses = lambda d: {r["step"]: r["train/loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                        if "train/loss" in r}
+    assert losses(straight) == losses(interrupted)  # steps 1-6 logged once, 7-12 after the resume
+    for key, value in final_state(straight).items():
+        assert torch.equal(value, final_state(interrupted)[key]), key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batch=3"], "error: batch=3 does not divide per_device_batch=32: use batch in [1, 2, 4, 8, 16, 32]"),
+    (["norm.name=mabnx"], "error: unknown norm 'mabnx': choose one of bn, brn, gn, in, ln, mabn, syncbn"),
+    (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
+    (["data.root=/no/fashion"], "error: Fashion-MNIST train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] not found in /no/fashion"),
+    (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),
+])
+def test_bad_input_fails_with_one_line_naming_the_fix(overrides, message, tmp_path):
+    result = cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_norm_group_lists_the_available_ones(tmp_path):
+    result = cli("norm=mabnx", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert "Could not find 'norm/mabnx'" in result.stderr
+    assert all(f"\t{name}" in result.stderr for name in group_options("norm"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=8", "checkpoint_every_minutes=0", "max_steps=6"])
+    run = ClassificationRun(cfg, tmp_path)
+    criterion = run.criterion
+    run.criterion = lambda logits, labels: criterion(logits, labels) * (float("nan") if run.step == 2 else 1.0)
+    logger, preemption = RunLogger(tmp_path, True), Preemption()
+    try:
+        with pytest.raises(FloatingPointError, match=r"loss is nan at step 2: stopped before updating the weights"):
+            run.fit(logger, preemption)
+    finally:
+        preemption.restore()
+        logger.finish()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    for key, value in run.model.named_parameters():  # the weights of step 2, untouched by the NaN step
+        assert torch.equal(state["model"][key], value), key
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=8", "optim.base_lr=inf",
+                                            "checkpoint_every_minutes=0", "max_steps=6"])
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after step 1: not saving them"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "logger=wandb", "logger.mode=offline", "norm=mabn",
+                                            "batch=4", "max_steps=4", "logger.group=test-sweep"])
+    summary = train(cfg, tmp_path)
+    run_id = (tmp_path / "wandb_run_id.txt").read_text()
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    history, config = history_and_config(run_file)
+    losses = [h for h in history if "train/loss" in h]
+    assert [h["step"] for h in losses] == [2, 4] and all("train/lr" in h and "train/images_per_second" in h
+                                                         for h in losses)
+    assert any(h.get("final/eval/top1_error") == pytest.approx(summary["top1_error"]) for h in history)
+    assert config["norm"]["name"] == "mabn" and config["norm"]["options"]["sma_window"] == 8
+    assert config["batch"] == 4 and config["logger"]["group"] == "test-sweep"
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "train_imagenet.py", *SYNTHETIC, "norm=syncbn", "max_steps=4", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    train_lines = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert len(train_lines) == 2  # rank 0 alone logs
