@@ -209,6 +209,8 @@ def train(cfg, run_dir: str | Path) -> dict:
     if resumed and run.step >= run.total_steps and summary_path.is_file():
         return json.loads(summary_path.read_text())
     logger = RunLogger(run_dir, run.env.is_main, wandb_options(cfg), resolved(cfg))
+    if resumed and run.env.is_main:
+        print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
     preemption = Preemption()
     try:
         metrics = run.fit(logger, preemption)
