@@ -11,8 +11,10 @@
 #
 # Environment overrides: SLURM_PARTITION (default: debug), SLURM_START_TIMEOUT (s, default: 60),
 # SLURM_CRED_EXPIRE (s, default: 20; Slurm's default is 120),
-# SLURM_SACCT_SHIM=1: install a minimal /usr/local/bin/sacct answering from slurmctld's memory, so
-#   submitit notices a job cancelled/killed without a result (else job.result() waits forever).
+# SLURM_SACCT_SHIM (default: 1): install a minimal /usr/local/bin/sacct answering from slurmctld's
+#   memory (jobs it still knows, MinJobAge), so submitit (hydra/launcher=slurm*) notices a job that
+#   was cancelled or killed without a result; with the real sacct, which fails without an accounting
+#   database, the sweep driver would wait forever for such a job. 0: remove our shim.
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -138,7 +140,7 @@ start_daemons() {
 # submitit polls `sacct -o JobID,State,NodeList --parsable2 -j ID...`; without slurmdbd real sacct fails.
 SHIM=/usr/local/bin/sacct
 install_sacct_shim() {
-    if [[ ${SLURM_SACCT_SHIM:-0} != 1 ]]; then
+    if [[ ${SLURM_SACCT_SHIM:-1} != 1 ]]; then
         if grep -qs slurm_local "$SHIM"; then rm -f "$SHIM"; fi   # remove ours, never a real one
         return
     fi

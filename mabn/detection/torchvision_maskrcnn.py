@@ -9,8 +9,8 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -19,7 +19,6 @@ TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
 }
-FPN_CHANNELS = 256
 
 
 def build_maskrcnn(
@@ -29,12 +28,15 @@ def build_maskrcnn(
     backbone_weights: str | None = None,
     min_size: int = 800,
     max_size: int = 1333,
+    channels: int = 256,
+    fc_channels: int = 1024,
     **maskrcnn_kwargs: Any,
 ) -> MaskRCNN:
     """Build Mask R-CNN with `norm_layer` in trunk, FPN, 4conv1fc box head and 4conv mask head.
 
-    Nothing is frozen. The RPN head (one 3x3 conv), anchors and the box/mask predictors are
-    MaskRCNN's defaults, none of which has a norm. `maskrcnn_kwargs` go to `MaskRCNN`.
+    Nothing is frozen. `channels` is the width of the FPN and the head convs (256 in the
+    paper), `fc_channels` that of the box head's fc (1024). The RPN head (one 3x3 conv) and
+    the box/mask predictors have no norm. `maskrcnn_kwargs` go to `MaskRCNN`.
     """
     if backbone not in TRUNKS:
         raise ValueError(f"unknown backbone {backbone!r}; use one of: {', '.join(TRUNKS)}")
@@ -44,21 +46,21 @@ def build_maskrcnn(
         trunk,
         return_layers={f"layer{i + 1}": str(i) for i in range(4)},
         in_channels_list=[c5 // 8, c5 // 4, c5 // 2, c5],
-        out_channels=FPN_CHANNELS,
+        out_channels=channels,
         extra_blocks=LastLevelMaxPool(),
         norm_layer=norm_layer,
     )
     if backbone_weights is not None:
         load_trunk_weights(fpn_backbone.body, backbone_weights)
-    box_head = FastRCNNConvFCHead((FPN_CHANNELS, 7, 7), [256] * 4, [1024], norm_layer=norm_layer)
-    mask_head = MaskRCNNHeads(FPN_CHANNELS, [256] * 4, 1, norm_layer=norm_layer)
     return MaskRCNN(
         fpn_backbone,
-        num_classes=num_classes,
+        num_classes=None,  # given by the predictors
         min_size=min_size,
         max_size=max_size,
-        box_head=box_head,
-        mask_head=mask_head,
+        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_channels], norm_layer=norm_layer),
+        box_predictor=FastRCNNPredictor(fc_channels, num_classes),
+        mask_head=MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm_layer),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
         **maskrcnn_kwargs,
     )
 

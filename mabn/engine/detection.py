@@ -1,0 +1,123 @@
+"""Mask R-CNN on COCO-format data with torchvision's detection models: box and mask AP."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Subset
+
+from ..config import ConfigError
+from ..data.coco import coco_dataset, coco_split_paths, collate_detection, num_classes
+from ..data.scenes import generate_fashion_scenes
+from ..detection.coco_eval import detections_to_coco, evaluate_coco
+from ..detection.torchvision_maskrcnn import build_maskrcnn
+from .distributed import barrier
+from .run import TrainingRun, run_training
+from .sampling import EpochSampler
+from .training import norm_layer_from_config
+
+
+def check_start(cfg) -> None:
+    """``start`` (scratch | finetune) and ``weights`` must agree."""
+    if cfg.start not in ("scratch", "finetune"):
+        raise ConfigError(f"start={cfg.start} is not scratch or finetune")
+    if (cfg.start == "finetune") != bool(cfg.get("weights")):
+        raise ConfigError("start=finetune needs weights=/path/to/imagenet_weights.pt, and start=scratch none: "
+                          "set both or neither")
+
+
+def split_paths(data_cfg, is_main: bool):
+    """(image_dir, annotation_json) of the train and val splits; fashion_scenes is generated
+    on first use (by the main process; the others wait)."""
+    if data_cfg.name == "fashion_scenes":
+        if is_main:
+            for split, count in ((data_cfg.train_split, data_cfg.train_images), (data_cfg.val_split, data_cfg.val_images)):
+                generate_fashion_scenes(data_cfg.root, split, count, data_cfg.canvas_size,
+                                        fashion_root=data_cfg.fashion_root)
+        barrier()
+    elif data_cfg.name != "coco":
+        raise ConfigError(f"unknown data {data_cfg.name!r} for detection: use coco or fashion_scenes")
+    elif not data_cfg.root:
+        raise FileNotFoundError("data=coco needs data.root=/path/to/coco (annotations/ and train2017/, val2017/)")
+    return coco_split_paths(data_cfg.root, data_cfg.train_split), coco_split_paths(data_cfg.root, data_cfg.val_split)
+
+
+def torchvision_options(detector_cfg) -> dict:
+    """The detector config in torchvision's MaskRCNN argument names."""
+    return {"rpn_pre_nms_top_n_train": detector_cfg.rpn_pre_nms_train,
+            "rpn_post_nms_top_n_train": detector_cfg.rpn_post_nms_train,
+            "rpn_pre_nms_top_n_test": detector_cfg.rpn_pre_nms_test,
+            "rpn_post_nms_top_n_test": detector_cfg.rpn_post_nms_test,
+            "rpn_batch_size_per_image": detector_cfg.rpn_anchors_per_image,
+            "box_batch_size_per_image": detector_cfg.rois_per_image,
+            "box_detections_per_img": detector_cfg.detections_per_image}
+
+
+class DetectionRun(TrainingRun):
+    """torchvision Mask R-CNN with the configured norm; schedule in iterations."""
+
+    collate_fn = staticmethod(collate_detection)
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir, cfg.batch)
+
+    def build(self):
+        cfg = self.cfg
+        check_start(cfg)
+        (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, self.env.is_main)
+        train_set = coco_dataset(train_images, train_json, train=True)
+        val_set = coco_dataset(val_images, val_json, train=False)
+        self.coco_gt = val_set.coco
+        limit = cfg.data.val_images_limit
+        self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
+        if limit:
+            val_set = Subset(val_set, range(min(limit, len(val_set))))
+        detector = cfg.detector
+        model = build_maskrcnn(num_classes(self.coco_gt), norm_layer_from_config(cfg.norm), detector.backbone,
+                               cfg.weights, cfg.data.min_size, cfg.data.max_size, detector.channels,
+                               detector.fc_channels, **torchvision_options(detector))
+        return model, train_set, val_set
+
+    def schedule(self):
+        return self.cfg.schedule.max_iter, list(self.cfg.schedule.steps), self.cfg.schedule.warmup_iters
+
+    def evaluation_due(self) -> bool:
+        every = self.cfg.eval_every_steps
+        return bool(every) and self.step % every == 0
+
+    def loss(self, batch):
+        images, targets = batch
+        device = self.env.device
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        losses = self.model(images, targets)
+        return sum(losses.values()), {f"train/{k}": v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """COCO box and mask AP (%) on the validation images, over all processes."""
+        self.model.eval()
+        sampler = EpochSampler(len(self.val_set), self.per_device_batch, False, 0,
+                               self.env.rank, self.env.world_size, drop_last=False)
+        results = []
+        for images, targets in self.loader(self.val_set, sampler):
+            with torch.autocast(self.env.device.type, enabled=self.amp):
+                outputs = self.model([image.to(self.env.device) for image in images])
+            outputs = [{k: v.float().cpu() for k, v in output.items()} for output in outputs]
+            results += detections_to_coco(outputs, [t["image_id"] for t in targets])
+        if dist.is_initialized():
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        self.model.train()
+        return {f"eval/{k}": v for k, v in evaluate_coco(self.coco_gt, results, img_ids=self.val_ids).items()}
+
+    def summary(self, metrics):
+        return {**{k.removeprefix("eval/"): v for k, v in metrics.items()}, "start": self.cfg.start,
+                "engine": "torchvision"}
+
+
+def train(cfg, run_dir) -> dict:
+    """Run (or resume) Mask R-CNN training with torchvision in ``run_dir``; returns the summary."""
+    return run_training(DetectionRun, cfg, run_dir)

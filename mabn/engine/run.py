@@ -1,0 +1,216 @@
+"""A training run in a directory, shared by classification and detection: the loop, AMP,
+checkpoints and exact resume, preemption, logging and the final summary. Subclasses build
+the model and data and define the loss, the evaluation and the summary."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import ConfigError, resolved
+from . import checkpoint as ckpt
+from .distributed import barrier, init_distributed, shutdown
+from .loggers import RunLogger
+from .sampling import EpochSampler, SeededSamples
+from .training import (Preemption, build_sgd, check_finite, check_finite_weights, lr_factor,
+                       prepare_model, unwrap)
+
+# config keys a resumed run may change (they do not change what is computed)
+OPERATIONAL_KEYS = ("debug", "workers", "log_every_steps", "checkpoint_every_minutes", "logger", "device")
+
+
+def run_identity(config: dict) -> dict:
+    """The part of a resolved config that a resumed run must share with its checkpoint."""
+    return {k: v for k, v in config.items() if k not in OPERATIONAL_KEYS}
+
+
+class TrainingRun:
+    """One run in ``run_dir``; relaunching in the same directory resumes it exactly."""
+
+    collate_fn = None
+
+    def build(self):
+        """(model, train_set, val_set) from ``self.cfg``."""
+        raise NotImplementedError
+
+    def schedule(self) -> tuple[int, list[int], int]:
+        """(total steps, lr milestones in steps, warm-up steps); ``steps_per_epoch`` is known."""
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        """The training loss of a batch (on ``self.env.device``) and extra values to log."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def evaluation_due(self) -> bool:
+        """Whether to evaluate (and checkpoint) after the current step, besides the last."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> dict:
+        """The headline results for summary.json (the config is added)."""
+        raise NotImplementedError
+
+    def __init__(self, cfg, run_dir: str | Path, per_device_batch: int):
+        self.cfg, self.run_dir, self.per_device_batch = cfg, Path(run_dir), per_device_batch
+        self.env = init_distributed(cfg.device)
+        torch.manual_seed(cfg.seed)
+        try:
+            model, train_set, self.val_set = self.build()
+        except (FileNotFoundError, ValueError, TypeError, OmegaConfBaseException) as error:
+            raise ConfigError(str(error).splitlines()[0]) from error
+        self.train_set = SeededSamples(train_set, cfg.seed)
+        self.model = prepare_model(model, cfg.norm, self.env, cfg.channels_last)
+        self.amp = cfg.amp and self.env.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        images_per_step = per_device_batch * self.env.world_size
+        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step)
+        self.sampler = EpochSampler(len(train_set), per_device_batch, True, cfg.seed,
+                                    self.env.rank, self.env.world_size)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set ({len(train_set)} images) is smaller than one step of "
+                              f"{images_per_step} images: use more data or a smaller batch")
+        self.total_steps, milestones, warmup = self.schedule()
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        lr = cfg.optim.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor))
+        self.step = 0
+        self.images_per_second = 0.0
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        check_finite_weights(self.model, self.step, ckpt.checkpoint_path(self.run_dir))
+        if self.env.is_main:
+            ckpt.save_atomic({
+                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
+                "images_per_second": self.images_per_second}, ckpt.checkpoint_path(self.run_dir))
+        barrier()
+
+    def resume(self) -> bool:
+        state = ckpt.load_checkpoint(self.run_dir)
+        if state is None:
+            return False
+        if run_identity(state["config"]) != run_identity(resolved(self.cfg)):
+            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different config: use another run "
+                              "directory (hydra.run.dir=...) or delete it to start over")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_states(state["rng"])
+        self.step, self.images_per_second = state["step"], state["images_per_second"]
+        return True
+
+    # -- training ----------------------------------------------------------------------
+    def loader(self, dataset, sampler) -> DataLoader:
+        """Batches in the sampler's order. The loader's own generator keeps it from drawing
+        from the global RNG (which the model's sampling uses), wherever a run resumes."""
+        return DataLoader(dataset, batch_size=self.per_device_batch, sampler=sampler,
+                          num_workers=self.cfg.workers, pin_memory=self.env.device.type == "cuda",
+                          drop_last=sampler.drop_last, collate_fn=self.collate_fn,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def train_step(self, batch) -> tuple[torch.Tensor, dict]:
+        with torch.autocast(self.env.device.type, enabled=self.amp):
+            loss, extras = self.loss(batch)
+        check_finite(loss.detach(), self.step, ckpt.checkpoint_path(self.run_dir))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach(), extras
+
+    def fit(self, logger: RunLogger, preemption: Preemption) -> dict:
+        """Train to ``total_steps`` and return the final metrics; on a preemption signal,
+        save a checkpoint and exit (``Preemption.stop``)."""
+        cfg = self.cfg
+        self.model.train()
+        metrics = {}
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
+                        desc=cfg.run_name, mininterval=5, dynamic_ncols=True)
+        last_save = time.monotonic()
+        while self.step < self.total_steps:
+            epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, start_batch)
+            self.train_set.set_epoch(epoch)
+            tic, images_seen = time.perf_counter(), 0
+            for batch in self.loader(self.train_set, self.sampler):
+                loss, extras = self.train_step(batch)
+                images_seen += self.per_device_batch * self.env.world_size
+                progress.update()
+                if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                    self.images_per_second = images_seen / (time.perf_counter() - tic)
+                    logger.log({"train/loss": loss.item(), **{k: float(v) for k, v in extras.items()}, "train/lr": self.scheduler.get_last_lr()[0],
+                                "train/images_per_second": self.images_per_second, "epoch": epoch}, self.step)
+                    progress.set_postfix(loss=f"{loss.item():.3f}")
+                if cfg.debug.preempt_at_step == self.step:
+                    preemption.signum = signal.SIGTERM
+                if preemption.requested(self.env.device):
+                    self.save()
+                    preemption.stop()
+                if self.step == self.total_steps or self.evaluation_due():
+                    metrics = self.evaluate()
+                    logger.log(metrics, self.step)
+                    self.save()
+                    last_save = time.monotonic()
+                elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_minutes:
+                    self.save()
+                    last_save = time.monotonic()
+                if self.step == self.total_steps:
+                    break
+        progress.close()
+        return metrics or self.evaluate()
+
+
+def run_training(run_class, cfg, run_dir: str | Path) -> dict:
+    """Run (or resume) a ``run_class`` run in ``run_dir``; write summary.json and return it."""
+    run = run_class(cfg, run_dir)
+    run_dir = Path(run_dir)
+    resumed = run.resume()
+    summary_path = run_dir / "summary.json"
+    if resumed and run.step >= run.total_steps and summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    logger = RunLogger(run_dir, run.env.is_main, wandb_options(cfg), resolved(cfg))
+    if resumed and run.env.is_main:
+        print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
+    preemption = Preemption()
+    try:
+        metrics = run.fit(logger, preemption)
+        summary = {**run.summary(metrics), "images_per_second": run.images_per_second, "steps": run.step,
+                   "world_size": run.env.world_size, "norm": cfg.norm.name, "batch": cfg.batch,
+                   "seed": cfg.seed}
+        logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
+        logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
+        summary["config"] = resolved(cfg)
+        if run.env.is_main:
+            ckpt.save_atomic(unwrap(run.model).state_dict(), run_dir / "model_final.pt")
+            summary_path.write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        preemption.restore()
+        logger.finish()
+        shutdown()
+
+
+def wandb_options(cfg) -> dict | None:
+    """W&B init options from ``logger`` (None: W&B off); name, group and tags from the run."""
+    if cfg.logger.name != "wandb":
+        return None
+    return {"project": cfg.logger.project, "entity": cfg.logger.entity, "mode": cfg.logger.mode,
+            "group": cfg.logger.group, "job_type": cfg.task, "name": cfg.run_name,
+            "tags": [f"norm={cfg.norm.name}", f"batch={cfg.batch}", f"seed={cfg.seed}", *cfg.logger.tags]}

@@ -1,0 +1,110 @@
+"""train_coco.py with the torchvision engine: configs, a few iterations per norm on a tiny
+generated scene set, AP evaluation, norm placement, exact resume and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchvision.models.detection.rpn import RPNHead
+
+import mabn
+from hydra_configs import ROOT, compose_config, group_options
+from mabn.convert import conv_norm_pairs, is_centralized
+from mabn.engine.detection import DetectionRun, train
+
+COCO_EXPERIMENTS = [name for name in group_options("experiment") if "coco" in name]
+AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Overrides pointing at a tiny fashion_scenes set (generated once for the module)."""
+    root = tmp_path_factory.mktemp("scenes")
+    return [f"data.root={root}", "data.train_images=8", "data.val_images=4", "workers=0",
+            "log_every_steps=1", "detector.rpn_pre_nms_test=50", "detector.detections_per_image=10"]
+
+
+def cli(*overrides, timeout=600):
+    return subprocess.run([sys.executable, "train_coco.py", *overrides], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("engine", "detector", "optim", "schedule")
+                                          for o in group_options(g)]
+                         + [("data", "coco"), ("data", "fashion_scenes")]
+                         + [("experiment", e) for e in COCO_EXPERIMENTS])
+def test_every_coco_config_option_composes_and_resolves(group, option):
+    extra = ["data.root=/coco"] if option in ("coco", *COCO_EXPERIMENTS) else []
+    extra += ["weights=/w.pt"] if option == "paper_coco_finetune" else []
+    cfg = OmegaConf.to_container(compose_config("train_coco", [f"{group}={option}", *extra]), resolve=True)
+    assert cfg["normalization_batch"] is None and cfg["batch"] == 2
+
+
+def test_paper_coco_settings():
+    cfg = compose_config("train_coco", ["experiment=paper_coco_scratch", "data.root=/coco"])
+    assert (cfg.norm.name, cfg.detector.backbone, cfg.detector.channels, cfg.batch) == ("mabn", "resnet50", 256, 2)
+    assert (cfg.schedule.max_iter, list(cfg.schedule.steps), cfg.schedule.warmup_iters) == (180000, [120000, 160000], 500)
+    assert cfg.optim.base_lr == 0.02 and cfg.optim.reference_batch == 16 and cfg.optim.weight_decay == 1e-4
+    assert cfg.norm.options.sma_window == 16 and cfg.start == "scratch"
+    finetune = compose_config("train_coco", ["experiment=paper_coco_finetune", "data.root=/coco", "weights=/w.pt"])
+    assert finetune.start == "finetune" and finetune.schedule.max_iter == 180000
+
+
+@pytest.mark.parametrize("norm", group_options("norm"))
+def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
+    cfg = compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"])
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 2 and summary["engine"] == "torchvision" and summary["start"] == "scratch"
+    assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss_mask", "train/loss_classifier", "train/lr"} <= set(logged[0])
+    assert all(f"final/eval/{k}" in logged[-1] for k in AP_KEYS)
+
+
+def test_norm_placement_and_weight_centralization_follow_the_paper(scenes, tmp_path):
+    cfg = compose_config("train_coco", [*scenes, "norm=mabn"])
+    model = DetectionRun(cfg, tmp_path).model
+    parts = {"body": model.backbone.body, "fpn": model.backbone.fpn, "box": model.roi_heads.box_head,
+             "mask": model.roi_heads.mask_head}
+    counts = {k: sum(isinstance(m, mabn.MABN2d) for m in part.modules()) for k, part in parts.items()}
+    assert counts == {"body": 20, "fpn": 8, "box": 4, "mask": 4}  # resnet18 body
+    assert isinstance(model.rpn.head, RPNHead)
+    assert not any(isinstance(m, mabn.MABN2d) for m in model.rpn.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    pairs = [(conv, norm) for _, conv, _, norm in conv_norm_pairs(model) if isinstance(norm, mabn.MABN2d)]
+    assert len(pairs) == 36 and all(is_centralized(conv) for conv, _ in pairs)
+    assert all(norm.normalization_batch is None and norm.sma_window == 16 for _, norm in pairs)
+
+
+def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
+    overrides = [*scenes, "norm=mabn", "max_steps=6", "seed=1"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert cli(*overrides, f"hydra.run.dir={straight}").returncode == 0
+    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=3")
+    assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr
+    second = cli(*overrides, f"hydra.run.dir={interrupted}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from step 3 of 6" in second.stdout
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, interrupted))
+    assert [a[k] for k in AP_KEYS] == [b[k] for k in AP_KEYS]
+    losses = lambda d: [json.loads(line).get("train/loss") for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(straight) == losses(interrupted)
+    final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
+    for key, value in final(straight).items():
+        assert torch.equal(value, final(interrupted)[key]), key
+
+
+@pytest.mark.parametrize("on_scenes,overrides,message", [
+    (False, ["start=finetune"], "error: start=finetune needs weights=/path/to/imagenet_weights.pt"),
+    (False, ["data=coco"], "error: data=coco needs data.root=/path/to/coco"),
+    (False, ["data=coco", "data.root=/no/coco"], "error: no COCO split 'train' in /no/coco"),
+    (True, ["start=finetune", "weights=/no/weights.pt"], "error: backbone weights not found: weights=/no/weights.pt"),
+])
+def test_bad_input_fails_with_one_line(on_scenes, overrides, message, scenes, tmp_path):
+    result = cli(*(scenes if on_scenes else []), *overrides, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr

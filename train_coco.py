@@ -1,0 +1,32 @@
+"""Mask R-CNN with any norm: ``python train_coco.py norm=mabn batch=2``.
+
+Config: configs/train_coco.yaml (groups norm/, engine/, detector/, data/, optim/, schedule/,
+logger/, experiment/). ``engine=torchvision`` (default) or ``engine=detectron2`` (installed
+from source). Relaunching the same command resumes from the run directory's checkpoint.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from mabn.config import ConfigError, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")
+def main(cfg):
+    if cfg.engine.name == "detectron2":
+        from mabn.detection.detectron2_engine import train
+    else:
+        from mabn.engine.detection import train
+
+    try:
+        return train(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
