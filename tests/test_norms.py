@@ -255,16 +255,14 @@ def test_autocast_bf16_keeps_statistics_in_fp32(name, options):
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(ALL_NORMS))
-def test_torch_compile_gives_eager_results(name):
+def assert_compiled_training_matches_eager(name, **compile_options):
     eager = small_model(name, ALL_NORMS[name])
     compiled_model = copy.deepcopy(eager)
-    # fullgraph: no graph breaks in any norm (syncbn without a process group is torch's own layer)
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=name != "syncbn")
+    compiled = torch.compile(compiled_model, **compile_options)
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_compiled = torch.optim.SGD(compiled_model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(3)
-    for _ in range(5):
+    for _ in range(5):  # crosses the warm-up boundaries of ALL_NORMS' brn and mabn
         x = torch.randn(8, 3, 6, 6, generator=generator)
         for model, optimizer in ((eager, opt_eager), (compiled, opt_compiled)):
             optimizer.zero_grad()
@@ -272,3 +270,14 @@ def test_torch_compile_gives_eager_results(name):
             optimizer.step()
     for (key, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_NORMS))
+def test_torch_compile_gives_eager_results(name):
+    assert_compiled_training_matches_eager(name, backend="aot_eager", fullgraph=True)  # no graph break
+
+
+def test_inductor_compiles_mabn_without_graph_breaks_and_matches_eager():
+    """The default backend (inductor, C++ on CPU) on the layer with a custom backward and
+    window buffers advanced in forward and backward."""
+    assert_compiled_training_matches_eager("mabn", fullgraph=True)

@@ -33,8 +33,8 @@ class EpochSampler(Sampler[int]):
         return mine[self.start_batch * self.batch_size:]
 
     def batches_per_epoch(self) -> int:
-        per_rank = self.length // self.world_size if self.drop_last else -(-self.length // self.world_size)
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        """Whole batches per epoch and process (``drop_last``: the training sampler)."""
+        return (self.length // self.world_size) // self.batch_size
 
     def __iter__(self):
         return iter(self._indices())

@@ -1,0 +1,101 @@
+"""Training throughput (images/s) of ResNet-50 at 224x224 per norm, as a ratio to bn measured
+in the same run (round-robin over norms, median step time, so noise hits all alike).
+
+    python scripts/bench_train.py                      # per-device batch 32, ResNet-50, 224
+    python scripts/bench_train.py --out results/bench_train_cpu.md
+    python scripts/bench_train.py --model resnet18 --image-size 112 --steps 5   # a quick look
+
+One SGD step = forward, backward and update on a fixed random batch (data loading excluded),
+with AMP and channels_last on CUDA as in train_imagenet.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mabn
+from mabn.models import build_classifier
+
+# (label, norm name, options): the layers of the comparison at per-device batch 32
+CASES = [
+    ("bn", "bn", {}),
+    ("bn (norm. batch 2)", "bn", {"normalization_batch": 2}),
+    ("syncbn", "syncbn", {}),
+    ("gn", "gn", {}),
+    ("ln", "ln", {}),
+    ("in", "in", {}),
+    ("brn (norm. batch 2)", "brn", {"normalization_batch": 2}),
+    ("mabn", "mabn", {"sma_window": 1}),
+    ("mabn (norm. batch 2)", "mabn", {"normalization_batch": 2, "sma_window": 16}),
+]
+
+
+def build(model_name, norm, options, device, channels_last):
+    model = build_classifier(model_name, 1000, 3, mabn.norm_layer(norm, **options))
+    if norm == "mabn":
+        mabn.centralize_weights(model)
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+def step(model, optimizer, images, labels, amp):
+    with torch.autocast(images.device.type, enabled=amp):
+        loss = nn.functional.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if images.is_cuda:
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32, help="per-device batch")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per norm (after one warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    if cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    runs = {label: build(args.model, norm, options, device, cuda) for label, norm, options in CASES}
+    for model, optimizer in runs.values():
+        step(model, optimizer, images, labels, cuda)  # warm-up
+    times = {label: [] for label in runs}
+    for _ in range(args.steps):
+        for label, (model, optimizer) in runs.items():
+            start = time.perf_counter()
+            step(model, optimizer, images, labels, cuda)
+            times[label].append(time.perf_counter() - start)
+
+    speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
+             f"{args.batch}, {where}, torch {torch.__version__}, median of {args.steps} steps.", "",
+             f"Command: `python {' '.join(sys.argv)}`", "",
+             "| norm | images/s | ratio to bn |", "|---|---|---|"]
+    lines += [f"| {label} | {value:.1f} | {value / speed['bn']:.2f} |" for label, value in speed.items()]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

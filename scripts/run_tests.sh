@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the test suite (after scripts/setup.sh):
+#   bash scripts/run_tests.sh [pytest options]
+# As root, the SLURM tests get a real single-node cluster (scripts/slurm_local.sh), which is
+# stopped afterwards; elsewhere they are skipped with the reason. detectron2 tests run where
+# detectron2 is installed. Paper-scale checks are opt-in: --runslow.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    bash scripts/slurm_local.sh start
+    trap 'bash scripts/slurm_local.sh stop' EXIT
+fi
+.venv/bin/python -m pytest "$@"
