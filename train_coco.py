@@ -17,12 +17,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")
 def main(cfg):
-    if cfg.engine.name == "detectron2":
-        from mabn.detection.detectron2_engine import train
-    else:
-        from mabn.engine.detection import train
-
     try:
+        if cfg.engine.name == "detectron2":
+            from mabn.detection.detectron2_engine import train
+        else:
+            from mabn.engine.detection import train
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

@@ -22,13 +22,16 @@ Choices, and where they differ from detectron2's defaults:
 - input: RGB with torchvision's ImageNet mean/std, so the ImageNet weights of
   train_imagenet.py fine-tune as they were trained; ResNet strides in the 3x3 conv.
 - resume: model, optimizer, lr schedule, AMP scaler, iteration and RNG states are restored and
-  the data stream continues after the images already seen; it is not bit-exact (data loader
-  workers and aspect-ratio grouping restart).
+  the data stream continues after the images already seen. With ``workers=0`` and images of one
+  aspect ratio (fashion_scenes) this repeats an uninterrupted run exactly; with loader workers
+  (reseeded when they start) or mixed aspect ratios (COCO: the grouping buffers restart) the
+  images and augmentations after the resume point can differ, so it is not promised exact.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -46,7 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402  (after the one-line ImportError)
-from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,  # noqa: E402
+from detectron2.data import (MetadataCatalog, build_detection_test_loader,  # noqa: E402
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.data.samplers import TrainingSampler  # noqa: E402
@@ -56,6 +59,7 @@ from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from ..config import ConfigError, resolved  # noqa: E402
 from ..convert import Centralize, centralize_weights  # noqa: E402
@@ -108,9 +112,9 @@ def _first_images(annotation_json: Path, limit: int, out_dir: Path, is_main: boo
         data["images"] = [image for image in data["images"] if image["id"] in keep]
         data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
         path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt_tmp = path.with_suffix(".tmp")
-        ckpt_tmp.write_text(json.dumps(data))
-        os.replace(ckpt_tmp, path)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(data))
+        os.replace(partial, path)
     barrier()
     return path
 
@@ -285,7 +289,9 @@ def detectron2_resnet_state(state: dict) -> tuple[dict, list[str]]:
         if name.endswith(".parametrizations.weight.original"):
             name = name.removesuffix(".parametrizations.weight.original") + ".weight"
             value = Centralize()(value)
-        new = None if name.startswith("fc.") else detectron2_resnet_key(name)
+        if name.startswith("fc."):  # the classifier
+            continue
+        new = detectron2_resnet_key(name)
         if new is None:
             ignored.append(key)
         else:
@@ -330,6 +336,14 @@ class ContinuedTrainingSampler(TrainingSampler):
         yield from iterator
 
 
+class _QuietFloatingPointError(logging.Filter):
+    """detectron2 logs a traceback for any training exception; a non-finite loss is reported
+    in one line by the entry point instead."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+
+
 class Trainer(SimpleTrainer):
     """detectron2's SimpleTrainer with this suite's step: autocast + gradient scaling when
     ``amp`` (as AMPTrainer), and a stop on a non-finite loss before any weight changes."""
@@ -340,12 +354,26 @@ class Trainer(SimpleTrainer):
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp)
         self.last_losses: dict = {}
         self.last_loss = None
+        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        if not any(isinstance(f, _QuietFloatingPointError) for f in train_loop_logger.filters):
+            train_loop_logger.addFilter(_QuietFloatingPointError())
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
-        data = next(self._data_loader_iter)
+        if self.iter == self.start_iter:  # creating the loader's iterator draws a seed from torch's RNG:
+            state = torch.get_rng_state()  # undone, so that a resumed run draws as an uninterrupted one
+            data = next(self._data_loader_iter)
+            torch.set_rng_state(state)
+        else:
+            data = next(self._data_loader_iter)
         with torch.autocast(self.device_type, enabled=self.amp):
-            loss_dict = self.model(data)
+            try:
+                loss_dict = self.model(data)
+            except FloatingPointError as error:  # detectron2's check of boxes and scores
+                raise FloatingPointError(
+                    f"{str(error).rstrip('.')} at step {self.iter}: stopped before updating the weights; the last "
+                    f"good checkpoint is kept at {self.checkpoint_path}; lower optim.base_lr or check the data"
+                ) from None
             loss = sum(loss_dict.values())
         check_finite(loss.detach(), self.iter, self.checkpoint_path)
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,14 +382,6 @@ class Trainer(SimpleTrainer):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.last_loss, self.last_losses = loss.detach(), {k: v.detach() for k, v in loss_dict.items()}
-
-
-class _QuietFloatingPointError(logging.Filter):
-    """detectron2 logs a traceback for any training exception; a non-finite loss is reported
-    in one line by the entry point instead."""
-
-    def filter(self, record):
-        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
 
 
 class RunHook(HookBase):
@@ -416,6 +436,7 @@ class Detectron2Run:
             self.d2cfg = build_detectron2_cfg(cfg, self.run_dir, env)
             torch.manual_seed(cfg.seed)
             self.model = build_detectron2_model(self.d2cfg, cfg)
+            seed_all_rng(cfg.seed + env.rank)  # data augmentation draws from numpy/random (workers=0)
             self.train_dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN, filter_empty=True)
         except (FileNotFoundError, ValueError, TypeError, KeyError, OmegaConfBaseException) as error:
             raise ConfigError(str(error).strip().splitlines()[0]) from error
@@ -428,7 +449,7 @@ class Detectron2Run:
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step)
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
-        self.scaler_state = None
+        self.scaler_state = self.rng_states = None
         self.step, self.images_per_second = 0, 0.0
         self.logger = self.preemption = None
 
@@ -452,7 +473,7 @@ class Detectron2Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng_states(state["rng"])
+        self.rng_states = state["rng"]  # restored in fit, after everything that draws from them
         self.scaler_state = state["scaler"]
         self.step, self.images_per_second = state["iteration"], state["images_per_second"]
         return True
@@ -477,21 +498,21 @@ class Detectron2Run:
         """Train from ``self.step`` to ``total_steps`` with detectron2's trainer and hooks."""
         device = self.env.device
         if self.env.world_size > 1:
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                              torch.nn.parallel.DistributedDataParallel.__init__.__code__.co_varnames
+            ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+            # statistics stay per process (the paper's per-GPU statistics); syncbn syncs itself
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_options
                               else {"broadcast_buffers": False})
             self.model = create_ddp_model(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_buffer_sync)
         sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, self.step * self.cfg.batch)
         loader = build_detection_train_loader(self.d2cfg, dataset=self.train_dicts, sampler=sampler)
+        if self.rng_states is not None:
+            ckpt.restore_rng_states(self.rng_states)
         self.trainer = Trainer(self.model, loader, self.optimizer, self.amp, device.type, self.checkpoint_path)
         if self.scaler_state is not None:
             self.trainer.scaler.load_state_dict(self.scaler_state)
         self.trainer.register_hooks([hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler),
                                      RunHook(self)])
-        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
-        if not any(isinstance(f, _QuietFloatingPointError) for f in train_loop_logger.filters):
-            train_loop_logger.addFilter(_QuietFloatingPointError())
         if self.step < self.total_steps:
             self.trainer.train(self.step, self.total_steps)
             self.step = self.total_steps

@@ -4,8 +4,9 @@ detectron2's ``get_norm(norm, out_channels)`` maps strings to classes in a dict 
 the function, and every module that uses it binds its own name (``from detectron2.layers
 import get_norm``). ``register_detectron2_norms`` wraps the original once and rebinds the
 wrapper in every loaded detectron2 module that holds it (and in ``detectron2.layers``, where
-modules imported later take it from). The yacs config keeps plain strings, so ``cfg.dump()``
-still works; the options of each norm live here, set by the latest call.
+modules imported later take it from). Importing this module registers them with default
+options; call ``register_detectron2_norms(options)`` to set options. The yacs config keeps
+plain strings, so ``cfg.dump()`` still works; the options live here, set by the latest call.
 
 Names added (detectron2's own, "BN", "SyncBN", "GN", "FrozenBN", ..., are untouched):
 
@@ -87,3 +88,6 @@ def recording_norms():
         yield made
     finally:
         _recorders.remove(made)
+
+
+register_detectron2_norms()  # importing the module makes the names valid (with default options)

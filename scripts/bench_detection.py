@@ -1,0 +1,201 @@
+"""Seconds per Mask R-CNN training iteration (forward, backward, SGD step) for each norm and
+engine, as ratios to bn measured in the same run: every case runs one iteration in turn
+(round-robin, the order rotating each round) on the same fixed batches, and the median is
+kept, so machine noise hits all alike.
+
+    python scripts/bench_detection.py                                   # small R18-FPN, fashion_scenes
+    python scripts/bench_detection.py --out results/bench_detection_cpu.md
+    python scripts/bench_detection.py --detector r50_fpn --min-size 800 --max-size 1333  # the paper's model
+
+Both engines build the model as train_coco.py does (norm in backbone, FPN, box and mask heads;
+convs feeding MABN centralized). The detectron2 engine is skipped with a note when detectron2
+is not installed. syncbn in one process has no one to synchronize with: it times BN's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from mabn.config import register_resolvers  # noqa: E402
+from mabn.convert import centralize_weights  # noqa: E402
+from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
+from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
+from mabn.engine.detection import split_paths, torchvision_options  # noqa: E402
+from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
+
+
+def config(args, norm: str, engine: str):
+    register_resolvers()
+    overrides = [f"norm={norm}", f"engine={engine}", f"detector={args.detector}", f"batch={args.batch}",
+                 f"data.root={args.data_root}", f"data.train_images={args.images}", "data.val_images=4",
+                 "workers=0", f"device={args.device}"]
+    overrides += [f"data.min_size={args.min_size}"] if args.min_size else []
+    overrides += [f"data.max_size={args.max_size}"] if args.max_size else []
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train_coco", overrides=overrides)
+
+
+class TorchvisionCase:
+    """torchvision Mask R-CNN as mabn.engine.detection.DetectionRun builds it."""
+
+    def __init__(self, cfg, batches):
+        (images, annotations), _ = split_paths(cfg.data, True)
+        dataset = coco_dataset(images, annotations, train=True)
+        self.model = build_maskrcnn(num_classes(dataset.coco), norm_layer_from_config(cfg.norm), cfg.detector.backbone,
+                                    None, cfg.data.min_size, cfg.data.max_size, cfg.detector.channels,
+                                    cfg.detector.fc_channels, **torchvision_options(cfg.detector))
+        if cfg.norm.get("centralize_weights", False):
+            centralize_weights(self.model)
+        self.device = torch.device(cfg.device)
+        self.model.to(self.device).train()
+        self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
+        samples = [dataset[i] for i in range(cfg.batch * batches)]
+        self.batches = [collate_detection(samples[i:i + cfg.batch]) for i in range(0, len(samples), cfg.batch)]
+        self.index = 0
+
+    def step(self):
+        images, targets = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        images = [image.to(self.device) for image in images]
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        loss = sum(self.model(images, targets).values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+class Detectron2Case:
+    """detectron2 Mask R-CNN as mabn.detection.detectron2_engine builds it."""
+
+    def __init__(self, cfg, batches, work_dir):
+        from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+        from detectron2.data.samplers import TrainingSampler
+        from detectron2.utils.events import EventStorage
+
+        from mabn.detection.detectron2_engine import build_detectron2_cfg, build_detectron2_model
+
+        self.d2cfg = build_detectron2_cfg(cfg, work_dir)
+        self.model = build_detectron2_model(self.d2cfg, cfg).train()
+        self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
+        dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN)
+        loader = iter(build_detection_train_loader(self.d2cfg, dataset=dicts, sampler=TrainingSampler(len(dicts), seed=0)))
+        self.batches = [next(loader) for _ in range(batches)]
+        self.storage = EventStorage(0)  # detectron2's losses log into one
+        self.index = 0
+
+    def step(self):
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        with self.storage:
+            loss = sum(self.model(batch).values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
+    """Median seconds per iteration for each case, round-robin with a rotating order."""
+    if not cases:
+        return {}
+    for case in cases.values():
+        for _ in range(warmup):
+            case.step()
+    times = {label: [] for label in cases}
+    labels = list(cases)
+    for repeat in range(repeats):
+        shift = repeat % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            cases[label].step()
+            synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def table(medians: dict, notes: list[str], title: str) -> str:
+    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine) |", "|---|---|---|---|"]
+    for (engine, norm), seconds in medians.items():
+        baseline = medians.get((engine, "bn"))
+        ratio = f"{seconds / baseline:.2f}" if baseline else "-"
+        lines.append(f"| {engine} | {norm} | {seconds:.3f} | {ratio} |")
+    return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", default="r18_fpn_small", help="configs/detector/ option (r50_fpn: the paper's)")
+    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mabn", "syncbn"])
+    parser.add_argument("--engines", nargs="+", default=["torchvision", "detectron2"])
+    parser.add_argument("--batch", type=int, default=2, help="images per iteration (the normalization batch)")
+    parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion_scenes_bench"),
+                        help="fashion_scenes folder (generated on first use)")
+    parser.add_argument("--images", type=int, default=16, help="fashion_scenes training images to generate")
+    parser.add_argument("--min-size", type=int, help="shorter image side (default: the data config's, 128)")
+    parser.add_argument("--max-size", type=int)
+    parser.add_argument("--batches", type=int, default=4, help="distinct fixed batches cycled through")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per case")
+    parser.add_argument("--repeats", type=int, default=15, help="timed iterations per case")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    notes, cases = [], {}
+    with tempfile.TemporaryDirectory() as work_dir:
+        for engine in args.engines:
+            if engine == "detectron2":
+                try:
+                    import mabn.detection.detectron2_engine  # noqa: F401
+                except ImportError as error:
+                    notes.append(f"detectron2 skipped: {error}")
+                    continue
+            elif engine != "torchvision":
+                parser.error(f"unknown engine {engine!r}: use torchvision and/or detectron2")
+            for norm in args.norms:
+                cfg = config(args, norm, engine)
+                torch.manual_seed(0)
+                with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table
+                    cases[(engine, norm)] = (Detectron2Case(cfg, args.batches, work_dir) if engine == "detectron2"
+                                             else TorchvisionCase(cfg, args.batches))
+        if "syncbn" in args.norms:
+            notes.append("syncbn runs in one process here: nothing to synchronize, so it times BN's path "
+                         "(this suite's SyncBatchNorm falls back to batch_norm without a process group)")
+        with contextlib.redirect_stdout(sys.stderr):
+            medians = benchmark(cases, args.warmup, args.repeats, args.device)
+
+    cfg = config(args, "bn", "torchvision")
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    title = (f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
+             f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
+             f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
+             f"median of {args.repeats} round-robin iterations after {args.warmup} warm-up.\n\n"
+             f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
+    text = table(medians, notes, title)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
