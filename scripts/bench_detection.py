@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa:
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection import split_paths, torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
+from report import machine, publish  # noqa: E402
 
 
 def config(args, norm: str, engine: str):
@@ -183,18 +183,13 @@ def main(argv=None):
             medians = benchmark(cases, args.warmup, args.repeats, args.device)
 
     cfg = config(args, "bn", "torchvision")
-    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    device = machine(args.device)
     title = (f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
              f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
              f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
              f"median of {args.repeats} round-robin iterations after {args.warmup} warm-up.\n\n"
              f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
-    text = table(medians, notes, title)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(table(medians, notes, title), args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import mabn
+from report import machine, publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
@@ -102,15 +102,10 @@ def main(argv=None):
     layers = dict(cases(args.norms, args.normalization_batches, authors))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
     totals = benchmark(shapes, args.batch, layers, args.repeats, args.device)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
-             f"{'quick' if args.quick else 'ResNet-50'} shapes, {device}, torch {torch.__version__}, "
+             f"{'quick' if args.quick else 'ResNet-50'} shapes, {machine(args.device)}, torch {torch.__version__}, "
              f"median of {args.repeats}.\n\nCommand: `python {' '.join(sys.argv)}`")
-    text = table(totals, title)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(table(totals, title), args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import nn
 
 import mabn
 from mabn.models import build_classifier
+from report import machine, publish
 
 # (label, norm name, options): the layers of the comparison at per-device batch 32
 CASES = [
@@ -84,17 +85,12 @@ def main(argv=None):
             times[label].append(time.perf_counter() - start)
 
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
-    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
-             f"{args.batch}, {where}, torch {torch.__version__}, median of {args.steps} steps.", "",
+             f"{args.batch}, {machine(args.device)}, torch {torch.__version__}, median of {args.steps} steps.", "",
              f"Command: `python {' '.join(sys.argv)}`", "",
              "| norm | images/s | ratio to bn |", "|---|---|---|"]
     lines += [f"| {label} | {value:.1f} | {value / speed['bn']:.2f} |" for label, value in speed.items()]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from report import publish
+
 # ImageNet ResNet-50 top-1 error by normalization batch (authors' README/figure; GN paper for GN)
 PAPER_IMAGENET = {
     "bn": {32: 23.41, 16: 24.25, 8: 25.5, 4: 27.9, 2: 35.22},
@@ -110,10 +112,7 @@ def main(argv=None) -> str:
     detection = "box_AP" in summaries[0]
     text = detection_table(summaries) if detection else classification_table(summaries)
     text += f"\n\nCommand: `python scripts/collect_results.py {' '.join(argv or sys.argv[1:])}`"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
     if args.plot and not detection:
         plot(summaries, args.plot)
     return text

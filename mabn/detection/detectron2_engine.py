@@ -67,7 +67,7 @@ from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine.detection import check_start, split_paths  # noqa: E402
 from ..engine.distributed import Distributed, barrier, init_distributed, shutdown  # noqa: E402
 from ..engine.loggers import RunLogger  # noqa: E402
-from ..engine.run import run_identity, wandb_options  # noqa: E402
+from ..engine.run import load_run_checkpoint, wandb_options  # noqa: E402
 from ..engine.training import (Preemption, build_sgd, check_finite, check_finite_weights,  # noqa: E402
                                unwrap)
 
@@ -464,12 +464,9 @@ class Detectron2Run:
         barrier()
 
     def resume(self) -> bool:
-        state = ckpt.load_checkpoint(self.run_dir)
+        state = load_run_checkpoint(self.run_dir, self.cfg)
         if state is None:
             return False
-        if run_identity(state["config"]) != run_identity(resolved(self.cfg)):
-            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different config: use another run "
-                              "directory (hydra.run.dir=...) or delete it to start over")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -31,6 +31,15 @@ def run_identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in OPERATIONAL_KEYS}
 
 
+def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
+    """The run directory's checkpoint, checked to come from this config (None: a new run)."""
+    state = ckpt.load_checkpoint(run_dir)
+    if state is not None and run_identity(state["config"]) != run_identity(resolved(cfg)):
+        raise ConfigError(f"{run_dir} holds a checkpoint of a different config: use another run "
+                          "directory (hydra.run.dir=...) or delete it to start over")
+    return state
+
+
 class TrainingRun:
     """One run in ``run_dir``; relaunching in the same directory resumes it exactly."""
 
@@ -100,12 +109,9 @@ class TrainingRun:
         barrier()
 
     def resume(self) -> bool:
-        state = ckpt.load_checkpoint(self.run_dir)
+        state = load_run_checkpoint(self.run_dir, self.cfg)
         if state is None:
             return False
-        if run_identity(state["config"]) != run_identity(resolved(self.cfg)):
-            raise ConfigError(f"{self.run_dir} holds a checkpoint of a different config: use another run "
-                              "directory (hydra.run.dir=...) or delete it to start over")
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
