@@ -3,6 +3,8 @@
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from mabn.config import register_resolvers
 
@@ -10,10 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
 
-def compose_config(config_name: str, overrides=()):
+def compose_config(config_name: str, overrides=(), return_hydra_config: bool = False):
     register_resolvers()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
+        return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def sweep_jobs(config_name: str, overrides=()) -> list[list[str]]:
+    """The overrides of each job that ``-m`` would launch from ``hydra.sweeper.params``
+    (expanded as Hydra's BasicSweeper does)."""
+    cfg = compose_config(config_name, overrides, return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    return [[*overrides, *job] for job in jobs]
 
 
 def group_options(group: str) -> list[str]:

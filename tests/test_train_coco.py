@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
-from hydra_configs import ROOT, compose_config, group_options
+from hydra_configs import ROOT, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import DetectionRun, train
 
@@ -51,6 +51,15 @@ def test_paper_coco_settings():
     assert cfg.norm.options.sma_window == 16 and cfg.start == "scratch"
     finetune = compose_config("train_coco", ["experiment=paper_coco_finetune", "data.root=/coco", "weights=/w.pt"])
     assert finetune.start == "finetune" and finetune.schedule.max_iter == 180000
+
+
+def test_coco_comparison_sweeps_the_papers_norms_from_scratch():
+    jobs = sweep_jobs("train_coco", ["experiment=coco_comparison", "data.root=/coco"])
+    configs = [compose_config("train_coco", job) for job in jobs]
+    assert sorted(c.norm.name for c in configs) == ["bn", "brn", "gn", "mabn", "syncbn"]
+    assert all((c.start, c.batch, c.schedule.max_iter, c.detector.name, c.logger.group)
+               == ("scratch", 2, 180000, "r50_fpn", "coco-comparison") for c in configs)
+    assert len({c.run_name for c in configs}) == 5
 
 
 @pytest.mark.parametrize("norm", group_options("norm"))

@@ -65,7 +65,7 @@ from ..config import ConfigError, resolved  # noqa: E402
 from ..convert import Centralize, centralize_weights  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine.detection import check_start, split_paths  # noqa: E402
-from ..engine.distributed import Distributed, barrier, init_distributed, shutdown  # noqa: E402
+from ..engine.distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..engine.loggers import RunLogger  # noqa: E402
 from ..engine.run import load_run_checkpoint, wandb_options  # noqa: E402
 from ..engine.training import (Preemption, build_sgd, check_finite, check_finite_weights,  # noqa: E402
@@ -560,6 +560,3 @@ def train(cfg, run_dir) -> dict:
             preemption.restore()
         if logger is not None:
             logger.finish()
-        if env.world_size > 1:
-            comm._LOCAL_PROCESS_GROUP = None  # destroyed with the process group below
-        shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ def init_distributed(device: str | None = None) -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 rank=rank, world_size=world_size)
+        # one group for the process's life: the jobs of a multirun (torchrun ... -m) reuse it
+        # (torch cannot set an env:// group up again in the same processes)
+        atexit.register(dist.destroy_process_group)
     return Distributed(rank, world_size, local_rank, device)
 
 
@@ -66,8 +70,3 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -66,8 +66,8 @@ class RunLogger:
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
-        if self.wandb is not None:
-            self.wandb.log(record)
+        if self.wandb is not None:  # the training step as W&B's step: resumed runs line up
+            self.wandb.log(record, step=step)
 
     def summary(self, values: dict) -> None:
         if self.enabled and self.wandb is not None:

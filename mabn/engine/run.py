@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, resolved
 from . import checkpoint as ckpt
-from .distributed import barrier, init_distributed, shutdown
+from .distributed import barrier, init_distributed
 from .loggers import RunLogger
 from .sampling import EpochSampler, SeededSamples
 from .training import (Preemption, build_sgd, check_finite, check_finite_weights, lr_factor,
@@ -210,7 +210,6 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     finally:
         preemption.restore()
         logger.finish()
-        shutdown()
 
 
 def wandb_options(cfg) -> dict | None:
