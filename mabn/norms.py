@@ -163,6 +163,11 @@ class BatchRenorm2d(_GroupedBatchStats):
         self.warmup_iters, self.r_max_iters, self.d_max_iters = warmup_iters, r_max_iters, d_max_iters
         self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A BatchNorm2d checkpoint loads too (its schedule then starts at iteration 0)."""
+        state_dict.setdefault(prefix + "num_iterations", torch.zeros_like(self.num_iterations))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self):
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
                 f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "

@@ -107,6 +107,16 @@ def test_mabn_conversion_centralizes_weights_and_loads_plain_checkpoints(family)
     assert len(first[1].parametrizations.weight) == 1
 
 
+@pytest.mark.parametrize("name", ["bn", "brn", "syncbn"])
+def test_batchnorm_checkpoints_load_into_converted_models(name):
+    plain = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        plain.bn1.running_mean.uniform_()
+    model = mabn.convert_model(torchvision.models.resnet18(num_classes=10), name, **OPTIONS[name])
+    model.load_state_dict(plain.state_dict())
+    assert torch.equal(model.bn1.running_mean, plain.bn1.running_mean)
+
+
 def train_a_little(model, steps=3):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
