@@ -120,6 +120,22 @@ def test_mabn_matches_step_by_step_reference(batch, normalization_batch, window)
     assert clipped > 0, "the test data never reached the r clipping boundary"
 
 
+@pytest.mark.parametrize("name,options", [
+    ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 1, "renorm_warmup_iters": 2}),
+    ("mabn", {"sma_window": 2, "warmup_iters": 1, "renorm_warmup_iters": 2}),
+    ("brn", {"normalization_batch": 2, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 3}),
+])
+def test_channels_last_inputs_give_the_contiguous_results(name, options):
+    contiguous = mabn.build_norm(name, 5, **options).double()
+    channels_last = copy.deepcopy(contiguous)
+    for x, dy in batches(5, (8, 5, 4, 3)):
+        x_cl = x.to(memory_format=torch.channels_last)
+        for a, b in zip(run(contiguous, x, dy), run(channels_last, x_cl, dy.to(memory_format=torch.channels_last))):
+            assert_close(b, a)
+    for (key, a), b in zip(contiguous.state_dict().items(), channels_last.state_dict().values()):
+        assert_close(b, a, msg=key)
+
+
 @pytest.mark.parametrize("options", [
     {"forward_stat": "batch"}, {"forward_stat": "ema"}, {"backward_stat": "batch"}, {"renorm": False}])
 def test_mabn_ablations_match_reference(options):

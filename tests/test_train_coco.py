@@ -1,6 +1,7 @@
 """train_coco.py with the torchvision engine: configs, a few iterations per norm on a tiny
 generated scene set, AP evaluation, norm placement, exact resume and errors."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -104,6 +105,15 @@ def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
     final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
     for key, value in final(straight).items():
         assert torch.equal(value, final(interrupted)[key]), key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,
+                    reason="detectron2 is installed: tests/test_detectron2.py simulates its absence instead")
+def test_detectron2_engine_without_detectron2_fails_at_once_with_one_line(tmp_path):
+    result = cli("engine=detectron2", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: detectron2 is not installed: install it from source") and "engine=torchvision" in last
 
 
 @pytest.mark.parametrize("on_scenes,overrides,message", [

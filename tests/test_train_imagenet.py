@@ -144,6 +144,7 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
                                             "batch=4", "max_steps=4", "logger.group=test-sweep"])
     summary = train(cfg, tmp_path)
     run_id = (tmp_path / "wandb_run_id.txt").read_text()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["wandb_run_id"] == run_id
     (run_file,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
     history, config = history_and_config(run_file)
     losses = [h for h in history if "train/loss" in h]

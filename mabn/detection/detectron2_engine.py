@@ -451,7 +451,7 @@ class Detectron2Run:
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
         self.scaler_state = self.rng_states = None
         self.step, self.images_per_second = 0, 0.0
-        self.logger = self.preemption = None
+        self.logger = self.preemption = self.wandb_run_id = None
 
     def save(self, step: int) -> None:
         check_finite_weights(self.model, step, self.checkpoint_path)
@@ -460,7 +460,8 @@ class Detectron2Run:
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.trainer.scaler.state_dict(),
                 "iteration": step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
-                "images_per_second": self.images_per_second}, self.checkpoint_path)
+                "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
+                self.checkpoint_path)
         barrier()
 
     def resume(self) -> bool:
@@ -473,6 +474,7 @@ class Detectron2Run:
         self.rng_states = state["rng"]  # restored in fit, after everything that draws from them
         self.scaler_state = state["scaler"]
         self.step, self.images_per_second = state["iteration"], state["images_per_second"]
+        self.wandb_run_id = state["wandb_run_id"]
         return True
 
     def evaluate(self) -> dict:
@@ -540,7 +542,8 @@ def train(cfg, run_dir) -> dict:
         summary_path = run_dir / "summary.json"
         if resumed and run.step >= run.total_steps and summary_path.is_file():
             return json.loads(summary_path.read_text())
-        run.logger = logger = RunLogger(run_dir, env.is_main, wandb_options(cfg), resolved(cfg))
+        run.logger = logger = RunLogger(run_dir, env.is_main, wandb_options(cfg), resolved(cfg), run.wandb_run_id)
+        run.wandb_run_id = logger.run_id
         run.preemption = preemption = Preemption()
         if resumed and env.is_main:
             print(f"resumed from step {run.step} of {run.total_steps} ({run.checkpoint_path})", flush=True)

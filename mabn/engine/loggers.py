@@ -37,8 +37,10 @@ class RunLogger:
     """Writes each ``log(metrics, step)`` call to the enabled sinks; a no-op off the main process."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, wandb_options: dict | None = None,
-                 config: dict | None = None):
-        self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
+                 config: dict | None = None, run_id: str | None = None):
+        """``run_id``: the W&B run id a checkpoint recorded, used if the run directory lost
+        its id file; ``self.run_id`` is the id in use (None without W&B)."""
+        self.run_dir, self.enabled, self.wandb, self.run_id = Path(run_dir), enabled, None, run_id
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,10 +52,12 @@ class RunLogger:
         import wandb
 
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        id_file.write_text(self.run_id)
         run = wandb.init(
-            id=run_id, resume="allow", dir=str(self.run_dir), config=config,
+            id=self.run_id, resume="allow", dir=str(self.run_dir), config=config,
             mode=wandb_mode(options.pop("mode", None)), **options)
         for key in ("train/*", "eval/*", "final/*"):
             run.define_metric(key, step_metric="step")

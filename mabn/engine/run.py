@@ -96,6 +96,7 @@ class TrainingRun:
             step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor))
         self.step = 0
         self.images_per_second = 0.0
+        self.wandb_run_id = None
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
@@ -105,7 +106,8 @@ class TrainingRun:
                 "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
-                "images_per_second": self.images_per_second}, ckpt.checkpoint_path(self.run_dir))
+                "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
+                ckpt.checkpoint_path(self.run_dir))
         barrier()
 
     def resume(self) -> bool:
@@ -118,6 +120,7 @@ class TrainingRun:
         self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_states(state["rng"])
         self.step, self.images_per_second = state["step"], state["images_per_second"]
+        self.wandb_run_id = state["wandb_run_id"]
         return True
 
     # -- training ----------------------------------------------------------------------
@@ -191,7 +194,8 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     summary_path = run_dir / "summary.json"
     if resumed and run.step >= run.total_steps and summary_path.is_file():
         return json.loads(summary_path.read_text())
-    logger = RunLogger(run_dir, run.env.is_main, wandb_options(cfg), resolved(cfg))
+    logger = RunLogger(run_dir, run.env.is_main, wandb_options(cfg), resolved(cfg), run.wandb_run_id)
+    run.wandb_run_id = logger.run_id
     if resumed and run.env.is_main:
         print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
     preemption = Preemption()
