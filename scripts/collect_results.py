@@ -106,12 +106,15 @@ def main(argv=None) -> str:
     parser.add_argument("root", type=Path, help="folder searched recursively for summary.json")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, help="write a plot of error vs normalization batch (classification)")
+    parser.add_argument("--title", help="a first line, e.g. the command that made the runs")
     args = parser.parse_args(argv)
     summaries = load_summaries(args.root)
     if not summaries:
         sys.exit(f"error: no summary.json under {args.root}: run a training job first")
     detection = "box_AP" in summaries[0]
     text = detection_table(summaries) if detection else classification_table(summaries)
+    if args.title:
+        text = f"{args.title}\n\n{text}"
     text += f"\n\nCommand: `python scripts/collect_results.py {' '.join(argv or sys.argv[1:])}`"
     publish(text, args.out)
     if args.plot and not detection:
