@@ -67,6 +67,36 @@ def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
 
 
+class _GroupBatchNormFunction(torch.autograd.Function):
+    """``y = (x - mean) / sqrt(var + eps) * scale + shift`` per (group, channel), with the
+    group's batch ``mean`` and biased ``var`` (given, computed without gradient); the backward
+    is batch normalization's, through the statistics, written with per-sample coefficients
+    so that each pass reads the activations once."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, scale, shift, eps):
+        inv_std = torch.rsqrt(var + eps)
+        gain = scale * inv_std
+        ctx.save_for_backward(x, mean, inv_std, scale)
+        return torch.addcmul(per_sample(shift - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, inv_std, scale = ctx.saved_tensors
+        groups, channels = mean.shape
+        dtype = accumulation_dtype(x)
+        count = x.numel() // (groups * channels)
+        sum_dy = dy.sum(dim=(2, 3), dtype=dtype).view(groups, -1, channels).sum(1)
+        sum_dy_x = (dy.to(dtype) * x).sum(dim=(2, 3)).view(groups, -1, channels).sum(1)
+        sum_dy_xhat = (sum_dy_x - mean * sum_dy) * inv_std
+        # dx = gain * (dy - sum_dy / n - x_hat * sum_dy_xhat / n), x_hat = (x - mean) * inv_std
+        gain = scale * inv_std
+        k = sum_dy_xhat * inv_std / count
+        dx = torch.addcmul(per_sample(gain * (mean * k - sum_dy / count), len(x)), dy, per_sample(gain, len(x)))
+        dx.addcmul_(x, per_sample(-gain * k, len(x)))
+        return dx.to(dy.dtype), None, None, sum_dy_xhat, sum_dy, None
+
+
 class _GroupedBatchStats(nn.Module):
     """Parameters and running statistics shared by BN and BRN (named as in nn.BatchNorm2d)."""
 
@@ -92,8 +122,10 @@ class _GroupedBatchStats(nn.Module):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
 
+    @torch.no_grad()
     def _group_stats(self, x, groups):
-        """Biased variance and mean per (group, channel), in fp32, shaped (G, C)."""
+        """Biased variance and mean per (group, channel), shaped (G, C), and the group size
+        (the gradient through them is _GroupBatchNormFunction's)."""
         xg = group_view(x, groups)
         var, mean = torch.var_mean(xg.to(accumulation_dtype(x)), dim=(1, 3), correction=0)
         return var, mean, xg.shape[1] * xg.shape[3]
@@ -134,10 +166,9 @@ class BatchNorm2d(_GroupedBatchStats):
         if self.momentum is None:
             raise ValueError("momentum=None (cumulative average) needs normalization_batch >= batch")
         var, mean, count = self._group_stats(x, groups)
-        self._running_states(var.detach(), mean.detach(), count)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
-        return torch.addcmul(per_sample(shift, len(x)), x, per_sample(scale, len(x))).to(x.dtype)
+        self._running_states(var, mean, count)
+        return _GroupBatchNormFunction.apply(x, mean, var, self.weight.expand(groups, -1),
+                                             self.bias.expand(groups, -1), self.eps)
 
 
 class BatchRenorm2d(_GroupedBatchStats):
@@ -191,18 +222,17 @@ class BatchRenorm2d(_GroupedBatchStats):
             return self._eval_forward(x)
         groups = num_groups(x.shape[0], self.normalization_batch)
         var, mean, count = self._group_stats(x, groups)
-        means, vars_ = self._running_states(var.detach(), mean.detach(), count)
+        means, vars_ = self._running_states(var, mean, count)
         r_max, d_max = self.limits()
         self.num_iterations.add_(1)
         sigma_batch = torch.sqrt(var + self.eps)
         sigma_running = torch.sqrt(vars_[:-1] + self.eps)
         # minimum/maximum, not clamp with tensor bounds: in this layer the latter gave gamma
         # gradients that differed from eager under torch.compile (aot_eager, torch 2.14)
-        r = torch.minimum(torch.maximum(sigma_batch.detach() / sigma_running, 1.0 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean.detach() - means[:-1]) / sigma_running, -d_max), d_max)
-        scale = self.weight * r / sigma_batch
-        shift = self.bias + self.weight * d - mean * scale
-        return torch.addcmul(per_sample(shift, len(x)), x, per_sample(scale, len(x))).to(x.dtype)
+        r = torch.minimum(torch.maximum(sigma_batch / sigma_running, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean - means[:-1]) / sigma_running, -d_max), d_max)
+        # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
+        return _GroupBatchNormFunction.apply(x, mean, var, self.weight * r, self.bias + self.weight * d, self.eps)
 
 
 class _MABNFunction(torch.autograd.Function):
