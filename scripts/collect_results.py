@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -115,7 +116,7 @@ def main(argv=None) -> str:
     text = detection_table(summaries) if detection else classification_table(summaries)
     if args.title:
         text = f"{args.title}\n\n{text}"
-    text += f"\n\nCommand: `python scripts/collect_results.py {' '.join(argv or sys.argv[1:])}`"
+    text += f"\n\nCommand: `` python scripts/collect_results.py {shlex.join(argv or sys.argv[1:])} ``"
     publish(text, args.out)
     if args.plot and not detection:
         plot(summaries, args.plot)

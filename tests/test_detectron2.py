@@ -26,6 +26,7 @@ from mabn.detection.detectron2_engine import (RunHook, Trainer, build_detectron2
                                               build_detectron2_model, load_backbone_weights, train)
 from mabn.models import build_classifier  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 SUITE_NORMS = {"mabn": mabn.MABN2d, "brn": mabn.BatchRenorm2d, "bn": mabn.BatchNorm2d,
@@ -150,6 +151,18 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     assert losses(straight) == losses(tmp_path)
     straight_final = torch.load(straight / "model_final.pt", weights_only=True)
     assert all(torch.equal(value, straight_final[key]) for key, value in final.items())
+
+
+def test_two_process_ddp_with_torchrun(scenes, tmp_path):
+    """One process per device started by torchrun (or SLURM), not by detectron2's launch()."""
+    result = torchrun("train_coco.py", *scenes, "norm=mabn", "max_steps=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["engine"] == "detectron2"
+    assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
+    assert (result.stdout + result.stderr).count("Start inference on 1 batches") == 2  # 2 val images, 1 per process
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):

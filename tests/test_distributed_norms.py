@@ -2,7 +2,6 @@
 syncbn uses the statistics of the global batch, in forward and backward."""
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import mabn
+from torchrun import free_port
 
 WORLD = 2
 OPTIONS = {
@@ -70,12 +70,6 @@ def worker(rank, port, name):
             assert torch.equal(everyone[0], everyone[1]) == (name == "syncbn")
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

@@ -15,6 +15,7 @@ import mabn
 from hydra_configs import ROOT, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import DetectionRun, train
+from torchrun import torchrun
 
 COCO_EXPERIMENTS = [name for name in group_options("experiment") if "coco" in name]
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -105,6 +106,18 @@ def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
     final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
     for key, value in final(straight).items():
         assert torch.equal(value, final(interrupted)[key]), key
+
+
+def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):
+    result = torchrun("train_coco.py", "-m", *scenes, "norm=syncbn,mabn", "max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for norm in ("syncbn", "mabn"):
+        run_dir = tmp_path / f"{norm}-b2-scratch-s0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["engine"] == "torchvision"
+        assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
 
 
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,

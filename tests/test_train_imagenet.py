@@ -3,7 +3,6 @@ W&B offline records and 2-process DDP."""
 
 import glob
 import json
-import os
 import subprocess
 import sys
 
@@ -11,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from test_distributed_norms import free_port
 from hydra_configs import ROOT, compose_config, group_options
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
+from torchrun import torchrun
 from wandb_records import history_and_config
 
 SYNTHETIC = ["data=synthetic", "workers=0", "log_every_steps=2", "per_device_batch=8"]
@@ -156,12 +155,8 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
 
 
 def test_two_process_ddp_on_cpu_runs_every_job_of_a_multirun(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "train_imagenet.py", "-m", *SYNTHETIC, "norm=syncbn,mabn", "batch=4", "max_steps=4",
-         f"hydra.sweep.dir={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun("train_imagenet.py", "-m", *SYNTHETIC, "norm=syncbn,mabn", "batch=4", "max_steps=4",
+                      f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     for norm in ("syncbn", "mabn"):
         run_dir = tmp_path / f"{norm}-b4-s0"

@@ -1,0 +1,67 @@
+"""scripts/collect_results.py (the last step of the README's first command): tables from the
+summary.json files of a sweep, with the paper's numbers beside the paper's settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collect(*args):
+    return subprocess.run([sys.executable, "scripts/collect_results.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_summary(folder, **summary):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def classification(root, norm, batch, seed, error, data="fashion_mnist", model="small_resnet"):
+    write_summary(root / f"{norm}-b{batch}-s{seed}", norm=norm, batch=batch, seed=seed, top1_error=error,
+                  images_per_second=100.0 + batch, config={"data": {"name": data}, "model": {"name": model}})
+
+
+def row(text, norm):
+    return next(line for line in text.splitlines() if line.startswith(f"| {norm} |"))
+
+
+def test_classification_table_averages_seeds_and_writes_table_and_plot(tmp_path):
+    runs = tmp_path / "runs"
+    classification(runs, "bn", 2, 0, 40.0)
+    classification(runs, "bn", 2, 1, 43.0)
+    classification(runs, "bn", 32, 0, 27.5)
+    classification(runs, "mabn", 2, 0, 33.25)
+    out, png = tmp_path / "results" / "table.md", tmp_path / "results" / "plot.png"
+    result = collect(runs, "--out", out, "--plot", png, "--title", "A `quoted` title")
+    assert result.returncode == 0, result.stderr
+    assert row(result.stdout, "bn") == "| bn | 27.50 | 41.50 |"
+    assert row(result.stdout, "mabn") == "| mabn | - | 33.25 |"
+    assert "paper" not in result.stdout  # not the paper's setting: no paper numbers
+    assert out.read_text().strip() == result.stdout.strip()
+    assert "--title 'A `quoted` title'" in out.read_text()  # the command can be copied back
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_paper_imagenet_runs_show_the_paper_numbers(tmp_path):
+    classification(tmp_path, "mabn", 2, 0, 24.0, data="imagenet", model="resnet50")
+    result = collect(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(paper in brackets)" in result.stdout
+    assert row(result.stdout, "mabn") == "| mabn | 24.00 (23.67) |"
+
+
+def test_detection_table_lists_ap_with_the_paper_numbers(tmp_path):
+    aps = dict(box_AP=30.0, box_AP50=50.0, box_AP75=31.0, mask_AP=27.0, mask_AP50=47.0, mask_AP75=28.0)
+    write_summary(tmp_path / "mabn", norm="mabn", batch=2, start="scratch", **aps)
+    result = collect(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| scratch | mabn | 2 | 30.00 | 50.00 | 31.00 | 27.00 | 47.00 | 28.00 | 36.5 / 32.69 |" in result.stdout
+
+
+def test_no_runs_is_a_one_line_error(tmp_path):
+    result = collect(tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: no summary.json under {tmp_path}: run a training job first"
