@@ -127,8 +127,12 @@ class _GroupedBatchStats(nn.Module):
         """Biased variance and mean per (group, channel), shaped (G, C), and the group size
         (the gradient through them is _GroupBatchNormFunction's)."""
         xg = group_view(x, groups)
-        var, mean = torch.var_mean(xg.to(accumulation_dtype(x)), dim=(1, 3), correction=0)
-        return var, mean, xg.shape[1] * xg.shape[3]
+        dtype, count = accumulation_dtype(x), xg.shape[1] * xg.shape[3]
+        mean = xg.sum(dim=(1, 3), dtype=dtype) / count
+        # two passes (mean, then squares about it): as stable as var_mean, twice as fast on CPU.
+        # Not vector_norm: under no_grad, torch.compile (2.14) let its gradient through to r, d.
+        var = (xg - mean[:, None, :, None]).square_().sum(dim=(1, 3)) / count
+        return var, mean, count
 
     @torch.no_grad()
     def _running_states(self, var, mean, count):
@@ -232,7 +236,10 @@ class BatchRenorm2d(_GroupedBatchStats):
         r = torch.minimum(torch.maximum(sigma_batch / sigma_running, 1.0 / r_max), r_max)
         d = torch.minimum(torch.maximum((mean - means[:-1]) / sigma_running, -d_max), d_max)
         # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
-        return _GroupBatchNormFunction.apply(x, mean, var, self.weight * r, self.bias + self.weight * d, self.eps)
+        weight, bias = self.weight * r, self.bias + self.weight * d
+        if groups == 1:  # torch's fused kernel (it recomputes the batch statistics)
+            return F.batch_norm(x, None, None, weight[0], bias[0], True, 0.0, self.eps)
+        return _GroupBatchNormFunction.apply(x, mean, var, weight, bias, self.eps)
 
 
 class _MABNFunction(torch.autograd.Function):

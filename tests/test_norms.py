@@ -165,6 +165,16 @@ def test_mabn_window_one_without_renorm_is_the_true_gradient(normalization_batch
     assert torch.autograd.gradcheck(forward, (x, weight, bias))
 
 
+@pytest.mark.parametrize("name", ["bn", "brn"])
+def test_fp32_group_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(name):
+    """mean / std = 1e3: a one-pass E[x^2] - E[x]^2 in fp32 would lose the variance."""
+    layer = mabn.build_norm(name, 3, normalization_batch=2)
+    x = 1000.0 + torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.cat([(g - g.mean((0, 2, 3), keepdim=True)) / (g.var((0, 2, 3), correction=0, keepdim=True)
+                                                                 + layer.eps).sqrt() for g in x.split(2)])
+    torch.testing.assert_close(layer(x.float()).double(), expected, rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("normalization_batch", [2, None])
 def test_brn_without_relaxation_is_bn(normalization_batch):
     brn = BatchRenorm2d(4, normalization_batch=normalization_batch, momentum=0.2, r_max=1.0, d_max=0.0,

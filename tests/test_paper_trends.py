@@ -23,4 +23,4 @@ def test_fashion_mnist_mabn_degrades_less_than_bn_at_normalization_batch_2(tmp_p
     bn_loss = error["bn", 2] - error["bn", 32]
     mabn_loss = error["mabn", 2] - error["mabn", 32]
     assert error["mabn", 2] < error["bn", 2], error
-    assert mabn_loss < bn_loss / 2, error  # measured: BN +12.3 points, MABN +2.5
+    assert mabn_loss < bn_loss / 2, error  # measured: BN +13.5 points, MABN +2.5
