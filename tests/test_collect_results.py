@@ -4,9 +4,8 @@ summary.json files of a sweep, with the paper's numbers beside the paper's setti
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from hydra_configs import ROOT
 
 
 def collect(*args):

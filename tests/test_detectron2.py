@@ -2,7 +2,6 @@
 with preemption and resume, the non-finite-loss stop, ImageNet weight conversion and the
 message when detectron2 is missing."""
 
-import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -26,6 +25,7 @@ from mabn.detection.detectron2_engine import (RunHook, Trainer, build_detectron2
                                               build_detectron2_model, load_backbone_weights, train)
 from mabn.models import build_classifier  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
+from run_files import read_metrics, read_summary  # noqa: E402
 from torchrun import torchrun  # noqa: E402
 
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -132,10 +132,10 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     second = cli(*overrides)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 2 of 3" in second.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = read_summary(tmp_path)
     assert summary["engine"] == "detectron2" and summary["steps"] == 3 and summary["norm"] == "mabn"
     assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS) and summary["images_per_second"] > 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
     assert {"train/loss_mask", "train/loss_cls", "train/lr", "train/images_per_second"} <= set(records[0])
     assert all(f"final/eval/{k}" in records[-1] for k in AP_KEYS)
@@ -146,8 +146,7 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     # with workers=0 the resumed run matches an uninterrupted one (not promised in general: see the engine)
     straight = tmp_path / "straight"
     train(compose_config("train_coco", [*scenes, "norm=mabn", "max_steps=3"]), straight)
-    losses = lambda d: [json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
-                        if "train/loss" in json.loads(line)]
+    losses = lambda d: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r]
     assert losses(straight) == losses(tmp_path)
     straight_final = torch.load(straight / "model_final.pt", weights_only=True)
     assert all(torch.equal(value, straight_final[key]) for key, value in final.items())
@@ -157,10 +156,10 @@ def test_two_process_ddp_with_torchrun(scenes, tmp_path):
     """One process per device started by torchrun (or SLURM), not by detectron2's launch()."""
     result = torchrun("train_coco.py", *scenes, "norm=mabn", "max_steps=2", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = read_summary(tmp_path)
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["engine"] == "detectron2"
     assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
     assert (result.stdout + result.stderr).count("Start inference on 1 batches") == 2  # 2 val images, 1 per process
 

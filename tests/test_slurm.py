@@ -8,7 +8,6 @@ Without a cluster: the launcher config and the ImageNet batch-size sweep expand 
 The cluster tests skip where SLURM is not installed, and fail where it is but the local cluster
 is not up (CI starts it)."""
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf
 
 from hydra_configs import ROOT, compose_config, sweep_jobs
 from mabn.config import check_normalization_batch
+from run_files import read_summary, train_losses
 from wandb_records import history_and_config
 
 PARTITION = "debug"  # configs/hydra/launcher/slurm_local.yaml
@@ -135,7 +135,7 @@ class Sweep:
     def summary(self, run_name: str) -> dict:
         path = self.directory / run_name / "summary.json"
         assert path.is_file(), f"no {path}\n{self.logs()}"
-        return json.loads(path.read_text())
+        return read_summary(path.parent)
 
     def check_running(self):
         if self.driver.poll() is not None:
@@ -190,11 +190,6 @@ def checkpoint_step(run_dir: Path) -> int:
         return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
-
-
-def losses(run_dir: Path) -> dict:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 @pytest.mark.slurm
@@ -260,10 +255,10 @@ def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, 
     assert len(steps) == 2 and 0 < first <= after_sigterm < steps[1] < 400, run.logs()
     assert "stopped by signal SIGTERM after saving a checkpoint" in (job / f"{job.name}_0_log.err").read_text()
     assert re.search(r"Requeued job \S+ \(2 remaining timeouts\)", stdout.read_text()), run.logs()
-    a = json.loads((straight / "summary.json").read_text())
+    a = read_summary(straight)
     b = run.summary(run_dir.name)
     assert (a["top1_error"], a["top5_error"], a["steps"]) == (b["top1_error"], b["top5_error"], b["steps"])
-    assert b["steps"] == 400 and losses(straight) == losses(run_dir)
+    assert b["steps"] == 400 and train_losses(straight) == train_losses(run_dir)
     final_a = torch.load(straight / "model_final.pt", weights_only=True)
     final_b = torch.load(run_dir / "model_final.pt", weights_only=True)
     assert all(torch.equal(value, final_b[key]) for key, value in final_a.items())
@@ -278,4 +273,4 @@ def test_two_tasks_per_node_train_one_ddp_run(sweep):
     assert "global_rank=1(2)" in (job / f"{job.name}_1_log.out").read_text(), run.logs()
     summary = run.summary("syncbn-b32-s0")
     assert (summary["world_size"], summary["steps"]) == (2, 4)
-    assert sorted(losses(run.directory / "syncbn-b32-s0")) == [2, 4]  # rank 0 alone logs
+    assert sorted(train_losses(run.directory / "syncbn-b32-s0")) == [2, 4]  # rank 0 alone logs

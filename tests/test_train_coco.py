@@ -2,7 +2,6 @@
 generated scene set, AP evaluation, norm placement, exact resume and errors."""
 
 import importlib.util
-import json
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import mabn
 from hydra_configs import ROOT, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import DetectionRun, train
+from run_files import read_metrics, read_summary
 from torchrun import torchrun
 
 COCO_EXPERIMENTS = [name for name in group_options("experiment") if "coco" in name]
@@ -70,7 +70,7 @@ def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
     summary = train(cfg, tmp_path)
     assert summary["steps"] == 2 and summary["engine"] == "torchvision" and summary["start"] == "scratch"
     assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path)
     assert {"train/loss_mask", "train/loss_classifier", "train/lr"} <= set(logged[0])
     assert all(f"final/eval/{k}" in logged[-1] for k in AP_KEYS)
 
@@ -99,9 +99,9 @@ def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
     second = cli(*overrides, f"hydra.run.dir={interrupted}")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from step 3 of 6" in second.stdout
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, interrupted))
+    a, b = map(read_summary, (straight, interrupted))
     assert [a[k] for k in AP_KEYS] == [b[k] for k in AP_KEYS]
-    losses = lambda d: [json.loads(line).get("train/loss") for line in (d / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda d: [r.get("train/loss") for r in read_metrics(d)]
     assert losses(straight) == losses(interrupted)
     final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
     for key, value in final(straight).items():
@@ -113,10 +113,10 @@ def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for norm in ("syncbn", "mabn"):
         run_dir = tmp_path / f"{norm}-b2-scratch-s0"
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["engine"] == "torchvision"
         assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(run_dir)
         assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
 
 

@@ -2,7 +2,6 @@
 W&B offline records and 2-process DDP."""
 
 import glob
-import json
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from hydra_configs import ROOT, compose_config, group_options
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
+from run_files import read_metrics, read_summary, train_losses
 from torchrun import torchrun
 from wandb_records import history_and_config
 
@@ -57,8 +57,8 @@ def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
     summary = train(cfg, tmp_path)
     assert summary["steps"] == 4 and summary["norm"] == norm
     assert 0 <= summary["top1_error"] <= 100 and summary["images_per_second"] > 0
-    assert json.loads((tmp_path / "summary.json").read_text())["top1_error"] == summary["top1_error"]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert read_summary(tmp_path)["top1_error"] == summary["top1_error"]
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
 
@@ -81,12 +81,9 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     assert not (interrupted / "summary.json").exists()
     second = cli(*overrides, f"hydra.run.dir={interrupted}")
     assert second.returncode == 0, second.stderr
-    a = json.loads((straight / "summary.json").read_text())
-    b = json.loads((interrupted / "summary.json").read_text())
+    a, b = read_summary(straight), read_summary(interrupted)
     assert (a["top1_error"], a["top5_error"], a["steps"]) == (b["top1_error"], b["top5_error"], b["steps"])
-    losses = lambda d: {r["step"]: r["train/loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                        if "train/loss" in r}
-    assert losses(straight) == losses(interrupted)  # steps 1-6 logged once, 7-12 after the resume
+    assert train_losses(straight) == train_losses(interrupted)  # steps 1-6 logged once, 7-12 after the resume
     for key, value in final_state(straight).items():
         assert torch.equal(value, final_state(interrupted)[key]), key
 
@@ -160,7 +157,6 @@ def test_two_process_ddp_on_cpu_runs_every_job_of_a_multirun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for norm in ("syncbn", "mabn"):
         run_dir = tmp_path / f"{norm}-b4-s0"
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         assert summary["world_size"] == 2 and summary["steps"] == 4
-        train_lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
-        assert len(train_lines) == 2  # rank 0 alone logs
+        assert len([r for r in read_metrics(run_dir) if "train/loss" in r]) == 2  # rank 0 alone logs
