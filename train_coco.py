@@ -10,7 +10,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from mabn.config import ConfigError, register_resolvers
+from mabn.config import ConfigError, check_numbers, register_resolvers
 
 register_resolvers()
 
@@ -18,6 +18,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")
 def main(cfg):
     try:
+        check_numbers(cfg)
         if cfg.engine.name == "detectron2":
             from mabn.detection.detectron2_engine import train
         else:

@@ -9,7 +9,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from mabn.config import ConfigError, register_resolvers
+from mabn.config import ConfigError, check_numbers, register_resolvers
 
 register_resolvers()
 
@@ -19,6 +19,7 @@ def main(cfg):
     from mabn.engine.classification import train
 
     try:
+        check_numbers(cfg)
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

@@ -36,3 +36,29 @@ def check_normalization_batch(cfg: DictConfig, per_device_batch: int, key: str =
 def resolved(cfg: DictConfig) -> dict:
     """The config as plain, fully resolved containers (for W&B, summaries and checkpoints)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+# numeric keys checked before anything is built: (key, lower bound, bound included)
+NUMERIC_KEYS = [
+    *((key, 0, False) for key in (
+        "batch", "per_device_batch", "epochs", "max_steps", "eval_every_epochs", "eval_every_steps",
+        "log_every_steps", "threads", "optim.base_lr", "optim.reference_batch",
+        "norm.simulated_batch", "norm.schedule_reference_steps", "schedule.max_iter", "probe.layers",
+        "probe.channels")),
+    *((key, 0, True) for key in (
+        "workers", "seed", "checkpoint_every_minutes", "optim.momentum", "optim.weight_decay", "optim.label_smoothing", "probe.every",
+        "optim.schedule.warmup_epochs", "schedule.warmup_iters")),
+]
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every numeric setting in its valid range, before any data or model is built: one line
+    that names the key and the range (null leaves an optional key unset)."""
+    for key, bound, inclusive in NUMERIC_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is not a number: give a number {'>=' if inclusive else '>'} {bound}")
+        if value < bound or (value == bound and not inclusive):
+            raise ConfigError(f"{key}={value} is out of range: it must be {'>=' if inclusive else '>'} {bound}")

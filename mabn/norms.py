@@ -185,8 +185,11 @@ class BatchRenorm2d(_GroupedBatchStats):
     the running statistics as they stand before that group. Schedule (REFERENCE.md section 3):
     r_max = 1, d_max = 0 until ``warmup_iters`` training iterations, then both relax linearly
     to ``r_max`` at ``r_max_iters`` and ``d_max`` at ``d_max_iters``. With r_max = 1 and
-    d_max = 0 it is BatchNorm2d.
+    d_max = 0 it is BatchNorm2d. The iteration counts scale with the run length on request
+    (``mabn.schedules``).
     """
+
+    schedule_options = ("warmup_iters", "r_max_iters", "d_max_iters")
 
     def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.01,
                  r_max=3.0, d_max=5.0, warmup_iters=5000, r_max_iters=40000, d_max_iters=25000,
@@ -328,8 +331,10 @@ class MABN2d(nn.Module):
       to that value on the first iteration (the ImageNet code; MABN.py starts it at 1);
     - eps = 1e-5.
 
-    The authors' ImageNet layer (cls/networks/MABN.py) uses SMA from iteration 2 and r = 1
-    for 99 iterations: ``warmup_iters=1, renorm_warmup_iters=99`` (configs/experiment).
+    The authors' ImageNet layer (cls/networks/MABN.py) uses each group's own statistics on
+    iteration 1, the window from iteration 2 on, and r = 1 for 99 iterations:
+    ``warmup_iters=2, renorm_warmup_iters=99`` (``norm=mabn_imagenet_code``). The iteration
+    counts scale with the run length on request (``mabn.schedules``).
 
     Ablations: ``forward_stat`` "sma" (default), "batch" (current group only) or "ema"
     (normalize by the EMA after warm-up, r = 1); ``backward_stat`` "sma" (default) or
@@ -339,6 +344,8 @@ class MABN2d(nn.Module):
     Training uses no host synchronization (no ``.item()``, no branch on tensor values).
     Gradient checkpointing would advance the windows twice per step: not supported.
     """
+
+    schedule_options = ("warmup_iters", "renorm_warmup_iters")
 
     def __init__(self, num_features, normalization_batch=None, sma_window=16, momentum=0.02,
                  eps=1e-5, warmup_iters=100, renorm_warmup_iters=1000, r_max=5.0,

@@ -29,3 +29,8 @@ def sweep_jobs(config_name: str, overrides=()) -> list[list[str]]:
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def base_norms() -> list[str]:
+    """The norm options that are layers (bn, mabn, ...), not variants of one (mabn_no_wc, ...)."""
+    return [name for name in group_options("norm") if "_" not in name]

@@ -103,6 +103,26 @@ def test_fashion_mnist_dataset_items():
     views = torch.stack([augmented[0][0] for _ in range(8)])
     assert views.shape == (8, 1, 28, 28)
     assert any(not torch.equal(views[0], v) for v in views[1:])
+    assert torch.equal(torch.stack([b[0] for b in dataset.__getitems__([3, 1, 4])]),
+                       torch.stack([dataset[i][0] for i in (3, 1, 4)]))
+
+
+@needs_debian
+def test_fashion_mnist_batched_crop_and_flip_are_the_per_sample_transforms(monkeypatch):
+    """Each image of a batch gets its own crop of the zero-padded image and its own flip,
+    as torchvision's RandomCrop(28, padding=2) + RandomHorizontalFlip would give it."""
+    dataset = FashionMNIST(train=False, augment=True)
+    offsets = torch.tensor([[2, 2], [0, 4], [3, 1]])
+    flips = torch.tensor([False, True, True])
+    monkeypatch.setattr(fashion_mnist.torch, "randint", lambda low, high, size: offsets)
+    monkeypatch.setattr(fashion_mnist.torch, "rand", lambda n: torch.where(flips, 0.0, 1.0))
+    images = dataset.images[[5, 6, 7]]
+    got = dataset._crop_and_flip(images)
+    padded = torch.nn.functional.pad(images, [2, 2, 2, 2])
+    for i, ((top, left), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+        expected = padded[i, top:top + 28, left:left + 28]
+        assert torch.equal(got[i], expected.flip(-1) if flip else expected)
+    assert torch.equal(got[0], images[0])  # the centre crop without a flip is the image
 
 
 # Synthetic images

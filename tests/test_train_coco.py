@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
-from hydra_configs import ROOT, compose_config, group_options, sweep_jobs
+from hydra_configs import ROOT, base_norms, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import DetectionRun, train
 from run_files import read_metrics, read_summary
@@ -64,7 +64,7 @@ def test_coco_comparison_sweeps_the_papers_norms_from_scratch():
     assert len({c.run_name for c in configs}) == 5
 
 
-@pytest.mark.parametrize("norm", group_options("norm"))
+@pytest.mark.parametrize("norm", base_norms())
 def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
     cfg = compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"])
     summary = train(cfg, tmp_path)

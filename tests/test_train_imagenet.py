@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hydra_configs import ROOT, compose_config, group_options
+from hydra_configs import ROOT, base_norms, compose_config, group_options
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
@@ -35,8 +35,8 @@ def test_every_option_of_every_group_composes_and_resolves(group):
         cfg = compose_config("train_imagenet", [f"{group}={option}", *needs_root])
         resolved = OmegaConf.to_container(cfg, resolve=True)
         assert resolved["batch"] >= 1
-        if group == "norm":
-            assert resolved["norm"]["name"] == option
+        if group == "norm":  # variants of a norm (ablations, presets) carry their own label
+            assert resolved["norm"].get("label", resolved["norm"]["name"]) == option
 
 
 def test_batch_is_the_normalization_batch_and_sets_the_mabn_window():
@@ -51,11 +51,11 @@ def test_batch_is_the_normalization_batch_and_sets_the_mabn_window():
     assert paper.optim.schedule.milestones_epochs == [30, 60, 90] and paper.optim.label_smoothing == 0.1
 
 
-@pytest.mark.parametrize("norm", group_options("norm"))
+@pytest.mark.parametrize("norm", base_norms())
 def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
     cfg = compose_config("train_imagenet", [*SYNTHETIC, f"norm={norm}", "batch=2", "max_steps=4"])
     summary = train(cfg, tmp_path)
-    assert summary["steps"] == 4 and summary["norm"] == norm
+    assert summary["steps"] == 4 and summary["label"] == norm
     assert 0 <= summary["top1_error"] <= 100 and summary["images_per_second"] > 0
     assert read_summary(tmp_path)["top1_error"] == summary["top1_error"]
     records = read_metrics(tmp_path)
@@ -94,6 +94,8 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
     (["data.root=/no/fashion"], "error: Fashion-MNIST train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] not found in /no/fashion"),
     (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),
+    (["per_device_batch=0"], "error: per_device_batch=0 is out of range: it must be > 0"),
+    (["optim.base_lr=-0.1"], "error: optim.base_lr=-0.1 is out of range: it must be > 0"),
 ])
 def test_bad_input_fails_with_one_line_naming_the_fix(overrides, message, tmp_path):
     result = cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=120)

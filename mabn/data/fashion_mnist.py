@@ -8,7 +8,6 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
-from torchvision.transforms import v2
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DOWNLOAD_DIR = Path("~/.cache/mabn")
@@ -72,20 +71,40 @@ def load_fashion_mnist(
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST as (normalized float image [1, 28, 28], int label); `augment` adds crop + flip."""
+    """Fashion-MNIST as (normalized float image [1, 28, 28], int label); `augment` adds a random
+    crop (padding 2) and a horizontal flip. The images stay one uint8 tensor in memory and a
+    batch is made in a few tensor operations (``__getitems__``, which the DataLoader calls
+    with a batch's indices): per-sample transforms cost more than the small ResNet's step."""
 
     num_classes = len(CLASSES)
     classes = CLASSES
+    padding = 2
 
     def __init__(self, root: str | Path | None = None, train: bool = True, augment: bool = False):
         self.images, self.labels = load_fashion_mnist(root, train)
-        augmentation = [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()] if augment else []
-        self.transform = v2.Compose(
-            [*augmentation, v2.ToDtype(torch.float32, scale=True), v2.Normalize([MEAN], [STD])]
-        )
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index].unsqueeze(0)), int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The samples at ``indices``; augmentation draws from torch's global RNG."""
+        images = self.images[indices]
+        if self.augment:
+            images = self._crop_and_flip(images)
+        images = ((images.float() / 255 - MEAN) / STD).unsqueeze(1)
+        return list(zip(images, self.labels[indices].tolist()))
+
+    def _crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
+        """A random 28x28 crop of each zero-padded image, then a random horizontal flip."""
+        n, size = len(images), images.shape[-1]
+        padded = torch.nn.functional.pad(images, [self.padding] * 4)
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2))
+        flips = torch.rand(n) < 0.5
+        pixels = torch.arange(size)
+        rows = (offsets[:, :1] + pixels)[:, :, None]
+        cols = offsets[:, 1:] + torch.where(flips[:, None], pixels.flip(0), pixels)
+        return padded[torch.arange(n)[:, None, None], rows, cols[:, None, :]]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions take ``group=group.WORLD`` as a
+# default argument, so importing it later (DDP does, through torch.distributed._shard) pins
+# the default group in those defaults for the life of the process. destroy_process_group()
+# then cannot free the group, its gloo worker threads outlive the interpreter, and one that
+# releases a collective's tensor during interpreter shutdown aborts the process ("terminate
+# called without an active exception", SIGABRT) after the job has finished.
+import torch.distributed.nn.functional  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,17 @@ def init_distributed(device: str | None = None) -> Distributed:
                                 rank=rank, world_size=world_size)
         # one group for the process's life: the jobs of a multirun (torchrun ... -m) reuse it
         # (torch cannot set an env:// group up again in the same processes)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(shutdown_distributed)
     return Distributed(rank, world_size, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group while the interpreter is fully alive, after collecting what
+    may still hold it (a DDP model left in a reference cycle), so that its worker threads are
+    joined here and not during interpreter shutdown."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

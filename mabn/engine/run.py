@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import ConfigError, resolved
+from ..probes import BatchStatisticsProbe
+from ..schedules import scale_schedules
 from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
 from .loggers import RunLogger
@@ -23,7 +25,7 @@ from .training import (Preemption, build_sgd, check_finite, check_finite_weights
                        prepare_model, unwrap)
 
 # config keys a resumed run may change (they do not change what is computed)
-OPERATIONAL_KEYS = ("debug", "workers", "log_every_steps", "checkpoint_every_minutes", "logger", "device")
+OPERATIONAL_KEYS = ("debug", "workers", "threads", "log_every_steps", "checkpoint_every_minutes", "logger", "device")
 
 
 def run_identity(config: dict) -> dict:
@@ -70,6 +72,8 @@ class TrainingRun:
 
     def __init__(self, cfg, run_dir: str | Path, per_device_batch: int):
         self.cfg, self.run_dir, self.per_device_batch = cfg, Path(run_dir), per_device_batch
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg.threads)
         self.env = init_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
         try:
@@ -91,12 +95,30 @@ class TrainingRun:
         self.total_steps, milestones, warmup = self.schedule()
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.norm_schedule = scale_schedules(unwrap(self.model), self.total_steps,
+                                             cfg.norm.get("schedule_reference_steps"))
+        self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor))
         self.step = 0
         self.images_per_second = 0.0
         self.wandb_run_id = None
+
+    def _probe(self, probe_cfg) -> BatchStatisticsProbe | None:
+        """The statistics probe of ``probe`` (main process; off when ``probe.every`` is 0)."""
+        if not probe_cfg or not probe_cfg.every or not self.env.is_main:
+            return None
+        return BatchStatisticsProbe(unwrap(self.model), probe_cfg.layers, probe_cfg.channels, probe_cfg.every,
+                                    [b for b in probe_cfg.batches if b <= self.per_device_batch]).attach()
+
+    def write_probe_records(self) -> None:
+        """Append the probe's new records to probes.jsonl (a resumed run repeats some steps:
+        readers keep the last record of each step)."""
+        if self.probe and self.probe.records:
+            with open(self.run_dir / "probes.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.probe.records)
+            self.probe.records.clear()
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
@@ -159,7 +181,10 @@ class TrainingRun:
             self.train_set.set_epoch(epoch)
             tic, images_seen = time.perf_counter(), 0
             for batch in self.loader(self.train_set, self.sampler):
+                if self.probe:
+                    self.probe.step(self.step + 1)
                 loss, extras = self.train_step(batch)
+                self.write_probe_records()
                 images_seen += self.per_device_batch * self.env.world_size
                 progress.update()
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
@@ -202,8 +227,9 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     try:
         metrics = run.fit(logger, preemption)
         summary = {**run.summary(metrics), "images_per_second": run.images_per_second, "steps": run.step,
-                   "world_size": run.env.world_size, "norm": cfg.norm.name, "batch": cfg.batch,
-                   "seed": cfg.seed}
+                   "world_size": run.env.world_size, "norm": cfg.norm.name,
+                   "label": cfg.norm.get("label", cfg.norm.name), "batch": cfg.batch, "seed": cfg.seed,
+                   "norm_schedule": run.norm_schedule}
         logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
         summary["config"] = resolved(cfg)

@@ -45,7 +45,9 @@ class EpochSampler(Sampler[int]):
 
 class SeededSamples(Dataset):
     """Runs ``dataset[i]`` with torch's RNG seeded by (seed, epoch, i), so random augmentation
-    depends on the sample alone, not on worker processes or on where a run was resumed."""
+    depends on the sample alone, not on worker processes or on where a run was resumed. A
+    dataset that makes whole batches (``__getitems__``) gets one seed per batch, from its
+    first index: batches are the sampler's, so a resumed run sees the same ones."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -56,7 +58,17 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _seed(self, index: int) -> None:
+        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            self._seed(index)
             return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        if not callable(getattr(self.dataset, "__getitems__", None)):
+            return [self[i] for i in indices]
+        with torch.random.fork_rng(devices=[]):
+            self._seed(indices[0])
+            return self.dataset.__getitems__(indices)

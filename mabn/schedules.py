@@ -1,0 +1,39 @@
+"""Iteration schedules of the norms (BRN's relaxation, MABN's warm-ups) for runs of any length.
+
+The counts in the configs are the paper's, written for its ImageNet runs of
+``PAPER_STEPS`` = 120 epochs x 5000 iterations. A run that sets
+``norm.schedule_reference_steps`` to N says "these counts were written for a run of N
+steps": every count is then multiplied by ``total_steps / N`` (rounded, at least 1 where it
+was at least 1), so each phase keeps its fraction of the run. Left at null (the default, and
+every paper experiment), the counts are used exactly as written. Per-iteration rates (EMA
+momenta) are not scaled: they belong to the noise of one normalization batch, not to the run.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+PAPER_STEPS = 600_000
+
+
+def scaled_count(count: int, total_steps: int, reference_steps: int) -> int:
+    """``count`` iterations of a ``reference_steps`` run, for a run of ``total_steps``."""
+    if reference_steps <= 0:
+        raise ValueError(f"schedule_reference_steps must be positive, got {reference_steps}")
+    if count <= 0:
+        return count
+    return max(1, round(count * total_steps / reference_steps))
+
+
+def scale_schedules(model: nn.Module, total_steps: int, reference_steps: int | None) -> dict:
+    """Rescale, in place, the ``schedule_options`` of every norm layer of ``model`` (no-op
+    for ``reference_steps=None``); returns {layer class: {option: count}} as used."""
+    used = {}
+    for module in model.modules():
+        options = getattr(module, "schedule_options", ())
+        for name in options:
+            if reference_steps is not None:
+                setattr(module, name, scaled_count(getattr(module, name), total_steps, reference_steps))
+        if options:
+            used[type(module).__name__] = {name: getattr(module, name) for name in options}
+    return used

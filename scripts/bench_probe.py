@@ -1,0 +1,75 @@
+"""Cost of the batch-statistics probe (mabn.probes) on a training step of the study's small
+ResNet (MABN at normalization batch 2, per-device batch 32), as ratios to no probe, measured
+in one run (round-robin, median):
+
+    python scripts/bench_probe.py --out results/bench_probe_cpu.md
+
+"off" is the engine's default (probe.every=0): no probe object, no hook, the same code as no
+probe; "attached" keeps the hooks on every step but records one step in 125 (the study's
+setting); "recording" records every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mabn
+from mabn.models import build_classifier
+from mabn.probes import BatchStatisticsProbe
+from report import machine, publish
+
+
+def setup(mode: str):
+    torch.manual_seed(0)
+    norm = mabn.norm_layer("mabn", normalization_batch=2, sma_window=16)
+    model = build_classifier("small_resnet", 10, 1, norm, widths=(16, 32, 64, 128), stem_stride=2)
+    mabn.centralize_weights(model)
+    probe = None
+    if mode == "off":
+        probe = BatchStatisticsProbe(model, every=125)  # built, never attached
+    elif mode in ("attached", "recording"):
+        probe = BatchStatisticsProbe(model, every=125 if mode == "attached" else 1).attach()
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), probe
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="steps per model per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    runs = {mode: setup(mode) for mode in ("no probe", "off", "attached", "recording")}
+    times = {mode: [] for mode in runs}
+    step = 0
+    for round_ in range(args.rounds + 1):
+        for mode, (model, optimizer, probe) in runs.items():
+            start = time.perf_counter()
+            for k in range(args.steps):
+                if probe is not None:
+                    probe.step(step + k + 2)  # never step 1: "attached" records one step in 125
+                    probe.records.clear()
+                loss = nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if round_:
+                times[mode].append((time.perf_counter() - start) / args.steps)
+        step += args.steps
+    base = statistics.median(times["no probe"])
+    lines = [f"Training step with the batch-statistics probe, small ResNet (study), MABN at normalization batch 2, "
+             f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
+             "", f"Command: `python {' '.join(sys.argv)}`", "", "| probe | ms/step | ratio to no probe |", "|---|---|---|"]
+    lines += [f"| {mode} | {1000 * statistics.median(v):.1f} | {statistics.median(v) / base:.3f} |" for mode, v in times.items()]
+    publish("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
