@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hydra_configs import ROOT, base_norms, compose_config, group_options
+from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
@@ -162,3 +163,49 @@ def test_two_process_ddp_on_cpu_runs_every_job_of_a_multirun(tmp_path):
         summary = read_summary(run_dir)
         assert summary["world_size"] == 2 and summary["steps"] == 4
         assert len([r for r in read_metrics(run_dir) if "train/loss" in r]) == 2  # rank 0 alone logs
+
+
+def preempted_run(tmp_path, steps=6, preempt_at=4):
+    """A synthetic run stopped at ``preempt_at`` with a checkpoint at every step before it."""
+    overrides = [*SYNTHETIC, "batch=2", "norm=mabn", f"max_steps={steps}", "checkpoint_every_minutes=0"]
+    with pytest.raises(SystemExit, match="stopped by signal SIGTERM"):
+        train(compose_config("train_imagenet", [*overrides, f"debug.preempt_at_step={preempt_at}"]), tmp_path)
+    return compose_config("train_imagenet", overrides)
+
+
+def test_an_unreadable_newest_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, capsys):
+    cfg = preempted_run(tmp_path / "cut")
+    straight = train(cfg, tmp_path / "straight")
+    newest = tmp_path / "cut" / "checkpoint.pt"
+    assert torch.load(tmp_path / "cut" / "checkpoint.prev.pt", weights_only=False)["step"] == 3
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short
+    capsys.readouterr()
+    resumed = train(cfg, tmp_path / "cut")
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "skipping it" in warnings[0], out
+    assert "resumed from step 3 of 6" in out
+    assert (resumed["top1_error"], resumed["steps"]) == (straight["top1_error"], straight["steps"])
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def test_no_readable_checkpoint_starts_over_and_says_so(tmp_path, capsys):
+    cfg = preempted_run(tmp_path)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    summary = train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert f"warning: no readable checkpoint in {tmp_path}: starting the run over" in out
+    assert summary["steps"] == 6 and "resumed from" not in out
+
+
+class Payload:
+    """Stands for anything a pickle could construct (and run code while doing so)."""
+
+
+def test_a_checkpoint_that_is_more_than_tensors_is_refused_with_one_line(tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=2", "max_steps=2"])
+    torch.save({"model": Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"checkpoint.pt holds more than tensors and plain Python values, so it is not loaded"):
+        train(cfg, tmp_path)

@@ -303,7 +303,7 @@ def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
     """Load ImageNet ResNet weights (see ``detectron2_resnet_state``) into detectron2's ResNet."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    state, ignored = detectron2_resnet_state(torch.load(path, map_location="cpu", weights_only=True))
+    state, ignored = detectron2_resnet_state(ckpt.load_weights_only(path))
     own = bottom_up.state_dict()
     plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
     wrong = [f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}" for k, v in state.items()
@@ -461,7 +461,7 @@ class Detectron2Run:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.trainer.scaler.state_dict(),
                 "iteration": step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
                 "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
-                self.checkpoint_path)
+                self.checkpoint_path, keep_previous=True)
         barrier()
 
     def resume(self) -> bool:

@@ -1,5 +1,6 @@
 """Mask R-CNN R-FPN from torchvision pieces, with a pluggable norm layer everywhere the paper puts one."""
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +71,11 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
     prefixed by "module."/"model.") into the FPN body; its `fc` is dropped."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights only: opening a file from elsewhere must not run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"weights={path} holds more than tensors and plain values, so it is not loaded "
+                         "(it could run code): save a state_dict") from None
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]

@@ -1,8 +1,10 @@
-"""Atomic checkpoints in the run directory, and the RNG states that exact resume needs."""
+"""Atomic checkpoints in the run directory (the previous one kept), read without running
+code (``weights_only``), and the RNG states that exact resume needs."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -10,34 +12,63 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+from ..config import ConfigError
+
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+# what our checkpoints hold besides tensors and plain values: numpy's RNG state (a uint32 array)
+NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+               type(np.dtype(np.uint32))]
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
-def save_atomic(obj, path: str | Path) -> Path:
+def save_atomic(obj, path: str | Path, keep_previous: bool = False) -> Path:
     """torch.save to a temporary file in the same folder, then rename over ``path``: a
-    crash mid-write leaves the previous file intact."""
+    crash mid-write leaves the previous file intact. ``keep_previous``: the file it replaces
+    becomes checkpoint.prev.pt (the fallback of ``load_checkpoint``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)
     try:
         torch.save(obj, tmp)
+        if keep_previous and path.is_file():
+            os.replace(path, path.with_name(PREVIOUS))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
+def load_weights_only(path: str | Path):
+    """``torch.load`` with ``weights_only=True``: tensors, plain values and numpy's RNG state
+    only, so opening a file from elsewhere runs no code. A file that needs more is refused
+    with one line."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_STATE):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConfigError(f"{path} holds more than tensors and plain Python values, so it is not loaded "
+                          f"(it could run code): {str(error).strip().splitlines()[0][:200]}") from None
+
+
 def load_checkpoint(run_dir: str | Path) -> dict | None:
-    """The latest checkpoint of the run, or None if the run has none yet."""
-    path = checkpoint_path(run_dir)
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The newest readable checkpoint of the run (checkpoint.pt, else checkpoint.prev.pt), or
+    None. One that cannot be read (truncated, corrupted) is reported in one line and skipped."""
+    paths = [p for p in (Path(run_dir) / CHECKPOINT, Path(run_dir) / PREVIOUS) if p.is_file()]
+    for path in paths:
+        try:
+            return load_weights_only(path)
+        except ConfigError:  # readable, but refused: not a reason to fall back
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError) as error:
+            print(f"warning: cannot read checkpoint {path} ({str(error).strip().splitlines()[0][:160]}): skipping it",
+                  flush=True)
+    if paths:
+        print(f"warning: no readable checkpoint in {run_dir}: starting the run over", flush=True)
+    return None
 
 
 def rng_states() -> dict:

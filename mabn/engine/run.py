@@ -129,7 +129,7 @@ class TrainingRun:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
                 "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
-                ckpt.checkpoint_path(self.run_dir))
+                ckpt.checkpoint_path(self.run_dir), keep_previous=True)
         barrier()
 
     def resume(self) -> bool:
