@@ -5,9 +5,11 @@ Relaunching the same command resumes from the run directory's checkpoint.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from mabn.config import ConfigError, check_numbers, register_resolvers
 
@@ -18,10 +20,17 @@ register_resolvers()
 def main(cfg):
     from mabn.engine.classification import train
 
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
         check_numbers(cfg)
-        return train(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, FloatingPointError) as error:
+        return train(cfg, run_dir)
+    except FloatingPointError as error:  # a diverged run is a result of a sweep: the others go on
+        Path(run_dir, "diverged.txt").write_text(f"{error}\n")
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        return {"diverged": str(error)}
+    except ConfigError as error:
         sys.exit(f"error: {error}")
 
 

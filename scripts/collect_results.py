@@ -48,8 +48,9 @@ def classification_table(summaries: list[dict]) -> str:
     errors = defaultdict(dict)
     speed = defaultdict(dict)
     for s in summaries:
-        errors[s["norm"]][s["batch"]] = errors[s["norm"]].get(s["batch"], []) + [s["top1_error"]]
-        speed[s["norm"]][s["batch"]] = s["images_per_second"]
+        name = s.get("label", s["norm"])  # a variant (mabn_no_wc, ...) keeps its own row
+        errors[name][s["batch"]] = errors[name].get(s["batch"], []) + [s["top1_error"]]
+        speed[name][s["batch"]] = s["images_per_second"]
     paper = all(is_paper_imagenet(s) for s in summaries)
     batches = sorted({b for row in errors.values() for b in row}, reverse=True)
     header = "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |"
@@ -89,7 +90,7 @@ def plot(summaries: list[dict], path: Path) -> None:
 
     by_norm = defaultdict(lambda: defaultdict(list))
     for s in summaries:
-        by_norm[s["norm"]][s["batch"]].append(s["top1_error"])
+        by_norm[s.get("label", s["norm"])][s["batch"]].append(s["top1_error"])
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for norm, points in sorted(by_norm.items()):
         batches = sorted(points, reverse=True)

@@ -4,7 +4,7 @@
 # and relaunching skips finished runs and resumes the others:
 #   bash scripts/fashion_study.sh                       # two one-thread jobs side by side
 #   LAUNCHER=slurm bash scripts/fashion_study.sh        # on a cluster (configs/hydra/launcher)
-# then: python scripts/study_report.py. About 2 hours on 2 CPU cores (72 + 15 + 1 runs).
+# then: python scripts/study_report.py. About 3 hours on 2 CPU cores (73 runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

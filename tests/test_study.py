@@ -93,3 +93,12 @@ def test_a_tiny_study_and_its_report(tmp_path):
     assert "GN is flat" in report and "batch 2 seed 0" in report
     probes = [json.loads(line) for line in (runs / "bn-b32-s0" / "probes.jsonl").read_text().splitlines()]
     assert {r["step"] for r in probes} == {1, 3, 6}
+
+
+def test_a_run_that_diverges_is_recorded_and_the_sweep_goes_on(tmp_path):
+    train("-m", "experiment=fashion_study", "norm=bn,mabn", "batch=32", "seed=0", "optim.base_lr=1e30",
+          f"hydra.sweep.dir={tmp_path}", *TINY)  # both diverge: the second still runs
+    for name in ("bn-b32-s0", "mabn-b32-s0"):
+        assert (tmp_path / name / "diverged.txt").read_text().startswith("loss is"), name
+        assert not (tmp_path / name / "summary.json").exists()
+    assert set(study_report.diverged_runs(tmp_path)) == {"bn-b32-s0", "mabn-b32-s0"}

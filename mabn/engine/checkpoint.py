@@ -50,8 +50,10 @@ def load_weights_only(path: str | Path):
         with torch.serialization.safe_globals(NUMPY_STATE):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # a broken file, not a refused object: unreadable
+            raise ValueError(f"not a torch checkpoint: {str(error).strip().splitlines()[0][:120]}") from None
         raise ConfigError(f"{path} holds more than tensors and plain Python values, so it is not loaded "
-                          f"(it could run code): {str(error).strip().splitlines()[0][:200]}") from None
+                          "(it could run code): save plain state_dicts, or load it yourself if you trust it") from None
 
 
 def load_checkpoint(run_dir: str | Path) -> dict | None:
