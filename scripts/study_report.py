@@ -117,10 +117,11 @@ def plot_batches(points, path: Path) -> None:
         batches = [b for b in BATCHES if errors(points, name, b)]
         described = [describe(errors(points, name, b)) for b in batches]
         ours.errorbar(batches, [d["mean"] for d in described], yerr=[d["ci95"] for d in described],
-                      marker="o", capsize=3, label=name)
+                      marker="o", capsize=3, label=name, color=f"C{NORMS.index(name)}")
         reference = PAPER_IMAGENET.get(name, {})
         if len(reference) > 1:
-            paper.plot(sorted(reference), [reference[b] for b in sorted(reference)], "o-", label=name)
+            paper.plot(sorted(reference), [reference[b] for b in sorted(reference)], "o-", label=name,
+                       color=f"C{NORMS.index(name)}")
     for axes, title in ((ours, "Fashion-MNIST (this study): mean, 95 % interval"), (paper, "ImageNet (paper)")):
         axes.set_xscale("log", base=2)
         axes.set_xticks(BATCHES, [str(b) for b in BATCHES])
