@@ -47,7 +47,7 @@ NUMERIC_KEYS = [
         "probe.channels")),
     *((key, 0, True) for key in (
         "workers", "seed", "checkpoint_every_minutes", "optim.momentum", "optim.weight_decay", "optim.label_smoothing", "probe.every",
-        "optim.schedule.warmup_epochs", "schedule.warmup_iters")),
+        "optim.schedule.warmup_epochs", "schedule.warmup_iters", "data.max_bad_fraction")),
 ]
 
 
@@ -62,3 +62,6 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not a number: give a number {'>=' if inclusive else '>'} {bound}")
         if value < bound or (value == bound and not inclusive):
             raise ConfigError(f"{key}={value} is out of range: it must be {'>=' if inclusive else '>'} {bound}")
+    fraction = OmegaConf.select(cfg, "data.max_bad_fraction", default=None)
+    if fraction is not None and fraction >= 1:
+        raise ConfigError(f"data.max_bad_fraction={fraction} is out of range: it must be < 1")

@@ -21,7 +21,7 @@ import torch
 
 import mabn
 from mabn.models import build_classifier
-from report import machine, publish
+from report import describe, machine, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
 CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("bn (not folded)", "bn", False),
@@ -74,19 +74,13 @@ def main(argv=None):
         lines.append(f"| {label} | {value:.2f} | {value / base:.2f} | {paper} |")
     # paired by round: the time of BN folded over MABN folded in the same round, with its t-interval
     paired = [b / m for b, m in zip(times["bn folded"], times["mabn folded"])]
-    mean = statistics.fmean(paired)
-    half = (t_quantile(len(paired)) * statistics.stdev(paired) / len(paired) ** 0.5) if len(paired) > 1 else float("nan")
+    ratio = describe(paired)
+    mean, half = ratio["mean"], ratio["ci95"]
     lines += ["", f"MABN folded runs at {mean:.3f}x the speed of BN folded (95 % interval of the per-round ratio "
               f"{mean - half:.3f}-{mean + half:.3f}; the authors: 1.00); GN, LN and IN at "
               + ", ".join(f"{speed[k] / base:.2f}x" for k in ("gn", "ln", "in"))
               + " (the authors: 0.42x, 0.53x, 0.44x)."]
     publish("\n".join(lines), args.out)
-
-
-def t_quantile(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Shared by the benchmark and results scripts: where a benchmark ran, and printing a
-markdown report that is also written to ``--out``."""
+"""Shared by the benchmark and results scripts: where a benchmark ran, a mean with its
+interval, and printing a markdown report that is also written to ``--out``."""
 
 from __future__ import annotations
 
+import math
 import platform
+import statistics
 from pathlib import Path
 
 import torch
+from scipy import stats as scipy_stats
 
 
 def machine(device: str) -> str:
@@ -14,6 +17,15 @@ def machine(device: str) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def describe(values: list[float]) -> dict:
+    """Mean, sample standard deviation, n and the half-width of the 95 % t-interval of the mean."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else math.nan
+    half = scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "ci95": half}
 
 
 def publish(text: str, out: Path | None) -> None:

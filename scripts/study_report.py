@@ -7,7 +7,8 @@ run folders (what ``bash scripts/fashion_study.sh`` wrote):
 Writes ``fashion_study.md/.png`` (top-1 error vs normalization batch, mean and 95 % interval
 over seeds), ``fashion_ablation.md`` (MABN's components at normalization batch 2),
 ``fashion_probes.md/.png`` (the four batch statistics: trajectories and noise by
-normalization batch) and ``REPORT.md`` (each claim of the paper with this study's
+normalization batch), ``fashion_diagnostics.md`` (runs with their own ``norm.label``, if any)
+and ``REPORT.md`` (each claim of the paper with this study's
 difference and interval; the inference-cost table of ``bench_inference.py`` if present).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from scipy import stats as scipy_stats
 
 from collect_results import PAPER_IMAGENET, load_summaries
-from report import publish
+from report import describe, publish
 
 BATCHES = (32, 16, 8, 4, 2, 1)
 NORMS = ("bn", "brn", "gn", "mabn")
@@ -40,15 +41,6 @@ FORWARD, BACKWARD = ("mu", "sigma2"), ("g", "psi")
 
 
 # -- statistics ------------------------------------------------------------------------
-def describe(values: list[float]) -> dict:
-    """Mean, sample standard deviation, n and the half-width of the 95 % t-interval of the mean."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if n > 1 else math.nan
-    half = scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "std": std, "n": n, "ci95": half}
-
-
 def difference(a: list[float], b: list[float]) -> dict:
     """Mean of a minus mean of b with Welch's 95 % interval."""
     diff = statistics.fmean(a) - statistics.fmean(b)
@@ -149,6 +141,20 @@ def ablation_table(points) -> str:
         if values:
             delta = fmt_diff(difference(values, full)) if full and name != "mabn" else "-"
             lines.append(f"| {name}@{batch}: {text} | {fmt(describe(values))} | {delta} |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(points, base_norm: dict[str, str]) -> str | None:
+    """Runs that are neither a norm of the curve nor an ablation (e.g. ``+norm.label=brn_ref60k``),
+    each beside its base norm at the same normalization batch; None when there are none."""
+    rows = sorted(p for p in points if p[0] not in NORMS and p[0] not in ABLATIONS)
+    if not rows:
+        return None
+    lines = ["| diagnostic run | top-1 error | minus its base norm at the same batch [95 %] |", "|---|---|---|"]
+    for name, batch in rows:
+        values, base = errors(points, name, batch), errors(points, base_norm[name], batch)
+        delta = f"{base_norm[name]}@{batch}: {fmt_diff(difference(values, base))}" if base else "-"
+        lines.append(f"| {name}@{batch} | {fmt(describe(values))} | {delta} |")
     return "\n".join(lines)
 
 
@@ -316,6 +322,10 @@ def main(argv=None) -> None:
                 "from the BN run at normalization batch 32, seed 0:\n\n" + probe_table(noise),
                 args.results / "fashion_probes.md")
         plot_probes(probe_runs, noise, args.results / "fashion_probes.png")
+    diagnostics = diagnostics_table(points, {label(s): s["norm"] for s in summaries})
+    if diagnostics:
+        publish("Diagnostic runs (top-1 error %, mean ± 95 % half-width; difference to the base norm with "
+                "Welch's 95 % interval).\n\n" + diagnostics, args.results / "fashion_diagnostics.md")
     inference_path = args.results / "bench_inference_cpu.md"
     inference = inference_path.read_text().strip().split("\n\n")[-1] if inference_path.is_file() else None
     notes = args.results / "REPORT_notes.md"
@@ -330,6 +340,8 @@ def main(argv=None) -> None:
         (args.results / "fashion_study.md").read_text(),
         "## Ablation at normalization batch 2 (fashion_ablation.md)", "",
         (args.results / "fashion_ablation.md").read_text()]
+    if diagnostics:
+        report += ["## Diagnostic runs (fashion_diagnostics.md)", "", (args.results / "fashion_diagnostics.md").read_text()]
     if noise:
         report += ["## Batch statistics (fashion_probes.md, fashion_probes.png)", "",
                    (args.results / "fashion_probes.md").read_text()]

@@ -3,6 +3,7 @@
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mabn.data import fashion_mnist
-from mabn.data.coco import coco_dataset, coco_split_paths, collate_detection, num_classes
+from mabn.data.coco import CocoInstances, coco_dataset, coco_split_paths, collate_detection, num_classes
+from mabn.data.faults import TooManyBadImages
 from mabn.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from mabn.data.imagenet import Lighting, imagenet_datasets
 from mabn.data.scenes import generate_fashion_scenes
@@ -192,6 +194,67 @@ def test_imagenet_missing_layout_error(tmp_path):
     assert str(tmp_path / "val") in message and "data.root=/path/to/imagenet" in message
 
 
+@pytest.fixture
+def faulty_imagenet(imagenet_root, tmp_path):
+    """A copy of the tiny ImageNet folder with one undecodable JPEG in each split."""
+    root = tmp_path / "imagenet"
+    shutil.copytree(imagenet_root, root)
+    for split in ("train", "val"):
+        (root / split / "n01440764" / "n01440764_1.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_an_unreadable_image_is_reported_once_and_replaced_by_the_next_readable_one(faulty_imagenet, capsys):
+    train, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.25)  # 1 of 4 allowed
+    bad_path = str(faulty_imagenet / "val" / "n01440764" / "n01440764_1.JPEG")
+    assert val.image_path(1) == bad_path
+    for _ in range(2):
+        image, label = val[1]
+        assert torch.equal(image, val[2][0]) and label == val[2][1] == 1  # the next readable sample
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and bad_path in warnings[0] and "1 unreadable so far, 1 allowed" in warnings[0]
+    assert val.bad_images == {1: bad_path}
+    torch.manual_seed(0)
+    first = train[1]
+    torch.manual_seed(0)
+    assert torch.equal(first[0], train[2][0])  # deterministic: the same draws as the replacement's own
+
+
+def test_more_unreadable_images_than_allowed_stop_with_one_line_also_from_a_loader_worker(faulty_imagenet):
+    _, val = imagenet_datasets(faulty_imagenet)  # default fraction 0.001: none of 4 allowed
+    message = "1 of 4 images cannot be read (e.g. {}): more than data.max_bad_fraction=0.001 allows"
+    with pytest.raises(TooManyBadImages) as excinfo:
+        val[1]
+    assert one_line(excinfo).startswith(message.format(val.image_path(1)))
+    loader = torch.utils.data.DataLoader(imagenet_datasets(faulty_imagenet)[1], batch_size=2, num_workers=1)
+    with pytest.raises(TooManyBadImages) as excinfo:
+        list(loader)
+    assert one_line(excinfo).startswith(message.format(val.image_path(1)))
+
+
+def test_an_image_listed_but_absent_is_replaced_like_an_unreadable_one(imagenet_root, tmp_path, capsys):
+    shutil.copytree(imagenet_root, tmp_path / "imagenet")
+    _, val = imagenet_datasets(tmp_path / "imagenet", max_bad_fraction=0.25)
+    (tmp_path / "imagenet" / "val" / "n01443537" / "n01443537_1.JPEG").unlink()
+    assert torch.equal(val[3][0], val[0][0])  # the last one wraps around to the first
+    assert "No such file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fault,message", [
+    (lambda root: shutil.rmtree(root / "val" / "n01443537"),
+     "ImageNet train and val have different class folders (only in train: ['n01443537'], only in val: [])"),
+    (lambda root: [p.unlink() for p in (root / "train" / "n01443537").iterdir()],
+     "train: Found no valid file for the classes n01443537."),
+])
+def test_a_missing_or_empty_class_folder_is_one_line(fault, message, imagenet_root, tmp_path):
+    root = tmp_path / "imagenet"
+    shutil.copytree(imagenet_root, root)
+    fault(root)
+    with pytest.raises(FileNotFoundError) as excinfo:
+        imagenet_datasets(root)
+    assert message in one_line(excinfo)
+
+
 def test_lighting_adds_one_rgb_offset_per_image():
     torch.manual_seed(0)
     image = torch.rand(3, 5, 7)
@@ -339,6 +402,26 @@ def test_coco_split_paths_layouts_and_error(tmp_path):
         coco_split_paths(tmp_path, "test")
     message = one_line(excinfo)
     assert "instances_test2017.json" in message and "data.root=/path/to/coco" in message
+
+
+def test_an_annotation_file_that_does_not_parse_is_one_line_naming_it(tmp_path):
+    (tmp_path / "broken.json").write_text('{"images": [')
+    with pytest.raises(ValueError) as excinfo:
+        CocoInstances(tmp_path, tmp_path / "broken.json", train=False)
+    assert one_line(excinfo).startswith(f"annotation file {tmp_path / 'broken.json'} is not COCO-format json")
+
+
+@needs_debian
+def test_a_coco_image_listed_but_absent_is_replaced_by_the_next_one(scenes, tmp_path, capsys):
+    image_dir, annotation_json = coco_split_paths(scenes.parent.parent, "val")
+    shutil.copytree(image_dir, tmp_path / "val")
+    val = coco_dataset(tmp_path / "val", annotation_json, train=False, max_bad_fraction=0.2)
+    Path(val.image_path(2)).unlink()
+    assert val[2][1]["image_id"] == val[3][1]["image_id"] == val.ids[3]
+    assert val.image_path(2) in capsys.readouterr().out
+    Path(val.image_path(5)).write_bytes(b"truncated")
+    with pytest.raises(TooManyBadImages, match="2 of 8 images cannot be read"):
+        val[5]
 
 
 @needs_debian

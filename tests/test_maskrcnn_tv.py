@@ -7,6 +7,7 @@ from torch import nn
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
+from mabn.config import ConfigError
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn
 
 NORM_TYPES = (
@@ -176,6 +177,17 @@ def test_backbone_weights_wrong_architecture(tmp_path):
     path = tmp_path / "r50.pt"
     torch.save(torchvision.models.resnet50().state_dict(), path)
     with pytest.raises(ValueError, match="shape mismatch"):
+        build_maskrcnn(11, nn.BatchNorm2d, backbone="resnet18", backbone_weights=str(path))
+
+
+class Payload:
+    """Stands for anything a pickle could construct (and run code while doing so)."""
+
+
+def test_backbone_weights_that_are_more_than_tensors_are_refused_with_one_line(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": torchvision.models.resnet18().state_dict(), "extra": Payload()}, path)
+    with pytest.raises(ConfigError, match=f"{path} holds more than tensors and plain Python values, so it is not loaded"):
         build_maskrcnn(11, nn.BatchNorm2d, backbone="resnet18", backbone_weights=str(path))
 
 

@@ -14,13 +14,14 @@ from run_files import read_summary
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import study_report  # noqa: E402
+from report import describe  # noqa: E402
 
 
 def test_describe_gives_mean_sample_std_and_the_t_interval():
-    d = study_report.describe([1.0, 2.0, 3.0])
+    d = describe([1.0, 2.0, 3.0])
     assert d["mean"] == 2.0 and d["std"] == 1.0 and d["n"] == 3
     assert d["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) * s / sqrt(n)
-    assert math.isnan(study_report.describe([5.0])["ci95"])
+    assert math.isnan(describe([5.0])["ci95"])
 
 
 def test_difference_is_welchs_interval():
@@ -73,6 +74,8 @@ def test_a_tiny_study_and_its_report(tmp_path):
     train("-m", "hydra/launcher=local_parallel", "experiment=fashion_study", "norm=bn,mabn", "batch=2,32", "seed=0,1", *sweep)
     train("-m", "experiment=fashion_study", "norm=gn", "norm.options.num_groups=8", "batch=32,2", "seed=0", *sweep)
     train("-m", "experiment=fashion_ablation", "norm=mabn_no_renorm", "seed=0,1", *sweep)
+    train("-m", "experiment=fashion_study", "norm=mabn", "batch=2", "seed=0,1", "norm.schedule_reference_steps=null",
+          "+norm.label=mabn_unscaled", *sweep)  # a diagnostic run
     # the schedules scale with the run (6 steps of the paper's 600000) and GN ignores the batch
     mabn = read_summary(runs / "mabn-b2-s0")
     assert mabn["norm_schedule"] == {"MABN2d": {"warmup_iters": 1, "renorm_warmup_iters": 1}}
@@ -82,15 +85,17 @@ def test_a_tiny_study_and_its_report(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("fashion_study.md", "fashion_study.png", "fashion_ablation.md", "fashion_probes.md",
-                 "fashion_probes.png", "REPORT.md"):
+                 "fashion_probes.png", "fashion_diagnostics.md", "REPORT.md"):
         assert (results / name).is_file(), name
     errors = [read_summary(runs / f"bn-b2-s{seed}")["top1_error"] for seed in (0, 1)]
-    expected = study_report.describe(errors)
+    expected = describe(errors)
     row = next(line for line in (results / "fashion_study.md").read_text().splitlines() if line.startswith("| bn |"))
     assert f"{expected['mean']:.2f} ± {expected['ci95']:.2f}" in row.split("|")[6]  # the batch-2 column
     report = (results / "REPORT.md").read_text()
     assert "MABN at 2 is within noise of BN at 32" in report and "mabn_no_renorm@2" in report
     assert "GN is flat" in report and "batch 2 seed 0" in report
+    diagnostic = next(line for line in report.splitlines() if line.startswith("| mabn_unscaled@2 |"))
+    assert "mabn@2: " in diagnostic and "mabn_unscaled" not in (results / "fashion_study.md").read_text()
     probes = [json.loads(line) for line in (runs / "bn-b32-s0" / "probes.jsonl").read_text().splitlines()]
     assert {r["step"] for r in probes} == {1, 3, 6}
 

@@ -5,9 +5,11 @@ import glob
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from hydra_configs import ROOT, base_norms, compose_config, group_options
 from mabn.config import ConfigError
@@ -68,6 +70,19 @@ def final_state(run_dir):
     return torch.load(run_dir / "model_final.pt", weights_only=True)
 
 
+def test_the_same_command_twice_gives_the_same_summary_and_weights(tmp_path):
+    # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU
+    overrides = ["norm=mabn", "batch=2", "per_device_batch=8", "data.train_samples_limit=128",
+                 "data.val_samples_limit=64", "model.options.widths=[8,16,16,16]", "epochs=1", "workers=2"]
+    for run in ("a", "b"):
+        assert cli(*overrides, f"hydra.run.dir={tmp_path / run}").returncode == 0
+    a, b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
+    assert (a["top1_error"], a["top5_error"]) == (b["top1_error"], b["top5_error"])
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    for key, value in final_state(tmp_path / "a").items():
+        assert torch.equal(value, final_state(tmp_path / "b")[key]), key
+
+
 @pytest.mark.parametrize("norm", ["mabn", "bn"])
 def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_run(norm, tmp_path):
     # Fashion-MNIST with random crops and flips, 32 images / batch 8 = 4 steps per epoch,
@@ -103,6 +118,43 @@ def test_bad_input_fails_with_one_line_naming_the_fix(overrides, message, tmp_pa
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def imagenet_folder(root, bad_train_images: int):
+    """A tiny ImageNet layout (2 classes, 8 train and 4 val JPEGs) with some undecodable train files."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / split / wnid / f"{i}.JPEG")
+    bad = sorted((root / "train").glob("*/*.JPEG"))[:bad_train_images]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])  # a copy cut short: the header parses, the pixels do not
+    return bad
+
+
+IMAGENET = ["data=imagenet", "model.options.widths=[8,8,8,8]", "per_device_batch=4", "batch=2", "workers=2",
+            "epochs=1", "log_every_steps=1"]
+
+
+def test_a_dataset_with_an_unreadable_image_trains_and_reports_it(tmp_path):
+    bad = imagenet_folder(tmp_path / "imagenet", bad_train_images=1)
+    result = cli(*IMAGENET, f"data.root={tmp_path / 'imagenet'}", "data.max_bad_fraction=0.2",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"warning: cannot read image {bad[0]}" in result.stdout
+    assert read_summary(tmp_path / "run")["steps"] == 2
+
+
+def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path):
+    bad = imagenet_folder(tmp_path / "imagenet", bad_train_images=2)
+    result = cli(*IMAGENET, f"data.root={tmp_path / 'imagenet'}", "data.max_bad_fraction=0.1",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 8 images cannot be read (e.g. ") and str(bad[0].parent) in last, result.stderr
+    assert "more than data.max_bad_fraction=0.1 allows" in last and "Traceback" not in result.stderr
 
 
 def test_unknown_norm_group_lists_the_available_ones(tmp_path):

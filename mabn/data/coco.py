@@ -1,11 +1,14 @@
 """COCO instance segmentation datasets for torchvision's Mask R-CNN (CocoDetection + transforms v2)."""
 
+import json
 from pathlib import Path
 
 import torch
 from pycocotools.coco import COCO
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
+
+from .faults import DEFAULT_MAX_BAD_FRACTION, SkipUnreadable
 
 TARGET_KEYS = {"boxes", "labels", "masks", "image_id"}
 
@@ -27,18 +30,27 @@ class CocoInstances(CocoDetection):
     """CocoDetection without crowd regions (ignore areas, not instances); `train` skips images left empty."""
 
     def __init__(self, image_dir: str | Path, annotation_json: str | Path, train: bool, transforms=None):
-        super().__init__(str(image_dir), str(annotation_json), transforms=transforms)
+        try:
+            super().__init__(str(image_dir), str(annotation_json), transforms=transforms)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"annotation file {annotation_json} is not COCO-format json ({type(error).__name__}: "
+                             f"{str(error).strip()[:120]}): fix or regenerate it") from None
         if train:
             self.ids = [i for i in self.ids if self._load_target(i)]
+
+    def image_path(self, index: int) -> str:
+        return str(Path(self.root, self.coco.loadImgs(self.ids[index])[0]["file_name"]))
 
     def _load_target(self, id: int) -> list[dict]:
         return [a for a in super()._load_target(id) if not a.get("iscrowd", 0)]
 
 
-def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool):
+def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
     """(float image [3, H, W] in [0, 1], {boxes xyxy, labels = category ids, masks, image_id}) samples.
 
-    Training adds a random horizontal flip; `.coco` is the pycocotools ground truth.
+    Training adds a random horizontal flip; `.coco` is the pycocotools ground truth. An
+    unreadable or absent image is replaced by the next readable one (``faults``).
     """
     augmentation = [v2.RandomHorizontalFlip()] if train else []
     transforms = v2.Compose([
@@ -47,9 +59,8 @@ def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool
         v2.ToDtype(torch.float32, scale=True),
         v2.SanitizeBoundingBoxes(),
     ])
-    return wrap_dataset_for_transforms_v2(
-        CocoInstances(image_dir, annotation_json, train, transforms=transforms), target_keys=TARGET_KEYS
-    )
+    instances = CocoInstances(image_dir, annotation_json, train, transforms=transforms)
+    return SkipUnreadable(wrap_dataset_for_transforms_v2(instances, target_keys=TARGET_KEYS), max_bad_fraction)
 
 
 def num_classes(coco: COCO) -> int:

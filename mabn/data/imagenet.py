@@ -8,6 +8,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from .faults import DEFAULT_MAX_BAD_FRACTION, SkipUnreadable
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 # PCA of ImageNet RGB pixels on the [0, 1] scale (AlexNet / fb.resnet.torch).
@@ -67,8 +69,27 @@ def val_transform() -> v2.Compose:
     ])
 
 
-def imagenet_datasets(root: str | Path) -> tuple[ImageFolder, ImageFolder]:
-    """(train, val) ImageFolders from root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG."""
+class ImageFiles(ImageFolder):
+    """An ImageFolder that names its files (for ``faults.SkipUnreadable``)."""
+
+    def image_path(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+def image_files(folder: Path, transform) -> ImageFiles:
+    """ImageFiles of ``folder``; no class folder, or an empty one, is a one-line error."""
+    try:
+        return ImageFiles(folder, transform=transform)
+    except FileNotFoundError as error:  # torchvision's message names the classes, not the folder
+        raise FileNotFoundError(f"{folder}: {str(error).strip()} Every <wnid> folder needs images; "
+                                "remove empty ones from both splits") from None
+
+
+def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+                      ) -> tuple[SkipUnreadable, SkipUnreadable]:
+    """(train, val) image folders from root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG,
+    with the same classes (a missing or empty class folder is an error); an unreadable image
+    is replaced by the next readable one, up to ``max_bad_fraction`` (``faults``)."""
     root = Path(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -76,7 +97,10 @@ def imagenet_datasets(root: str | Path) -> tuple[ImageFolder, ImageFolder]:
                 f"ImageNet folder {root / split} missing: expected {root}/train/<wnid>/*.JPEG and "
                 f"{root}/val/<wnid>/*.JPEG; set data.root=/path/to/imagenet"
             )
-    return (
-        ImageFolder(root / "train", transform=train_transform()),
-        ImageFolder(root / "val", transform=val_transform()),
-    )
+    train, val = image_files(root / "train", train_transform()), image_files(root / "val", val_transform())
+    if train.classes != val.classes:
+        only = lambda a, b: sorted(set(a.classes) - set(b.classes))[:3]
+        raise FileNotFoundError(
+            f"ImageNet train and val have different class folders (only in train: {only(train, val)}, "
+            f"only in val: {only(val, train)}): give both splits the same <wnid> folders")
+    return SkipUnreadable(train, max_bad_fraction), SkipUnreadable(val, max_bad_fraction)

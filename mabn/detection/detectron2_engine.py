@@ -70,6 +70,7 @@ from ..engine.loggers import RunLogger  # noqa: E402
 from ..engine.run import load_run_checkpoint, wandb_options  # noqa: E402
 from ..engine.training import (Preemption, build_sgd, check_finite, check_finite_weights,  # noqa: E402
                                unwrap)
+from ..serialization import load_weights_only  # noqa: E402
 
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 # torchvision's ImageNet normalization on the 0-255 scale (RGB), as train_imagenet.py's data
@@ -303,7 +304,7 @@ def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
     """Load ImageNet ResNet weights (see ``detectron2_resnet_state``) into detectron2's ResNet."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    state, ignored = detectron2_resnet_state(ckpt.load_weights_only(path))
+    state, ignored = detectron2_resnet_state(load_weights_only(path))
     own = bottom_up.state_dict()
     plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
     wrong = [f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}" for k, v in state.items()

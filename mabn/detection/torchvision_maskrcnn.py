@@ -1,11 +1,9 @@
 """Mask R-CNN R-FPN from torchvision pieces, with a pluggable norm layer everywhere the paper puts one."""
 
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
@@ -13,6 +11,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..serialization import load_weights_only
 
 TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.resnet18,
@@ -71,11 +71,7 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
     prefixed by "module."/"model.") into the FPN body; its `fc` is dropped."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    try:  # weights only: opening a file from elsewhere must not run code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"weights={path} holds more than tensors and plain values, so it is not loaded "
-                         "(it could run code): save a state_dict") from None
+    state = load_weights_only(path)
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]

@@ -4,7 +4,6 @@ code (``weights_only``), and the RNG states that exact resume needs."""
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -13,11 +12,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..serialization import load_weights_only
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
-# what our checkpoints hold besides tensors and plain values: numpy's RNG state (a uint32 array)
-NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
-               type(np.dtype(np.uint32))]
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
@@ -40,20 +37,6 @@ def save_atomic(obj, path: str | Path, keep_previous: bool = False) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def load_weights_only(path: str | Path):
-    """``torch.load`` with ``weights_only=True``: tensors, plain values and numpy's RNG state
-    only, so opening a file from elsewhere runs no code. A file that needs more is refused
-    with one line."""
-    try:
-        with torch.serialization.safe_globals(NUMPY_STATE):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # a broken file, not a refused object: unreadable
-            raise ValueError(f"not a torch checkpoint: {str(error).strip().splitlines()[0][:120]}") from None
-        raise ConfigError(f"{path} holds more than tensors and plain Python values, so it is not loaded "
-                          "(it could run code): save plain state_dicts, or load it yourself if you trust it") from None
 
 
 def load_checkpoint(run_dir: str | Path) -> dict | None:

@@ -21,7 +21,7 @@ def build_datasets(data_cfg):
     if data_cfg.name == "imagenet":
         if not data_cfg.root:
             raise FileNotFoundError("data=imagenet needs data.root=/path/to/imagenet (with train/ and val/)")
-        train, val = imagenet_datasets(data_cfg.root)
+        train, val = imagenet_datasets(data_cfg.root, data_cfg.max_bad_fraction)
         return train, val, len(train.classes), 3
     if data_cfg.name == "fashion_mnist":
         train = FashionMNIST(data_cfg.root, train=True, augment=data_cfg.augment)

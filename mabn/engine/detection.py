@@ -65,8 +65,8 @@ class DetectionRun(TrainingRun):
         cfg = self.cfg
         check_start(cfg)
         (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, self.env.is_main)
-        train_set = coco_dataset(train_images, train_json, train=True)
-        val_set = coco_dataset(val_images, val_json, train=False)
+        train_set = coco_dataset(train_images, train_json, True, cfg.data.max_bad_fraction)
+        val_set = coco_dataset(val_images, val_json, False, cfg.data.max_bad_fraction)
         self.coco_gt = val_set.coco
         limit = cfg.data.val_images_limit
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
@@ -100,16 +100,18 @@ class DetectionRun(TrainingRun):
         self.model.eval()
         sampler = EpochSampler(len(self.val_set), self.per_device_batch, False, 0,
                                self.env.rank, self.env.world_size, drop_last=False)
-        results = []
+        detections = {}  # image id -> its detections (an unreadable image's stand-in appears twice)
         for images, targets in self.loader(self.val_set, sampler):
             with torch.autocast(self.env.device.type, enabled=self.amp):
                 outputs = self.model([image.to(self.env.device) for image in images])
-            outputs = [{k: v.float().cpu() for k, v in output.items()} for output in outputs]
-            results += detections_to_coco(outputs, [t["image_id"] for t in targets])
+            for output, target in zip(outputs, targets):
+                output = {k: v.float().cpu() for k, v in output.items()}
+                detections.setdefault(int(target["image_id"]), detections_to_coco([output], [target["image_id"]]))
         if dist.is_initialized():
             gathered = [None] * self.env.world_size
-            dist.all_gather_object(gathered, results)
-            results = [r for part in gathered for r in part]
+            dist.all_gather_object(gathered, detections)
+            detections = {k: v for part in gathered for k, v in part.items()}
+        results = [r for image_results in detections.values() for r in image_results]
         self.model.train()
         return {f"eval/{k}": v for k, v in evaluate_coco(self.coco_gt, results, img_ids=self.val_ids).items()}
 

@@ -172,42 +172,41 @@ class TrainingRun:
         cfg = self.cfg
         self.model.train()
         metrics = {}
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
-                        desc=cfg.run_name, mininterval=5, dynamic_ncols=True)
-        last_save = time.monotonic()
-        while self.step < self.total_steps:
-            epoch, start_batch = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch, start_batch)
-            self.train_set.set_epoch(epoch)
-            tic, images_seen = time.perf_counter(), 0
-            for batch in self.loader(self.train_set, self.sampler):
-                if self.probe:
-                    self.probe.step(self.step + 1)
-                loss, extras = self.train_step(batch)
-                self.write_probe_records()
-                images_seen += self.per_device_batch * self.env.world_size
-                progress.update()
-                if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
-                    self.images_per_second = images_seen / (time.perf_counter() - tic)
-                    logger.log({"train/loss": loss.item(), **{k: float(v) for k, v in extras.items()}, "train/lr": self.scheduler.get_last_lr()[0],
-                                "train/images_per_second": self.images_per_second, "epoch": epoch}, self.step)
-                    progress.set_postfix(loss=f"{loss.item():.3f}")
-                if cfg.debug.preempt_at_step == self.step:
-                    preemption.signum = signal.SIGTERM
-                if preemption.requested(self.env.device):
-                    self.save()
-                    preemption.stop()
-                if self.step == self.total_steps or self.evaluation_due():
-                    metrics = self.evaluate()
-                    logger.log(metrics, self.step)
-                    self.save()
-                    last_save = time.monotonic()
-                elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_minutes:
-                    self.save()
-                    last_save = time.monotonic()
-                if self.step == self.total_steps:
-                    break
-        progress.close()
+        with tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
+                  desc=cfg.run_name, mininterval=5, dynamic_ncols=True) as progress:  # closed on errors too
+            last_save = time.monotonic()
+            while self.step < self.total_steps:
+                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, start_batch)
+                self.train_set.set_epoch(epoch)
+                tic, images_seen = time.perf_counter(), 0
+                for batch in self.loader(self.train_set, self.sampler):
+                    if self.probe:
+                        self.probe.step(self.step + 1)
+                    loss, extras = self.train_step(batch)
+                    self.write_probe_records()
+                    images_seen += self.per_device_batch * self.env.world_size
+                    progress.update()
+                    if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                        self.images_per_second = images_seen / (time.perf_counter() - tic)
+                        logger.log({"train/loss": loss.item(), **{k: float(v) for k, v in extras.items()}, "train/lr": self.scheduler.get_last_lr()[0],
+                                    "train/images_per_second": self.images_per_second, "epoch": epoch}, self.step)
+                        progress.set_postfix(loss=f"{loss.item():.3f}")
+                    if cfg.debug.preempt_at_step == self.step:
+                        preemption.signum = signal.SIGTERM
+                    if preemption.requested(self.env.device):
+                        self.save()
+                        preemption.stop()
+                    if self.step == self.total_steps or self.evaluation_due():
+                        metrics = self.evaluate()
+                        logger.log(metrics, self.step)
+                        self.save()
+                        last_save = time.monotonic()
+                    elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_minutes:
+                        self.save()
+                        last_save = time.monotonic()
+                    if self.step == self.total_steps:
+                        break
         return metrics or self.evaluate()
 
 
