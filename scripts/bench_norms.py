@@ -1,5 +1,7 @@
 """Forward+backward time of each norm on ResNet-50 layer shapes, as a ratio to nn.BatchNorm2d
-measured in the same run (round-robin, median of repeats, so machine noise hits all alike).
+measured in the same run (round-robin, median of repeats, so machine noise hits all alike):
+one ratio per shape, their geometric mean and maximum, and what each layer saves for its
+backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
 
     python scripts/bench_norms.py                       # ResNet-50 shapes, batch 32
     python scripts/bench_norms.py --out results/bench_norms_cpu.md
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import statistics
 import sys
 import time
@@ -31,6 +34,7 @@ BATCH_NORMS = ("bn", "brn", "mabn")
 def cases(norms, normalization_batches, authors):
     """(label, factory(channels)) for every benchmarked layer; the baseline comes first."""
     yield "nn.BatchNorm2d", nn.BatchNorm2d
+    yield "nn.BatchNorm2d (again: the noise floor)", nn.BatchNorm2d
     for name in norms:
         for nb in normalization_batches if name in BATCH_NORMS else [None]:
             label = f"{name} (norm. batch {nb})" if nb else name
@@ -56,42 +60,68 @@ def step(layer, x, dy):
         torch.cuda.synchronize()
 
 
+def saved_bytes(layer, x, dy) -> int:
+    """Bytes of the tensors the layer saves for its backward (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    out.backward(dy)
+    return sum(storages.values())
+
+
 def benchmark(shapes, batch, layers, repeats, device):
-    """Median seconds per shape, summed over shapes, for each label."""
-    totals = dict.fromkeys(layers, 0.0)
+    """({label: median seconds per shape}, {label: saved bytes per shape / bytes of x})."""
+    times = {label: [] for label in layers}
+    saved = {label: [] for label in layers}
     for channels, height, width in shapes:
         x = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
         dy = torch.randn_like(x)
         built = {label: factory(channels).to(device).train() for label, factory in layers.items()}
-        for layer in built.values():
-            step(layer, x, dy)  # warm-up
-        times = {label: [] for label in built}
+        for label, layer in built.items():
+            saved[label].append(saved_bytes(layer, x, dy) / (x.numel() * x.element_size()))  # also the warm-up
+        samples = {label: [] for label in built}
         for repeat in range(repeats):
             order = list(built)
             order = order[repeat % len(order):] + order[:repeat % len(order)]
             for label in order:
                 start = time.perf_counter()
                 step(built[label], x, dy)
-                times[label].append(time.perf_counter() - start)
-        for label, values in times.items():
-            totals[label] += statistics.median(values)
-    return totals
+                samples[label].append(time.perf_counter() - start)
+        for label, values in samples.items():
+            times[label].append(statistics.median(values))
+    return times, saved
 
 
-def table(totals, title):
-    baseline = totals["nn.BatchNorm2d"]
-    lines = [title, "", "| layer | fwd+bwd ms (sum over shapes) | ratio to nn.BatchNorm2d |", "|---|---|---|"]
-    for label, seconds in totals.items():
-        lines.append(f"| {label} | {seconds * 1000:.1f} | {seconds / baseline:.2f} |")
+def geometric_mean(values) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def table(times, saved, shapes, title):
+    """Per-shape ratios to nn.BatchNorm2d, their geometric mean and maximum, saved memory."""
+    base = times["nn.BatchNorm2d"]
+    header = " | ".join(f"{c}x{h}x{w}" for c, h, w in shapes)
+    lines = [title, "", f"| layer | {header} | geomean | max | total ms | saved / x (max over shapes) |",
+             "|---" * (len(shapes) + 5) + "|"]
+    for label, seconds in times.items():
+        ratios = [t / b for t, b in zip(seconds, base)]
+        lines.append(f"| {label} | " + " | ".join(f"{r:.2f}" for r in ratios)
+                     + f" | {geometric_mean(ratios):.2f} | {max(ratios):.2f} | {sum(seconds) * 1000:.1f} "
+                     f"| {max(saved[label]):.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="per-device batch")
-    parser.add_argument("--normalization-batches", type=int, nargs="+", default=[32, 2])
+    parser.add_argument("--normalization-batches", type=int, nargs="+", default=[32, 4, 2, 1])
     parser.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
@@ -101,11 +131,13 @@ def main(argv=None):
     authors = load_authors(args.authors_mabn) if args.authors_mabn else None
     layers = dict(cases(args.norms, args.normalization_batches, authors))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
-    totals = benchmark(shapes, args.batch, layers, args.repeats, args.device)
+    times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device)
     title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
-             f"{'quick' if args.quick else 'ResNet-50'} shapes, {machine(args.device)}, torch {torch.__version__}, "
-             f"median of {args.repeats}.\n\nCommand: `python {' '.join(sys.argv)}`")
-    publish(table(totals, title), args.out)
+             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {machine(args.device)}, "
+             f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
+             "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
+             f"Command: `python {' '.join(sys.argv)}`")
+    publish(table(times, saved, shapes, title), args.out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 own layer where the definition is torch's (BN)."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,3 +309,18 @@ def test_inductor_compiles_mabn_without_graph_breaks_and_matches_eager():
     """The default backend (inductor, C++ on CPU) on the layer with a custom backward and
     window buffers advanced in forward and backward."""
     assert_compiled_training_matches_eager("mabn", fullgraph=True)
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+@pytest.mark.parametrize("normalization_batch", [32, 2, 1])
+def test_the_backward_saves_x_and_per_channel_values_only(name, normalization_batch):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from bench_norms import saved_bytes
+
+    channels, groups = 16, 32 // normalization_batch
+    x = torch.randn(32, channels, 12, 12, requires_grad=True)
+    layer = mabn.norm_layer(name, normalization_batch=normalization_batch)(channels)
+    per_channel = channels * 4  # bytes of one fp32 value per channel
+    window = 2 * layer.sma_window * per_channel if name == "mabn" else 0
+    extra = saved_bytes(layer, x, torch.randn_like(x)) - x.numel() * x.element_size()
+    assert 0 <= extra <= 8 * groups * per_channel + window
