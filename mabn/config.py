@@ -10,6 +10,12 @@ class ConfigError(ValueError):
     """Bad user input; the entry points print it as one line, without a traceback."""
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message, at most ``limit`` characters (for one-line reports)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def _divide(numerator: int, denominator: int) -> int:
     if denominator <= 0 or numerator % denominator:
         raise ConfigError(f"{numerator} is not divisible by {denominator}: choose batch among the divisors "
@@ -62,6 +68,7 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not a number: give a number {'>=' if inclusive else '>'} {bound}")
         if value < bound or (value == bound and not inclusive):
             raise ConfigError(f"{key}={value} is out of range: it must be {'>=' if inclusive else '>'} {bound}")
-    fraction = OmegaConf.select(cfg, "data.max_bad_fraction", default=None)
-    if fraction is not None and fraction >= 1:
-        raise ConfigError(f"data.max_bad_fraction={fraction} is out of range: it must be < 1")
+    if "max_bad_fraction" in cfg.get("data", {}):
+        fraction = cfg.data.max_bad_fraction
+        if fraction is None or fraction >= 1:
+            raise ConfigError(f"data.max_bad_fraction={fraction} is out of range: give a number >= 0 and < 1")

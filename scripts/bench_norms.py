@@ -61,7 +61,8 @@ def step(layer, x, dy):
 
 
 def saved_bytes(layer, x, dy) -> int:
-    """Bytes of the tensors the layer saves for its backward (each storage counted once)."""
+    """Bytes of the tensors the layer saves for its backward (each storage counted once;
+    values kept as attributes of an autograd Function's ctx are not seen)."""
     storages = {}
 
     def pack(tensor):
@@ -72,6 +73,8 @@ def saved_bytes(layer, x, dy) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = layer(x)
     out.backward(dy)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return sum(storages.values())
 
 

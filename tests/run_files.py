@@ -16,3 +16,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict:
     """Training loss by step."""
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def assert_same_run(a: Path, b: Path, keys) -> None:
+    """Two run directories hold the same result: the summary's ``keys``, the training loss of
+    every step and the final weights, bit for bit."""
+    import torch
+
+    first, second = read_summary(a), read_summary(b)
+    assert [first[k] for k in keys] == [second[k] for k in keys]
+    assert train_losses(a) == train_losses(b)
+    final = lambda run_dir: torch.load(Path(run_dir) / "model_final.pt", weights_only=True)  # noqa: E731
+    weights = final(b)
+    for key, value in final(a).items():
+        assert torch.equal(value, weights[key]), key

@@ -1,5 +1,6 @@
 """Datasets, the fashion_scenes generator and COCO evaluation, on real Fashion-MNIST and tiny generated data."""
 
+import errno
 import gzip
 import json
 import shutil
@@ -14,7 +15,7 @@ from pycocotools.coco import COCO
 
 from mabn.data import fashion_mnist
 from mabn.data.coco import CocoInstances, coco_dataset, coco_split_paths, collate_detection, num_classes
-from mabn.data.faults import TooManyBadImages
+from mabn.data.faults import SkipUnreadable, TooManyBadImages
 from mabn.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from mabn.data.imagenet import Lighting, imagenet_datasets
 from mabn.data.scenes import generate_fashion_scenes
@@ -212,7 +213,7 @@ def test_an_unreadable_image_is_reported_once_and_replaced_by_the_next_readable_
         image, label = val[1]
         assert torch.equal(image, val[2][0]) and label == val[2][1] == 1  # the next readable sample
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and bad_path in warnings[0] and "1 unreadable so far, 1 allowed" in warnings[0]
+    assert len(warnings) == 1 and bad_path in warnings[0] and "(1 unreadable so far; 1 allowed)" in warnings[0]
     assert val.bad_images == {1: bad_path}
     torch.manual_seed(0)
     first = train[1]
@@ -220,16 +221,41 @@ def test_an_unreadable_image_is_reported_once_and_replaced_by_the_next_readable_
     assert torch.equal(first[0], train[2][0])  # deterministic: the same draws as the replacement's own
 
 
-def test_more_unreadable_images_than_allowed_stop_with_one_line_also_from_a_loader_worker(faulty_imagenet):
-    _, val = imagenet_datasets(faulty_imagenet)  # default fraction 0.001: none of 4 allowed
-    message = "1 of 4 images cannot be read (e.g. {}): more than data.max_bad_fraction=0.001 allows"
-    with pytest.raises(TooManyBadImages) as excinfo:
+def test_the_record_file_reports_each_file_once_per_run(faulty_imagenet, tmp_path, capsys):
+    for _ in range(2):  # two epochs' loader processes, or a relaunch: fresh datasets, one record
+        _, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.25, record_dir=tmp_path)
         val[1]
-    assert one_line(excinfo).startswith(message.format(val.image_path(1)))
-    loader = torch.utils.data.DataLoader(imagenet_datasets(faulty_imagenet)[1], batch_size=2, num_workers=1)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"listed in {tmp_path / 'unreadable_val.txt'}" in warnings[0]
+    assert (tmp_path / "unreadable_val.txt").read_text() == val.image_path(1) + "\n"
+
+
+def test_the_limit_counts_the_bad_files_of_every_loader_worker(faulty_imagenet, tmp_path):
+    # 2 bad of 4, 1 allowed, one in each worker's share: each worker alone sees 1
+    bad = faulty_imagenet / "val" / "n01443537" / "n01443537_0.JPEG"
+    bad.write_bytes(b"not an image")
+    message = "2 of 4 images cannot be read (e.g. {}): more than data.max_bad_fraction=0.25 allows"
+    _, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.25, record_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(val, batch_size=1, num_workers=2)
     with pytest.raises(TooManyBadImages) as excinfo:
         list(loader)
-    assert one_line(excinfo).startswith(message.format(val.image_path(1)))
+    assert one_line(excinfo).startswith(message.split(" (e.g.")[0])
+    _, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.25)  # no record: the process's own count
+    with pytest.raises(TooManyBadImages) as excinfo:
+        val[1]  # its replacement, sample 2, is the second bad file
+    assert one_line(excinfo).startswith(message.format(bad))
+
+
+def test_an_io_failure_of_the_moment_is_not_a_bad_file():
+    class Flaky(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        SkipUnreadable(Flaky())[0]
 
 
 def test_an_image_listed_but_absent_is_replaced_like_an_unreadable_one(imagenet_root, tmp_path, capsys):

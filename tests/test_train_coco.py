@@ -4,17 +4,18 @@ generated scene set, AP evaluation, norm placement, exact resume and errors."""
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
 from hydra_configs import ROOT, base_norms, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
+from mabn.engine import detection
 from mabn.engine.detection import DetectionRun, train
-from run_files import read_metrics, read_summary
+from run_files import assert_same_run, read_metrics, read_summary
 from torchrun import torchrun
 
 COCO_EXPERIMENTS = [name for name in group_options("experiment") if "coco" in name]
@@ -75,6 +76,21 @@ def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
     assert all(f"final/eval/{k}" in logged[-1] for k in AP_KEYS)
 
 
+def test_an_unreadable_val_image_is_evaluated_as_no_detections_not_as_its_stand_in(scenes, tmp_path, monkeypatch):
+    own_scenes = [*scenes, f"data.root={tmp_path / 'scenes'}"]  # generated here: one file is deleted
+    run = DetectionRun(compose_config("train_coco", [*own_scenes, "norm=bn", "data.max_bad_fraction=0.5"]), tmp_path)
+    missing = run.val_set.ids[1]
+    Path(run.val_set.image_path(1)).unlink()  # sample 1 becomes a copy of sample 2
+    monkeypatch.setattr(detection, "detections_to_coco", lambda outputs, ids: [{"image_id": int(ids[0])}])
+    seen = {}
+    monkeypatch.setattr(detection, "evaluate_coco", lambda gt, results, img_ids: seen.update(
+        results=[r["image_id"] for r in results], img_ids=img_ids) or {})
+    run.evaluate()
+    assert sorted(seen["results"]) == sorted(i for i in run.val_set.ids if i != missing)  # each once
+    assert missing in seen["img_ids"]  # scored: its objects count as missed
+    assert (tmp_path / "unreadable_val.txt").read_text().strip() == run.val_set.image_path(1)
+
+
 def test_norm_placement_and_weight_centralization_follow_the_paper(scenes, tmp_path):
     cfg = compose_config("train_coco", [*scenes, "norm=mabn"])
     model = DetectionRun(cfg, tmp_path).model
@@ -99,13 +115,7 @@ def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
     second = cli(*overrides, f"hydra.run.dir={interrupted}")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from step 3 of 6" in second.stdout
-    a, b = map(read_summary, (straight, interrupted))
-    assert [a[k] for k in AP_KEYS] == [b[k] for k in AP_KEYS]
-    losses = lambda d: [r.get("train/loss") for r in read_metrics(d)]
-    assert losses(straight) == losses(interrupted)
-    final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
-    for key, value in final(straight).items():
-        assert torch.equal(value, final(interrupted)[key]), key
+    assert_same_run(straight, interrupted, AP_KEYS)
 
 
 def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):

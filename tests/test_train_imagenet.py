@@ -2,6 +2,7 @@
 W&B offline records and 2-process DDP."""
 
 import glob
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
-from run_files import read_metrics, read_summary, train_losses
+from run_files import assert_same_run, read_metrics, read_summary, train_losses
 from torchrun import torchrun
 from wandb_records import history_and_config
 
@@ -66,21 +67,13 @@ def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
-def final_state(run_dir):
-    return torch.load(run_dir / "model_final.pt", weights_only=True)
-
-
 def test_the_same_command_twice_gives_the_same_summary_and_weights(tmp_path):
     # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU
     overrides = ["norm=mabn", "batch=2", "per_device_batch=8", "data.train_samples_limit=128",
                  "data.val_samples_limit=64", "model.options.widths=[8,16,16,16]", "epochs=1", "workers=2"]
     for run in ("a", "b"):
         assert cli(*overrides, f"hydra.run.dir={tmp_path / run}").returncode == 0
-    a, b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
-    assert (a["top1_error"], a["top5_error"]) == (b["top1_error"], b["top5_error"])
-    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
-    for key, value in final_state(tmp_path / "a").items():
-        assert torch.equal(value, final_state(tmp_path / "b")[key]), key
+    assert_same_run(tmp_path / "a", tmp_path / "b", ["top1_error", "top5_error"])
 
 
 @pytest.mark.parametrize("norm", ["mabn", "bn"])
@@ -97,11 +90,7 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     assert not (interrupted / "summary.json").exists()
     second = cli(*overrides, f"hydra.run.dir={interrupted}")
     assert second.returncode == 0, second.stderr
-    a, b = read_summary(straight), read_summary(interrupted)
-    assert (a["top1_error"], a["top5_error"], a["steps"]) == (b["top1_error"], b["top5_error"], b["steps"])
-    assert train_losses(straight) == train_losses(interrupted)  # steps 1-6 logged once, 7-12 after the resume
-    for key, value in final_state(straight).items():
-        assert torch.equal(value, final_state(interrupted)[key]), key
+    assert_same_run(straight, interrupted, ["top1_error", "top5_error", "steps"])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -112,6 +101,8 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),
     (["per_device_batch=0"], "error: per_device_batch=0 is out of range: it must be > 0"),
     (["optim.base_lr=-0.1"], "error: optim.base_lr=-0.1 is out of range: it must be > 0"),
+    (["data=imagenet", "data.root=/x", "data.max_bad_fraction=null"],
+     "error: data.max_bad_fraction=None is out of range: give a number >= 0 and < 1"),
 ])
 def test_bad_input_fails_with_one_line_naming_the_fix(overrides, message, tmp_path):
     result = cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=120)
@@ -153,8 +144,10 @@ def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path):
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 of 8 images cannot be read (e.g. ") and str(bad[0].parent) in last, result.stderr
-    assert "more than data.max_bad_fraction=0.1 allows" in last and "Traceback" not in result.stderr
+    # 1 or 2: both loader workers may have met their bad file by the time the first error arrives
+    assert re.match(rf"error: [12] of 8 images cannot be read \(e\.g\. {bad[0].parent}/\d\.JPEG\): more than "
+                    r"data\.max_bad_fraction=0\.1 allows", last), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unknown_norm_group_lists_the_available_ones(tmp_path):

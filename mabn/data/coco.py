@@ -46,11 +46,11 @@ class CocoInstances(CocoDetection):
 
 
 def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None):
     """(float image [3, H, W] in [0, 1], {boxes xyxy, labels = category ids, masks, image_id}) samples.
 
     Training adds a random horizontal flip; `.coco` is the pycocotools ground truth. An
-    unreadable or absent image is replaced by the next readable one (``faults``).
+    unreadable or absent image is replaced by the next readable one (``faults``; listed in ``record``).
     """
     augmentation = [v2.RandomHorizontalFlip()] if train else []
     transforms = v2.Compose([
@@ -60,7 +60,7 @@ def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool
         v2.SanitizeBoundingBoxes(),
     ])
     instances = CocoInstances(image_dir, annotation_json, train, transforms=transforms)
-    return SkipUnreadable(wrap_dataset_for_transforms_v2(instances, target_keys=TARGET_KEYS), max_bad_fraction)
+    return SkipUnreadable(wrap_dataset_for_transforms_v2(instances, target_keys=TARGET_KEYS), max_bad_fraction, record)
 
 
 def num_classes(coco: COCO) -> int:

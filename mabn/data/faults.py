@@ -4,33 +4,50 @@ goes on and resumes exactly; past ``max_bad_fraction`` of the data set the run s
 
 from __future__ import annotations
 
+import fcntl
+from pathlib import Path
+
+from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
+from ..config import ConfigError, first_line
 
 DEFAULT_MAX_BAD_FRACTION = 0.001
 
 
 class TooManyBadImages(ConfigError):
-    """The one-line stop; a DataLoader worker re-raises it with the worker's traceback as
-    its message, of which the last line is the original one."""
+    """The run's one-line stop (a ConfigError, so the entry points print it without a
+    traceback). A DataLoader worker re-raises it with the worker's traceback as the message:
+    only its last line, the original message, is kept."""
 
     def __init__(self, message: str):
         last = message.strip().splitlines()[-1]
         super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
 
 
-class SkipUnreadable(Dataset):
-    """``dataset`` (which gives ``image_path(i)``), where an ``OSError`` while reading sample i
-    (PIL's undecodable and truncated files, a missing file) makes it the next readable sample
-    after i, image and target together. Other attributes are the dataset's. Each loader
-    process keeps its own count (with workers, a bad file is reported once per worker at most)."""
+def is_bad_file(error: Exception) -> bool:
+    """A file that will never read (absent, undecodable, truncated, too large for PIL), as
+    opposed to an I/O failure of the moment (EIO, too many open files), which should stop
+    the run so that a relaunch resumes it exactly."""
+    if isinstance(error, (FileNotFoundError, Image.DecompressionBombError)):
+        return True
+    return isinstance(error, OSError) and error.errno is None  # PIL's decoding errors carry no errno
 
-    def __init__(self, dataset, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
-        self.dataset, self.max_bad_fraction, self.bad_images = dataset, max_bad_fraction, {}
+
+class SkipUnreadable(Dataset):
+    """``dataset`` (which gives ``image_path(i)``), where a file that cannot be read makes
+    sample i the next readable sample after i, image and target together. Other attributes
+    are the dataset's.
+
+    ``record``: a text file listing the unreadable files (one path per line), shared by
+    every loader process, epoch and relaunch of a run, so that each file is reported once
+    and the limit counts all of them. Without it each process counts on its own."""
+
+    def __init__(self, dataset, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None):
+        self.dataset, self.max_bad_fraction, self.record, self.bad_images = dataset, max_bad_fraction, record, {}
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("dataset", "max_bad_fraction", "bad_images"):
+        if name.startswith("__") or name in ("dataset", "max_bad_fraction", "record", "bad_images"):
             raise AttributeError(name)  # not set yet (unpickling in a worker)
         return getattr(self.dataset, name)
 
@@ -44,18 +61,31 @@ class SkipUnreadable(Dataset):
                 continue
             try:
                 return self.dataset[i]
-            except OSError as error:
-                self.bad_images[i] = self.dataset.image_path(i)
-                self._report(i, error)
+            except Exception as error:
+                if not is_bad_file(error):
+                    raise
+                self._count(i, error)
         raise TooManyBadImages(f"none of the {len(self)} images can be read")
 
-    def _report(self, index: int, error: OSError) -> None:
-        path, count = self.bad_images[index], len(self.bad_images)
-        allowed = int(self.max_bad_fraction * len(self))
+    def _count(self, index: int, error: Exception) -> None:
+        """Record sample ``index`` as unreadable; stop past the limit, else warn (once per file)."""
+        path = self.bad_images[index] = str(self.dataset.image_path(index))
+        known = set(self.bad_images.values())
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.record, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # read and append as one step among the loader processes
+                f.seek(0)
+                recorded = set(f.read().splitlines())
+                if path not in recorded:
+                    f.write(path + "\n")
+            known |= recorded
+        count, allowed = len(known), int(self.max_bad_fraction * len(self))
         if count > allowed:
             raise TooManyBadImages(
                 f"{count} of {len(self)} images cannot be read (e.g. {path}): more than "
                 f"data.max_bad_fraction={self.max_bad_fraction} allows; fix or remove them, or raise it")
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        print(f"warning: cannot read image {path} ({reason}): using the next readable one instead "
-              f"({count} unreadable so far, {allowed} allowed)", flush=True)
+        if self.record is None or path not in recorded:
+            where = f", listed in {self.record}" if self.record else ""
+            print(f"warning: cannot read image {path} ({first_line(error) or type(error).__name__}): using the "
+                  f"next readable one instead ({count} unreadable so far{where}; {allowed} allowed)", flush=True)

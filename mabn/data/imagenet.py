@@ -81,15 +81,16 @@ def image_files(folder: Path, transform) -> ImageFiles:
     try:
         return ImageFiles(folder, transform=transform)
     except FileNotFoundError as error:  # torchvision's message names the classes, not the folder
-        raise FileNotFoundError(f"{folder}: {str(error).strip()} Every <wnid> folder needs images; "
-                                "remove empty ones from both splits") from None
+        raise FileNotFoundError(f"{folder}: {str(error).strip().rstrip('.')}. Images go in {folder}/<wnid>/; "
+                                "remove empty class folders from both splits") from None
 
 
-def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
-                      ) -> tuple[SkipUnreadable, SkipUnreadable]:
+def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                      record_dir: Path | None = None) -> tuple[SkipUnreadable, SkipUnreadable]:
     """(train, val) image folders from root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG,
     with the same classes (a missing or empty class folder is an error); an unreadable image
-    is replaced by the next readable one, up to ``max_bad_fraction`` (``faults``)."""
+    is replaced by the next readable one, up to ``max_bad_fraction`` (``faults``), and listed
+    in ``record_dir``/unreadable_{train,val}.txt."""
     root = Path(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -103,4 +104,6 @@ def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BA
         raise FileNotFoundError(
             f"ImageNet train and val have different class folders (only in train: {only(train, val)}, "
             f"only in val: {only(val, train)}): give both splits the same <wnid> folders")
-    return SkipUnreadable(train, max_bad_fraction), SkipUnreadable(val, max_bad_fraction)
+    record = lambda split: Path(record_dir, f"unreadable_{split}.txt") if record_dir else None  # noqa: E731
+    return (SkipUnreadable(train, max_bad_fraction, record("train")),
+            SkipUnreadable(val, max_bad_fraction, record("val")))

@@ -61,7 +61,7 @@ from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
-from ..config import ConfigError, resolved  # noqa: E402
+from ..config import ConfigError, first_line, resolved  # noqa: E402
 from ..convert import Centralize, centralize_weights  # noqa: E402
 from ..engine import checkpoint as ckpt  # noqa: E402
 from ..engine.detection import check_start, split_paths  # noqa: E402
@@ -440,7 +440,7 @@ class Detectron2Run:
             seed_all_rng(cfg.seed + env.rank)  # data augmentation draws from numpy/random (workers=0)
             self.train_dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN, filter_empty=True)
         except (FileNotFoundError, ValueError, TypeError, KeyError, OmegaConfBaseException) as error:
-            raise ConfigError(str(error).strip().splitlines()[0]) from error
+            raise ConfigError(first_line(error, 1000)) from error
         classes = MetadataCatalog.get(self.d2cfg.DATASETS.TRAIN[0]).get("thing_classes", [])
         if len(classes) != self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise ConfigError(f"the train split has {len(classes)} categories and the val split "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, first_line
 from ..serialization import load_weights_only
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
@@ -48,9 +48,9 @@ def load_checkpoint(run_dir: str | Path) -> dict | None:
             return load_weights_only(path)
         except ConfigError:  # readable, but refused: not a reason to fall back
             raise
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
-            print(f"warning: cannot read checkpoint {path} ({str(error).strip().splitlines()[0][:160]}): skipping it",
-                  flush=True)
+        except (OSError, ValueError) as error:  # load_weights_only's ValueError names the file
+            reason = first_line(error) if str(path) in str(error) else f"cannot read {path} ({first_line(error)})"
+            print(f"warning: {reason}: skipping it", flush=True)
     if paths:
         print(f"warning: no readable checkpoint in {run_dir}: starting the run over", flush=True)
     return None

@@ -16,12 +16,13 @@ from .sampling import EpochSampler
 from .training import norm_layer_from_config
 
 
-def build_datasets(data_cfg):
-    """(train, val, num_classes, in_chans) for the configured data set."""
+def build_datasets(data_cfg, run_dir=None):
+    """(train, val, num_classes, in_chans) for the configured data set (ImageNet's unreadable
+    files are listed in ``run_dir``)."""
     if data_cfg.name == "imagenet":
         if not data_cfg.root:
             raise FileNotFoundError("data=imagenet needs data.root=/path/to/imagenet (with train/ and val/)")
-        train, val = imagenet_datasets(data_cfg.root, data_cfg.max_bad_fraction)
+        train, val = imagenet_datasets(data_cfg.root, data_cfg.max_bad_fraction, run_dir)
         return train, val, len(train.classes), 3
     if data_cfg.name == "fashion_mnist":
         train = FashionMNIST(data_cfg.root, train=True, augment=data_cfg.augment)
@@ -47,7 +48,7 @@ class ClassificationRun(TrainingRun):
     def build(self):
         cfg = self.cfg
         check_normalization_batch(cfg, cfg.per_device_batch)
-        train, val, num_classes, in_chans = build_datasets(cfg.data)
+        train, val, num_classes, in_chans = build_datasets(cfg.data, self.run_dir)
         model = build_classifier(cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm),
                                  **cfg.model.options)
         return model, subset(train, cfg.data.train_samples_limit), subset(val, cfg.data.val_samples_limit)

@@ -65,8 +65,9 @@ class DetectionRun(TrainingRun):
         cfg = self.cfg
         check_start(cfg)
         (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, self.env.is_main)
-        train_set = coco_dataset(train_images, train_json, True, cfg.data.max_bad_fraction)
-        val_set = coco_dataset(val_images, val_json, False, cfg.data.max_bad_fraction)
+        fraction, record = cfg.data.max_bad_fraction, lambda split: self.run_dir / f"unreadable_{split}.txt"
+        train_set = coco_dataset(train_images, train_json, True, fraction, record("train"))
+        val_set = coco_dataset(val_images, val_json, False, fraction, record("val"))
         self.coco_gt = val_set.coco
         limit = cfg.data.val_images_limit
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
@@ -105,8 +106,9 @@ class DetectionRun(TrainingRun):
             with torch.autocast(self.env.device.type, enabled=self.amp):
                 outputs = self.model([image.to(self.env.device) for image in images])
             for output, target in zip(outputs, targets):
-                output = {k: v.float().cpu() for k, v in output.items()}
-                detections.setdefault(int(target["image_id"]), detections_to_coco([output], [target["image_id"]]))
+                if int(target["image_id"]) not in detections:
+                    output = {k: v.float().cpu() for k, v in output.items()}
+                    detections[int(target["image_id"])] = detections_to_coco([output], [target["image_id"]])
         if dist.is_initialized():
             gathered = [None] * self.env.world_size
             dist.all_gather_object(gathered, detections)

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import ConfigError, resolved
+from ..config import ConfigError, first_line, resolved
 from ..probes import BatchStatisticsProbe
 from ..schedules import scale_schedules
 from . import checkpoint as ckpt
@@ -79,7 +79,7 @@ class TrainingRun:
         try:
             model, train_set, self.val_set = self.build()
         except (FileNotFoundError, ValueError, TypeError, OmegaConfBaseException) as error:
-            raise ConfigError(str(error).splitlines()[0]) from error
+            raise ConfigError(first_line(error, 1000)) from error
         self.train_set = SeededSamples(train_set, cfg.seed)
         self.model = prepare_model(model, cfg.norm, self.env, cfg.channels_last)
         self.amp = cfg.amp and self.env.device.type == "cuda"
