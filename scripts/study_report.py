@@ -261,9 +261,11 @@ def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
         ("BN at normalization batch 2 is worse than BN at 32 (paper: 35.22 vs 23.41)",
          ("bn", 2), ("bn", 32), "positive"),
         ("BRN at 2 is better than BN at 2 (paper: 30.29 vs 35.22)", ("bn", 2), ("brn", 2), "positive"),
+        ("BRN at 4 is better than BN at 4 (paper: 26.88 vs 27.9)", ("bn", 4), ("brn", 4), "positive"),
         ("BRN at 2 is worse than MABN at 2 (paper: 30.29 vs 23.67)", ("brn", 2), ("mabn", 2), "positive"),
         ("MABN at 2 is within noise of BN at 32 (paper: 23.67 vs 23.41)", ("mabn", 2), ("bn", 32), "zero"),
         ("MABN at 2 is within noise of MABN at 32 (paper: 23.67 vs 23.54)", ("mabn", 2), ("mabn", 32), "zero"),
+        ("MABN at 1 is within noise of MABN at 32 (paper: 23.73 vs 23.54)", ("mabn", 1), ("mabn", 32), "zero"),
         ("MABN at 2 is better than BN at 2 (paper: 23.67 vs 35.22)", ("bn", 2), ("mabn", 2), "positive"),
     ]
     for text, a, b, expect in tests:
