@@ -245,11 +245,13 @@ def plot_probes(runs: dict[str, list[dict]], noise, path: Path) -> None:
 # -- claims ----------------------------------------------------------------------------
 def verdict(d: dict, expect: str) -> str:
     """'supported' when the 95 % interval of a difference lies on the expected side of 0
-    (``expect`` "positive"), or contains 0 (``expect`` "zero"); else 'not supported'."""
+    (``expect`` "positive"), or contains 0 (``expect`` "zero"); else 'not supported' (for
+    "positive": within noise, or the opposite holds)."""
     if math.isnan(d["low"]):
         return "not testable (fewer than 2 seeds)"
     if expect == "positive":
-        return "supported" if d["low"] > 0 else "not supported"
+        return "supported" if d["low"] > 0 else "not supported (the opposite holds)" if d["high"] < 0 \
+            else "not supported (within noise)"
     return "supported (within noise)" if d["low"] <= 0 <= d["high"] else "not supported"
 
 

@@ -37,6 +37,8 @@ def test_difference_is_welchs_interval():
     assert study_report.verdict(d, "positive") == "supported"
     assert study_report.verdict(d, "zero") == "not supported"
     assert study_report.verdict(study_report.difference([1.0, 2.0], [1.5, 1.6]), "zero").startswith("supported")
+    assert study_report.verdict(study_report.difference(b, a), "positive") == "not supported (the opposite holds)"
+    assert study_report.verdict(study_report.difference([1.0, 2.0], [1.5, 1.6]), "positive").endswith("(within noise)")
 
 
 def test_relative_noise_compares_each_group_with_the_whole_batch():
