@@ -8,6 +8,7 @@ from pycocotools.coco import COCO
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
+from ..config import first_line
 from .faults import DEFAULT_MAX_BAD_FRACTION, SkipUnreadable
 
 TARGET_KEYS = {"boxes", "labels", "masks", "image_id"}
@@ -34,7 +35,7 @@ class CocoInstances(CocoDetection):
             super().__init__(str(image_dir), str(annotation_json), transforms=transforms)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"annotation file {annotation_json} is not COCO-format json ({type(error).__name__}: "
-                             f"{str(error).strip()[:120]}): fix or regenerate it") from None
+                             f"{first_line(error, 120)}): fix or regenerate it") from None
         if train:
             self.ids = [i for i in self.ids if self._load_target(i)]
 
