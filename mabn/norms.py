@@ -57,9 +57,8 @@ def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float) -> t
 
 def per_sample(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(G, C) per-group values as (N, C, 1, 1) per-sample values that broadcast against x."""
-    if values.shape[0] == 1:
-        return values[:, :, None, None]
-    return values.repeat_interleave(batch_size // values.shape[0], dim=0)[:, :, None, None]
+    groups, channels = values.shape
+    return values.unsqueeze(1).expand(groups, batch_size // groups, channels).reshape(batch_size, channels, 1, 1)
 
 
 def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -67,32 +66,90 @@ def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(groups, x.shape[0] // groups, x.shape[1], -1)
 
 
+def kernel_view(t: torch.Tensor, groups: int):
+    """``t`` as torch's batch-norm kernels can take it with one kernel channel per (group,
+    channel), and a function that lays out (G, C) values for those channels; None where no view
+    does (several groups of a channels_last tensor).
+
+    One group: ``t`` itself. Several: an NCHW-contiguous ``t`` as (1, N * C, H, W), one kernel
+    channel per (sample, channel), so that each pass over the activations is one fused kernel.
+    """
+    if groups == 1:
+        return t, lambda values: values[0]
+    if t.is_contiguous():
+        return t.view(1, -1, *t.shape[2:]), lambda values: per_sample(values, len(t)).reshape(-1)
+    return None
+
+
+def group_sums(values: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
+    """Values of the kernel channels of ``kernel_view`` ((C,) or (N * C,)) summed per group: (G, C)."""
+    return values.view(groups, -1, channels).sum(1)
+
+
+def broadcast_normalize(x, mean, var, weight, bias, eps):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with (G, C) values, in broadcast ops."""
+    gain = weight * torch.rsqrt(var + eps)
+    return torch.addcmul(per_sample(bias - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
+
+
+def normalize(x, mean, var, weight, bias, eps):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with (G, C) values: one pass over x, in
+    torch's batch-norm (inference) kernel where ``kernel_view`` allows."""
+    view = kernel_view(x, len(mean))
+    if view is None:
+        return broadcast_normalize(x, mean, var, weight, bias, eps)
+    flat, values = view
+    y = torch.batch_norm(flat, values(weight), values(bias), values(mean), values(var), False, 0.0, eps,
+                         torch.backends.cudnn.enabled)
+    # reshaped without creating an autograd view, so that in-place ops may follow the layer
+    return torch.ops.aten._unsafe_view(y, x.shape)
+
+
+def gradient_sums(dy, x, mean, var, eps):
+    """Per (group, channel), (G, C) each: ``sum(dy)`` and ``sum(dy * (x - mean) / sqrt(var + eps))``,
+    in one pass over dy and x."""
+    groups, channels = mean.shape
+    view = kernel_view(x, groups)
+    if view is None:
+        dtype = accumulation_dtype(x)
+        total = group_view(dy, groups).sum(dim=(1, 3), dtype=dtype)
+        dot = (group_view(dy, groups).to(dtype) * group_view(x, groups)).sum(dim=(1, 3))
+        return total, (dot - mean * total) * torch.rsqrt(var + eps)
+    flat, values = view
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        dy.reshape(flat.shape), flat, None, values(mean), values(var), None, None, False, eps, [False, True, True])
+    return group_sums(total, groups, channels), group_sums(dot, groups, channels)
+
+
 class _GroupBatchNormFunction(torch.autograd.Function):
     """``y = (x - mean) / sqrt(var + eps) * scale + shift`` per (group, channel), with the
     group's batch ``mean`` and biased ``var`` (given, computed without gradient); the backward
-    is batch normalization's, through the statistics, written with per-sample coefficients
-    so that each pass reads the activations once."""
+    is batch normalization's, through the statistics. Passes over the activations as
+    nn.BatchNorm2d makes them: the forward writes y in one; the backward reads dy and x once for
+    the sums and once more to write dx (torch's own kernel for one group)."""
 
     @staticmethod
     def forward(ctx, x, mean, var, scale, shift, eps):
-        inv_std = torch.rsqrt(var + eps)
-        gain = scale * inv_std
-        ctx.save_for_backward(x, mean, inv_std, scale)
-        return torch.addcmul(per_sample(shift - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
+        ctx.save_for_backward(x, mean, var, scale)
+        ctx.eps = eps
+        return normalize(x, mean, var, scale, shift, eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, inv_std, scale = ctx.saved_tensors
+        x, mean, var, scale = ctx.saved_tensors
         groups, channels = mean.shape
-        dtype = accumulation_dtype(x)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        if groups == 1:
+            dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale[0], None, None, mean[0], inv_std[0], True, ctx.eps, [True, True, True])
+            return dx, None, None, sum_dy_xhat[None], sum_dy[None], None
         count = x.numel() // (groups * channels)
-        sum_dy = dy.sum(dim=(2, 3), dtype=dtype).view(groups, -1, channels).sum(1)
-        sum_dy_x = (dy.to(dtype) * x).sum(dim=(2, 3)).view(groups, -1, channels).sum(1)
-        sum_dy_xhat = (sum_dy_x - mean * sum_dy) * inv_std
-        # dx = gain * (dy - sum_dy / n - x_hat * sum_dy_xhat / n), x_hat = (x - mean) * inv_std
+        sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, var, ctx.eps)
+        # dx = gain * (dy - sum_dy / n) - gain * k * (x - mean), x_hat = (x - mean) * inv_std
         gain = scale * inv_std
         k = sum_dy_xhat * inv_std / count
-        dx = torch.addcmul(per_sample(gain * (mean * k - sum_dy / count), len(x)), dy, per_sample(gain, len(x)))
+        dx = normalize(dy.to(accumulation_dtype(dy)), torch.zeros_like(mean), var, scale,
+                       gain * (mean * k - sum_dy / count), ctx.eps)
         dx.addcmul_(x, per_sample(-gain * k, len(x)))
         return dx.to(dy.dtype), None, None, sum_dy_xhat, sum_dy, None
 
@@ -126,20 +183,31 @@ class _GroupedBatchStats(nn.Module):
     def _group_stats(self, x, groups):
         """Biased variance and mean per (group, channel), shaped (G, C), and the group size
         (the gradient through them is _GroupBatchNormFunction's)."""
-        xg = group_view(x, groups)
-        dtype, count = accumulation_dtype(x), xg.shape[1] * xg.shape[3]
-        mean = xg.sum(dim=(1, 3), dtype=dtype) / count
-        # two passes (mean, then squares about it): as stable as var_mean, twice as fast on CPU.
-        # Not vector_norm: under no_grad, torch.compile (2.14) let its gradient through to r, d.
-        var = (xg - mean[:, None, :, None]).square_().sum(dim=(1, 3)) / count
+        channels, count = x.shape[1], x.numel() // (groups * x.shape[1])
+        dtype = accumulation_dtype(x)
+        view = kernel_view(x, groups)
+        if view is None:  # channels_last with several groups: mean, then squares about it
+            xg = group_view(x, groups)
+            mean = xg.sum(dim=(1, 3), dtype=dtype) / count
+            var = (xg - mean[:, None, :, None]).square_().sum(dim=(1, 3)) / count
+            return var, mean, count
+        flat, _ = view
+        # torch's statistics kernel per kernel channel (fp32 results for half x: fp32 buffers)
+        buffers = [None, None] if dtype == x.dtype else [flat.new_zeros(flat.shape[1], dtype=dtype),
+                                                          flat.new_ones(flat.shape[1], dtype=dtype)]
+        means, variances = torch.batch_norm_update_stats(flat, *buffers, 0.0)
+        means = means.view(groups, -1, channels)
+        mean = means.mean(1)
+        # within the samples of a group plus between their means (equal counts)
+        var = variances.view(groups, -1, channels).mean(1) + (means - mean[:, None]).square().mean(1)
         return var, mean, count
 
     @torch.no_grad()
     def _running_states(self, var, mean, count):
         """Running (mean, var) before each group and after the last: (G + 1, C) each."""
         unbiased = var * (count / max(count - 1, 1))
-        means = ema_states(self.running_mean.to(mean.dtype), mean, self.momentum)
-        vars_ = ema_states(self.running_var.to(mean.dtype), unbiased, self.momentum)
+        running = torch.cat([self.running_mean, self.running_var]).to(mean.dtype)
+        means, vars_ = ema_states(running, torch.cat([mean, unbiased], 1), self.momentum).chunk(2, dim=1)
         self.running_mean.copy_(means[-1])
         self.running_var.copy_(vars_[-1])
         self.num_batches_tracked.add_(mean.shape[0])
@@ -240,8 +308,6 @@ class BatchRenorm2d(_GroupedBatchStats):
         d = torch.minimum(torch.maximum((mean - means[:-1]) / sigma_running, -d_max), d_max)
         # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
         weight, bias = self.weight * r, self.bias + self.weight * d
-        if groups == 1:  # torch's fused kernel (it recomputes the batch statistics)
-            return F.batch_norm(x, None, None, weight[0], bias[0], True, 0.0, self.eps)
         return _GroupBatchNormFunction.apply(x, mean, var, weight, bias, self.eps)
 
 
@@ -252,8 +318,8 @@ class _MABNFunction(torch.autograd.Function):
     ``inv_std = 1 / sqrt(var + eps)`` and r constants. Backward ``dx = (g - z * psi) * inv_std``
     with ``g = dy * gamma * r``, ``z = x * inv_std`` and psi the window average (or batch
     value) of ``mean(g * z)``; the window buffer ``psi_window`` is advanced here, in place.
-    With one group per batch the per-channel parts run in torch's fused batch-norm kernels
-    (eval-mode forward and backward with mean 0); with several, in broadcast tensor ops.
+    The forward writes y in one pass; the backward reads dy and x once for the sums, then writes
+    ``g * inv_std`` and subtracts ``z * psi * inv_std`` in place.
     """
 
     @staticmethod
@@ -261,36 +327,22 @@ class _MABNFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, var, r, use_window)
         ctx.psi_window = psi_window  # state advanced by backward, not a saved value
         ctx.eps = eps
-        if len(var) == 1:
-            return torch.batch_norm(x, weight * r[0], bias, torch.zeros_like(var[0]), var[0],
-                                    False, 0.0, eps, torch.backends.cudnn.enabled)
-        gain = per_sample(weight * r * torch.rsqrt(var + eps), len(x))
-        return torch.addcmul(bias[:, None, None], x, gain).to(x.dtype)
+        return normalize(x, torch.zeros_like(var), var, weight * r, bias.expand_as(var), eps)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, var, r, use_window = ctx.saved_tensors
         groups, channels = var.shape
         inv_std = torch.rsqrt(var + ctx.eps)
-        gain = weight * r * inv_std
-        if groups == 1:  # dx = dy * gain, dy_z = sum(dy * x) * inv_std, dbias = sum(dy)
-            dx, dy_z, dbias = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight * r[0], torch.zeros_like(var[0]), var[0], None, None, False, ctx.eps,
-                [True, True, True])
-            dy_z = dy_z.unsqueeze(0)
-        else:
-            dtype = accumulation_dtype(x)
-            dy_x = (dy.to(dtype) * x).sum(dim=(2, 3)).view(groups, -1, channels).sum(1)
-            dy_z = dy_x * inv_std
-            dbias = dy.sum(dim=(0, 2, 3), dtype=dtype)
-            dx = dy * per_sample(gain, len(x))
+        zero = torch.zeros_like(var)
+        sum_dy, dy_z = gradient_sums(dy, x, zero, var, ctx.eps)
         psi = weight * r * dy_z / (x.numel() // (groups * channels))
         psi_sma, history = window_average(ctx.psi_window, psi)
         ctx.psi_window.copy_(history)
         psi = torch.where(use_window, psi_sma, psi)
+        dx = normalize(dy, zero, var, weight * r, zero, ctx.eps)  # g * inv_std
         dx.addcmul_(x, per_sample(-psi * inv_std * inv_std, len(x)))
-        dweight = (r * dy_z).sum(0)
-        return dx.to(dy.dtype), dweight, dbias, None, None, None, None, None
+        return dx.to(dy.dtype), (r * dy_z).sum(0), sum_dy.sum(0), None, None, None, None, None
 
 
 def window_average(history: torch.Tensor, current: torch.Tensor):
@@ -412,9 +464,9 @@ class MABN2d(nn.Module):
         """Advance the chi2 window and EMA; return the normalizing chi2, r and the SMA mask (G, C)."""
         self.num_iterations.add_(1)
         iteration = self.num_iterations
-        xg = group_view(x, groups)
-        count = xg.shape[1] * xg.shape[3]
-        chi2 = torch.linalg.vector_norm(xg, dim=(1, 3), dtype=accumulation_dtype(x)).square() / count
+        count = x.numel() // (groups * x.shape[1])
+        squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=accumulation_dtype(x)).square()
+        chi2 = squares.view(groups, -1, x.shape[1]).sum(1) / count
         chi2_sma, history = window_average(self.chi2_window, chi2)
         self.chi2_window.copy_(history)
         step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=x.device)

@@ -299,8 +299,10 @@ def assert_compiled_training_matches_eager(name, **compile_options):
             optimizer.zero_grad()
             model(x).square().mean().backward()
             optimizer.step()
+    # compiled graphs may decompose torch's batch-norm kernel and round differently (an ulp per
+    # op, 1e-6 after 5 steps); a window advanced twice or a wrong schedule differs by 1e-2 or more
     for (key, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_NORMS))
