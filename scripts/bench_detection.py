@@ -33,7 +33,8 @@ from mabn.config import register_resolvers  # noqa: E402
 from mabn.convert import centralize_weights  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
-from mabn.engine.detection import split_paths, torchvision_options  # noqa: E402
+from mabn.engine.detection.common import split_paths  # noqa: E402
+from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
 from report import machine, publish  # noqa: E402
 
@@ -50,7 +51,7 @@ def config(args, norm: str, engine: str):
 
 
 class TorchvisionCase:
-    """torchvision Mask R-CNN as mabn.engine.detection.DetectionRun builds it."""
+    """torchvision Mask R-CNN as mabn.engine.detection.torchvision_engine.DetectionRun builds it."""
 
     def __init__(self, cfg, batches):
         (images, annotations), _ = split_paths(cfg.data, True)
@@ -79,14 +80,15 @@ class TorchvisionCase:
 
 
 class Detectron2Case:
-    """detectron2 Mask R-CNN as mabn.detection.detectron2_engine builds it."""
+    """detectron2 Mask R-CNN as mabn.engine.detection.detectron2_trainer builds it."""
 
     def __init__(self, cfg, batches, work_dir):
         from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
         from detectron2.data.samplers import TrainingSampler
         from detectron2.utils.events import EventStorage
 
-        from mabn.detection.detectron2_engine import build_detectron2_cfg, build_detectron2_model
+        from mabn.engine.detection.detectron2_config import build_detectron2_cfg
+        from mabn.engine.detection.detectron2_trainer import build_detectron2_model
 
         self.d2cfg = build_detectron2_cfg(cfg, work_dir)
         self.model = build_detectron2_model(self.d2cfg, cfg).train()
@@ -164,7 +166,7 @@ def main(argv=None):
         for engine in args.engines:
             if engine == "detectron2":
                 try:
-                    import mabn.detection.detectron2_engine  # noqa: F401
+                    import mabn.engine.detection.detectron2_trainer  # noqa: F401
                 except ImportError as error:
                     notes.append(f"detectron2 skipped: {error}")
                     continue

@@ -21,8 +21,9 @@ import mabn  # noqa: E402
 from hydra_configs import ROOT, compose_config  # noqa: E402
 from mabn.convert import centralize_weights, conv_norm_pairs, is_centralized  # noqa: E402
 from mabn.detection import detectron2_registration as registration  # noqa: E402
-from mabn.detection.detectron2_engine import (RunHook, Trainer, build_detectron2_cfg,  # noqa: E402
-                                              build_detectron2_model, load_backbone_weights, train)
+from mabn.engine.detection.detectron2_config import build_detectron2_cfg  # noqa: E402
+from mabn.engine.detection.detectron2_trainer import RunHook, Trainer, build_detectron2_model, train  # noqa: E402
+from mabn.engine.detection.detectron2_weights import load_backbone_weights  # noqa: E402
 from mabn.models import build_classifier  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
 from run_files import read_metrics, read_summary  # noqa: E402
@@ -208,7 +209,7 @@ def test_imagenet_weights_load_into_detectron2_resnet(scenes, tmp_path):
 
 def test_missing_detectron2_is_one_line_naming_both_fixes():
     script = ("import sys; sys.modules['detectron2'] = None\n"
-              "try:\n    import mabn.detection.detectron2_engine\n"
+              "try:\n    import mabn.engine.detection.detectron2_trainer\n"
               "except ImportError as error:\n    print(error)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

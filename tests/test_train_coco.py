@@ -13,8 +13,8 @@ from torchvision.models.detection.rpn import RPNHead
 import mabn
 from hydra_configs import ROOT, base_norms, compose_config, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
-from mabn.engine import detection
-from mabn.engine.detection import DetectionRun, train
+from mabn.engine.detection import torchvision_engine
+from mabn.engine.detection.torchvision_engine import DetectionRun, train
 from run_files import assert_same_run, read_metrics, read_summary
 from torchrun import torchrun
 
@@ -81,9 +81,9 @@ def test_an_unreadable_val_image_is_evaluated_as_no_detections_not_as_its_stand_
     run = DetectionRun(compose_config("train_coco", [*own_scenes, "norm=bn", "data.max_bad_fraction=0.5"]), tmp_path)
     missing = run.val_set.ids[1]
     Path(run.val_set.image_path(1)).unlink()  # sample 1 becomes a copy of sample 2
-    monkeypatch.setattr(detection, "detections_to_coco", lambda outputs, ids: [{"image_id": int(ids[0])}])
+    monkeypatch.setattr(torchvision_engine, "detections_to_coco", lambda outputs, ids: [{"image_id": int(ids[0])}])
     seen = {}
-    monkeypatch.setattr(detection, "evaluate_coco", lambda gt, results, img_ids: seen.update(
+    monkeypatch.setattr(torchvision_engine, "evaluate_coco", lambda gt, results, img_ids: seen.update(
         results=[r["image_id"] for r in results], img_ids=img_ids) or {})
     run.evaluate()
     assert sorted(seen["results"]) == sorted(i for i in run.val_set.ids if i != missing)  # each once

@@ -1,6 +1,6 @@
 """Mask R-CNN with detectron2: ``python train_coco.py engine=detectron2 norm=mabn``.
 
-The Hydra config becomes a plain detectron2 ``CfgNode`` (``build_detectron2_cfg``) whose norm
+The Hydra config becomes a plain detectron2 ``CfgNode`` (``detectron2_config``) whose norm
 strings name this suite's layers (``detectron2_registration``). Training uses detectron2's
 ``SimpleTrainer`` (with autocast on CUDA when ``amp``) and its ``IterationTimer`` and
 ``LRScheduler`` hooks; a hook of this suite logs (metrics.jsonl / W&B), evaluates, saves
@@ -30,199 +30,44 @@ Choices, and where they differ from detectron2's defaults:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
 import math
 import os
-import re
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf.errors import OmegaConfBaseException
 
-from .detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
+from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402  (after the one-line ImportError)
+from detectron2.config import CfgNode  # noqa: E402  (after the one-line ImportError)
 from detectron2.data import (MetadataCatalog, build_detection_test_loader,  # noqa: E402
                              build_detection_train_loader, get_detection_dataset_dicts)
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.data.samplers import TrainingSampler  # noqa: E402
 from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
-from ..config import ConfigError, first_line, resolved  # noqa: E402
-from ..convert import Centralize, centralize_weights  # noqa: E402
-from ..engine import checkpoint as ckpt  # noqa: E402
-from ..engine.detection import check_start, split_paths  # noqa: E402
-from ..engine.distributed import Distributed, barrier, init_distributed  # noqa: E402
-from ..engine.loggers import RunLogger  # noqa: E402
-from ..engine.run import load_run_checkpoint, wandb_options  # noqa: E402
-from ..engine.training import (Preemption, build_sgd, check_finite, check_finite_weights,  # noqa: E402
-                               unwrap)
-from ..serialization import load_weights_only  # noqa: E402
+from ...config import ConfigError, first_line, resolved  # noqa: E402
+from ...convert import centralize_weights  # noqa: E402
+from .. import checkpoint as ckpt  # noqa: E402
+from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
+from ..loggers import RunLogger  # noqa: E402
+from ..run import load_run_checkpoint, wandb_options  # noqa: E402
+from ..training import Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
+from .common import check_start  # noqa: E402
+from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
+from .detectron2_weights import load_backbone_weights  # noqa: E402
 
-DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
-# torchvision's ImageNet normalization on the 0-255 scale (RGB), as train_imagenet.py's data
-PIXEL_MEAN = [123.675, 116.28, 103.53]
-PIXEL_STD = [58.395, 57.12, 57.375]
 AP_METRICS = ("AP", "AP50", "AP75")
-
-
-# -- config -------------------------------------------------------------------------------
-def detectron2_norm(norm_cfg) -> str:
-    """The detectron2 norm string for this suite's ``norm`` config."""
-    name = norm_cfg.name
-    if name == "gn":
-        if dict(norm_cfg.options) not in ({}, {"num_groups": 32}):
-            raise ConfigError(f"engine=detectron2 builds GN with 32 groups (its \"GN\"); got norm.options="
-                              f"{dict(norm_cfg.options)}: use num_groups=32 or engine=torchvision")
-        return "GN"
-    for d2_name, ours in DETECTRON2_NAMES.items():
-        if ours == name:
-            return d2_name
-    raise ConfigError(f"norm={name} is not wired to engine=detectron2 (its \"LN\" is a different layer): "
-                      "use norm=bn|syncbn|gn|brn|mabn, or engine=torchvision")
-
-
-def _environment(env: Distributed | None, cfg) -> tuple[int, bool, str]:
-    if env is not None:
-        return env.world_size, env.is_main, str(env.device)
-    initialized = dist.is_available() and dist.is_initialized()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return (dist.get_world_size() if initialized else 1), (not initialized or dist.get_rank() == 0), device
-
-
-def _first_images(annotation_json: Path, limit: int, out_dir: Path, is_main: bool) -> Path:
-    """A COCO json with the ``limit`` lowest image ids of ``annotation_json`` (and their
-    annotations), as the torchvision engine's ``val_images_limit``."""
-    path = Path(out_dir) / f"{annotation_json.stem}_first{limit}.json"
-    if is_main:
-        data = json.loads(annotation_json.read_text())
-        keep = set(sorted(image["id"] for image in data["images"])[:limit])
-        data["images"] = [image for image in data["images"] if image["id"] in keep]
-        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp")
-        partial.write_text(json.dumps(data))
-        os.replace(partial, path)
-    barrier()
-    return path
-
-
-def register_split(data_name: str, split: str, image_dir, annotation_json) -> str:
-    """Register a COCO-format split with detectron2 under a name unique to its json file."""
-    digest = hashlib.sha1(str(Path(annotation_json).resolve()).encode()).hexdigest()[:10]
-    name = f"mabn_{data_name}_{split}_{digest}"
-    register_coco_instances(name, {}, str(annotation_json), str(image_dir))
-    return name
-
-
-def build_detectron2_cfg(cfg, run_dir, env: Distributed | None = None) -> CfgNode:
-    """The detectron2 config of this suite's Hydra config (registers the data splits; for
-    fashion_scenes generates them first). Only detectron2's own keys, all primitives."""
-    world_size, is_main, device = _environment(env, cfg)
-    if cfg.detector.backbone not in DEPTHS:
-        raise ConfigError(f"detector.backbone={cfg.detector.backbone} is not a ResNet detectron2 builds: "
-                          f"use one of {', '.join(DEPTHS)}")
-    norm = detectron2_norm(cfg.norm)
-    (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, is_main)
-    if cfg.data.val_images_limit:
-        val_json = _first_images(Path(val_json), cfg.data.val_images_limit, run_dir, is_main)
-    categories = json.loads(Path(val_json).read_text())["categories"]
-
-    d2 = get_cfg()
-    d2.MODEL.DEVICE = device
-    d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    d2.MODEL.WEIGHTS = ""  # backbone weights are converted and loaded by load_backbone_weights
-    d2.MODEL.MASK_ON = True
-    d2.MODEL.PIXEL_MEAN, d2.MODEL.PIXEL_STD = list(PIXEL_MEAN), list(PIXEL_STD)
-    d2.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    d2.MODEL.BACKBONE.FREEZE_AT = 0
-    depth = DEPTHS[cfg.detector.backbone]
-    resnets = d2.MODEL.RESNETS
-    resnets.DEPTH = depth
-    resnets.NORM = norm
-    resnets.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    resnets.STRIDE_IN_1X1 = False  # torchvision/timm ResNets (v1.5): stride in the 3x3 conv
-    resnets.NUM_GROUPS, resnets.WIDTH_PER_GROUP, resnets.RES5_DILATION = 1, 64, 1
-    resnets.STEM_OUT_CHANNELS = 64
-    resnets.RES2_OUT_CHANNELS = 64 if depth in (18, 34) else 256  # BasicBlock for R18/R34
-    d2.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    d2.MODEL.FPN.OUT_CHANNELS = cfg.detector.channels
-    d2.MODEL.FPN.NORM = norm
-    d2.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
-    rpn = d2.MODEL.RPN
-    rpn.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    rpn.BATCH_SIZE_PER_IMAGE = cfg.detector.rpn_anchors_per_image
-    rpn.PRE_NMS_TOPK_TRAIN, rpn.POST_NMS_TOPK_TRAIN = cfg.detector.rpn_pre_nms_train, cfg.detector.rpn_post_nms_train
-    rpn.PRE_NMS_TOPK_TEST, rpn.POST_NMS_TOPK_TEST = cfg.detector.rpn_pre_nms_test, cfg.detector.rpn_post_nms_test
-    heads = d2.MODEL.ROI_HEADS
-    heads.NAME = "StandardROIHeads"
-    heads.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    heads.NUM_CLASSES = len(categories)
-    heads.BATCH_SIZE_PER_IMAGE = cfg.detector.rois_per_image
-    box = d2.MODEL.ROI_BOX_HEAD
-    box.NAME = "FastRCNNConvFCHead"
-    box.NUM_CONV, box.NUM_FC = 4, 1  # norm on the 4 convs, none on the fc (as the paper)
-    box.CONV_DIM, box.FC_DIM = cfg.detector.channels, cfg.detector.fc_channels
-    box.NORM = norm
-    box.POOLER_RESOLUTION = 7
-    mask = d2.MODEL.ROI_MASK_HEAD
-    mask.NAME = "MaskRCNNConvUpsampleHead"
-    mask.NUM_CONV, mask.CONV_DIM, mask.NORM = 4, cfg.detector.channels, norm
-    mask.POOLER_RESOLUTION = 14
-    d2.TEST.DETECTIONS_PER_IMAGE = cfg.detector.detections_per_image
-    d2.TEST.EVAL_PERIOD = cfg.eval_every_steps or 0
-
-    d2.INPUT.FORMAT = "RGB"
-    d2.INPUT.MASK_FORMAT = "polygon" if cfg.data.name == "coco" else "bitmask"  # scenes store RLE
-    d2.INPUT.MIN_SIZE_TRAIN = (cfg.data.min_size,)
-    d2.INPUT.MAX_SIZE_TRAIN = cfg.data.max_size
-    d2.INPUT.MIN_SIZE_TEST, d2.INPUT.MAX_SIZE_TEST = cfg.data.min_size, cfg.data.max_size
-    d2.DATASETS.TRAIN = (register_split(cfg.data.name, cfg.data.train_split, train_images, train_json),)
-    d2.DATASETS.TEST = (register_split(cfg.data.name, cfg.data.val_split, val_images, val_json),)
-    d2.DATALOADER.NUM_WORKERS = cfg.workers
-
-    optim, schedule = cfg.optim, cfg.schedule
-    solver = d2.SOLVER
-    solver.IMS_PER_BATCH = cfg.batch * world_size
-    solver.BASE_LR = optim.base_lr * solver.IMS_PER_BATCH / optim.reference_batch
-    solver.MOMENTUM, solver.NESTEROV = optim.momentum, bool(optim.get("nesterov", False))
-    solver.WEIGHT_DECAY = solver.WEIGHT_DECAY_NORM = optim.weight_decay  # on all parameters
-    solver.LR_SCHEDULER_NAME = {"step": "WarmupMultiStepLR", "cosine": "WarmupCosineLR"}.get(
-        optim.schedule.name, optim.schedule.name)
-    solver.GAMMA = optim.schedule.gamma
-    solver.STEPS = tuple(schedule.steps)
-    solver.MAX_ITER = min(schedule.max_iter, cfg.max_steps or schedule.max_iter)
-    solver.WARMUP_ITERS, solver.WARMUP_FACTOR = schedule.warmup_iters, optim.schedule.warmup_factor
-    solver.WARMUP_METHOD = "linear"
-    solver.CHECKPOINT_PERIOD = solver.MAX_ITER  # checkpoints are this suite's (checkpoint.pt)
-    solver.AMP.ENABLED = bool(cfg.amp) and device.startswith("cuda")
-    d2.SEED = cfg.seed
-    d2.OUTPUT_DIR = str(run_dir)
-    return d2
-
-
-def build_lr_schedule(d2cfg: CfgNode, optimizer, full_max_iter: int):
-    """detectron2's warm-up + multi-step (or cosine) multiplier; a multi-step schedule spans
-    the full schedule even when ``max_steps`` stops training earlier."""
-    schedule_cfg = d2cfg.clone()
-    schedule_cfg.defrost()
-    if schedule_cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
-        schedule_cfg.SOLVER.MAX_ITER = full_max_iter
-    return build_lr_scheduler(schedule_cfg, optimizer)
 
 
 # -- model --------------------------------------------------------------------------------
@@ -250,75 +95,6 @@ def check_norms_kept(model: torch.nn.Module, made: list, norm: str) -> None:
     if lost or frozen:
         raise RuntimeError(f"detectron2 replaced {lost} of the {len(made)} {norm} layers it built "
                            f"({frozen} FrozenBatchNorm2d in the model): check MODEL.BACKBONE.FREEZE_AT")
-
-
-_STAGE_LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)")
-_STAGE_DOWNSAMPLE = re.compile(r"layer(\d)\.(\d+)\.downsample\.([01])\.(.+)")
-_STEM = re.compile(r"(conv|bn)1\.(.+)")
-
-
-def detectron2_resnet_key(key: str) -> str | None:
-    """A torchvision/timm ResNet key in detectron2's ResNet naming (None: no counterpart)."""
-    if key.startswith(("stem.", "res")) and not key.startswith("resnet"):
-        return key  # already detectron2's
-    if m := _STAGE_LAYER.fullmatch(key):
-        stage, block, kind, index, rest = m.groups()
-        return f"res{int(stage) + 1}.{block}.conv{index}.{'norm.' if kind == 'bn' else ''}{rest}"
-    if m := _STAGE_DOWNSAMPLE.fullmatch(key):
-        stage, block, index, rest = m.groups()
-        return f"res{int(stage) + 1}.{block}.shortcut.{'norm.' if index == '1' else ''}{rest}"
-    if m := _STEM.fullmatch(key):
-        kind, rest = m.groups()
-        return f"stem.conv1.{'norm.' if kind == 'bn' else ''}{rest}"
-    return None
-
-
-def detectron2_resnet_state(state: dict) -> tuple[dict, list[str]]:
-    """(state in detectron2's ResNet naming, ignored keys) from an ImageNet ResNet state dict:
-    train_imagenet.py's model_final.pt (timm), torchvision's, optionally under "model" or
-    "state_dict" with "module."/"model." prefixes, or detectron2's own (``backbone.bottom_up.``).
-    Centralized conv weights (``parametrizations.weight.original``) are stored centralized."""
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    converted, ignored = {}, []
-    for key, value in state.items():
-        name = key
-        while name.startswith(("module.", "model.")):
-            name = name.split(".", 1)[1]
-        name = name.removeprefix("backbone.bottom_up.")
-        if name.endswith(".parametrizations.weight.original"):
-            name = name.removesuffix(".parametrizations.weight.original") + ".weight"
-            value = Centralize()(value)
-        if name.startswith("fc."):  # the classifier
-            continue
-        new = detectron2_resnet_key(name)
-        if new is None:
-            ignored.append(key)
-        else:
-            converted[new] = value
-    return converted, ignored
-
-
-def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
-    """Load ImageNet ResNet weights (see ``detectron2_resnet_state``) into detectron2's ResNet."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    state, ignored = detectron2_resnet_state(load_weights_only(path))
-    own = bottom_up.state_dict()
-    plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
-    wrong = [f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}" for k, v in state.items()
-             if k in plain and v.shape != plain[k].shape]
-    if wrong:
-        raise ValueError(f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone "
-                         "architecture")
-    missing, unexpected = bottom_up.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; use weights "
-                         "trained with the same backbone and norm layer")
-    ignored += unexpected
-    if ignored:
-        warnings.warn(f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}")
 
 
 # -- training -----------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The detectron2 engine's weight conversion: ImageNet ResNet weights (timm, torchvision or
+detectron2 naming) loaded into detectron2's ResNet. Needs no detectron2 itself."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ...convert import Centralize
+from ...serialization import load_weights_only
+
+_STAGE_LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)")
+_STAGE_DOWNSAMPLE = re.compile(r"layer(\d)\.(\d+)\.downsample\.([01])\.(.+)")
+_STEM = re.compile(r"(conv|bn)1\.(.+)")
+
+
+def detectron2_resnet_key(key: str) -> str | None:
+    """A torchvision/timm ResNet key in detectron2's ResNet naming (None: no counterpart)."""
+    if key.startswith(("stem.", "res")) and not key.startswith("resnet"):
+        return key  # already detectron2's
+    if m := _STAGE_LAYER.fullmatch(key):
+        stage, block, kind, index, rest = m.groups()
+        return f"res{int(stage) + 1}.{block}.conv{index}.{'norm.' if kind == 'bn' else ''}{rest}"
+    if m := _STAGE_DOWNSAMPLE.fullmatch(key):
+        stage, block, index, rest = m.groups()
+        return f"res{int(stage) + 1}.{block}.shortcut.{'norm.' if index == '1' else ''}{rest}"
+    if m := _STEM.fullmatch(key):
+        kind, rest = m.groups()
+        return f"stem.conv1.{'norm.' if kind == 'bn' else ''}{rest}"
+    return None
+
+
+def detectron2_resnet_state(state: dict) -> tuple[dict, list[str]]:
+    """(state in detectron2's ResNet naming, ignored keys) from an ImageNet ResNet state dict:
+    train_imagenet.py's model_final.pt (timm), torchvision's, optionally under "model" or
+    "state_dict" with "module."/"model." prefixes, or detectron2's own (``backbone.bottom_up.``).
+    Centralized conv weights (``parametrizations.weight.original``) are stored centralized."""
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    converted, ignored = {}, []
+    for key, value in state.items():
+        name = key
+        while name.startswith(("module.", "model.")):
+            name = name.split(".", 1)[1]
+        name = name.removeprefix("backbone.bottom_up.")
+        if name.endswith(".parametrizations.weight.original"):
+            name = name.removesuffix(".parametrizations.weight.original") + ".weight"
+            value = Centralize()(value)
+        if name.startswith("fc."):  # the classifier
+            continue
+        new = detectron2_resnet_key(name)
+        if new is None:
+            ignored.append(key)
+        else:
+            converted[new] = value
+    return converted, ignored
+
+
+def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
+    """Load ImageNet ResNet weights (see ``detectron2_resnet_state``) into detectron2's ResNet."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
+    state, ignored = detectron2_resnet_state(load_weights_only(path))
+    own = bottom_up.state_dict()
+    plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
+    wrong = [f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}" for k, v in state.items()
+             if k in plain and v.shape != plain[k].shape]
+    if wrong:
+        raise ValueError(f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone "
+                         "architecture")
+    missing, unexpected = bottom_up.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; use weights "
+                         "trained with the same backbone and norm layer")
+    ignored += unexpected
+    if ignored:
+        warnings.warn(f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}")
