@@ -67,6 +67,23 @@ class Centralize(nn.Module):
         return weight - weight.mean(dim=(1, 2, 3), keepdim=True)
 
 
+def plain_state_dict(state: dict) -> dict:
+    """A classifier checkpoint's weights as a plain ResNet state dict: unwrapped from "model" or
+    "state_dict", without "module."/"model." prefixes, and centralized conv weights
+    (``parametrizations.weight.original``) stored centralized under ``weight``."""
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    plain = {}
+    for name, value in state.items():
+        while name.startswith(("module.", "model.")):
+            name = name.split(".", 1)[1]
+        if name.endswith(".parametrizations.weight.original"):
+            name, value = name.removesuffix(".parametrizations.weight.original") + ".weight", Centralize()(value)
+        plain[name] = value
+    return plain
+
+
 def _load_plain_weight(module, state_dict, prefix, *args):
     """Let a checkpoint of the plain conv (key ``weight``) load into the centralized one."""
     if prefix + "weight" in state_dict:

@@ -1,12 +1,14 @@
 """Mask R-CNN built from torchvision pieces: norm placement, nothing frozen, train/eval, weight loading."""
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 
+import mabn
 from mabn.config import ConfigError
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn
 
@@ -151,6 +153,29 @@ def test_backbone_weights_round_trip(tmp_path, wrap):
     assert torch.equal(body.conv1.weight, source.conv1.weight)
     assert torch.equal(body.layer4[1].bn2.running_mean, source.layer4[1].bn2.running_mean)
     assert all(p.requires_grad for p in body.parameters())
+
+
+def test_a_classifier_trained_on_gray_images_gives_the_same_stem_response_to_a_gray_rgb_image(tmp_path):
+    torch.manual_seed(2)
+    source = timm.create_model("resnet18", num_classes=10, in_chans=1)  # as train_imagenet.py on Fashion-MNIST
+    path = tmp_path / "gray.pt"
+    torch.save({"model": source.state_dict()}, path)
+    body = build_maskrcnn(11, nn.BatchNorm2d, backbone="resnet18", backbone_weights=str(path), **SMALL).backbone.body
+    gray = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(body.conv1(gray.expand(-1, 3, -1, -1)), source.conv1(gray))
+    assert torch.equal(body.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+
+
+def test_a_classifier_with_centralized_weights_loads_its_effective_weights(tmp_path):
+    torch.manual_seed(3)
+    source = mabn.convert_model(timm.create_model("resnet18", num_classes=10), "mabn", normalization_batch=2)
+    path = tmp_path / "mabn.pt"
+    torch.save(source.state_dict(), path)  # keys ...conv1.parametrizations.weight.original
+    body = build_maskrcnn(11, mabn.norm_layer("mabn"), backbone="resnet18", backbone_weights=str(path), **SMALL).backbone.body
+    for name in ("conv1", "layer2.0.conv2", "layer4.1.conv1"):
+        expected = source.get_submodule(name).weight  # W - mean(W): what the classifier computed with
+        torch.testing.assert_close(body.get_submodule(name).weight, expected)
+        assert expected.mean(dim=(1, 2, 3)).abs().max() < 1e-6
 
 
 def test_backbone_weights_extra_keys_warn(tmp_path):

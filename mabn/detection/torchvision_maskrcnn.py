@@ -12,6 +12,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..convert import plain_state_dict
 from ..serialization import load_weights_only
 
 TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -67,17 +68,17 @@ def build_maskrcnn(
 
 
 def load_trunk_weights(body: nn.Module, path: str) -> None:
-    """Load a ResNet classifier state_dict (optionally under "model"/"state_dict", keys
-    prefixed by "module."/"model.") into the FPN body; its `fc` is dropped."""
+    """Load a ResNet classifier checkpoint (``mabn.convert.plain_state_dict``) into the FPN
+    body; its `fc` is dropped, and a stem trained on gray images (Fashion-MNIST) takes RGB
+    with the same response to a gray image."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
-    state = load_weights_only(path)
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = plain_state_dict(load_weights_only(path))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = body.state_dict()
+    stem, channels = state.get("conv1.weight"), own["conv1.weight"].shape[1]
+    if stem is not None and stem.shape[1] == 1 and channels > 1:  # trained on gray images
+        state["conv1.weight"] = stem.repeat(1, channels, 1, 1) / channels  # same response to gray
     wrong = [
         f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}"
         for k, v in state.items()
@@ -97,9 +98,3 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
         warnings.warn(
             f"weights={path}: ignored {len(unexpected)} keys the backbone lacks, e.g. {unexpected[:3]}"
         )
-
-
-def _strip_prefixes(key: str) -> str:
-    while key.startswith(("module.", "model.")):
-        key = key.split(".", 1)[1]
-    return key

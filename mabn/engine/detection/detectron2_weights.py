@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ...convert import Centralize
+from ...convert import plain_state_dict
 from ...serialization import load_weights_only
 
 _STAGE_LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)")
@@ -37,19 +37,10 @@ def detectron2_resnet_state(state: dict) -> tuple[dict, list[str]]:
     """(state in detectron2's ResNet naming, ignored keys) from an ImageNet ResNet state dict:
     train_imagenet.py's model_final.pt (timm), torchvision's, optionally under "model" or
     "state_dict" with "module."/"model." prefixes, or detectron2's own (``backbone.bottom_up.``).
-    Centralized conv weights (``parametrizations.weight.original``) are stored centralized."""
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
+    Centralized conv weights are stored centralized (``mabn.convert.plain_state_dict``)."""
     converted, ignored = {}, []
-    for key, value in state.items():
-        name = key
-        while name.startswith(("module.", "model.")):
-            name = name.split(".", 1)[1]
-        name = name.removeprefix("backbone.bottom_up.")
-        if name.endswith(".parametrizations.weight.original"):
-            name = name.removesuffix(".parametrizations.weight.original") + ".weight"
-            value = Centralize()(value)
+    for key, value in plain_state_dict(state).items():
+        name = key.removeprefix("backbone.bottom_up.")
         if name.startswith("fc."):  # the classifier
             continue
         new = detectron2_resnet_key(name)
