@@ -130,6 +130,16 @@ def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):
         assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
 
 
+def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
+    """joblib's workers (hydra/launcher=local_parallel) replace the start method that loader
+    workers need; the runs must still start theirs."""
+    overrides = [o for o in scenes if o != "workers=0"]
+    result = cli("-m", "hydra/launcher=local_parallel", *overrides, "workers=1", "threads=1", "norm=bn,mabn",
+                 "max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(read_summary(tmp_path / f"{norm}-b2-scratch-s0")["steps"] == 2 for norm in ("bn", "mabn"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,
                     reason="detectron2 is installed: tests/test_detectron2.py simulates its absence instead")
 def test_detectron2_engine_without_detectron2_fails_at_once_with_one_line(tmp_path):

@@ -5,6 +5,7 @@ the model and data and define the loss, the evaluation and the summary."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import signal
 import time
 from pathlib import Path
@@ -40,6 +41,13 @@ def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
         raise ConfigError(f"{run_dir} holds a checkpoint of a different config: use another run "
                           "directory (hydra.run.dir=...) or delete it to start over")
     return state
+
+
+def worker_start_method() -> str | None:
+    """How loader workers start: the interpreter's way, unless a launcher replaced it (joblib's
+    loky workers, hydra/launcher=local_parallel, have their own, which cannot start them)."""
+    methods = multiprocessing.get_all_start_methods()  # the platform's default first
+    return None if multiprocessing.get_start_method(allow_none=True) in (None, *methods) else methods[0]
 
 
 class TrainingRun:
@@ -152,7 +160,8 @@ class TrainingRun:
         return DataLoader(dataset, batch_size=self.per_device_batch, sampler=sampler,
                           num_workers=self.cfg.workers, pin_memory=self.env.device.type == "cuda",
                           drop_last=sampler.drop_last, collate_fn=self.collate_fn,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+                          generator=torch.Generator().manual_seed(self.cfg.seed),
+                          multiprocessing_context=worker_start_method() if self.cfg.workers else None)
 
     def train_step(self, batch) -> tuple[torch.Tensor, dict]:
         with torch.autocast(self.env.device.type, enabled=self.amp):

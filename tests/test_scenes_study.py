@@ -1,0 +1,62 @@
+"""The detection study: its grid and recipe, and its report on made-up run summaries."""
+
+import json
+import sys
+
+import pytest
+
+from hydra_configs import ROOT, compose_config, sweep_jobs
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import scenes_report  # noqa: E402
+
+
+def test_the_grid_is_every_one_process_norm_at_2_images_with_2_seeds():
+    jobs = sweep_jobs("train_coco", ["experiment=scenes_study"])
+    assert sorted((j[2], j[1]) for j in jobs) == sorted(
+        (f"norm={n}", f"seed={s}") for n in ("bn", "brn", "gn", "mabn") for s in (0, 1))
+    cfg = compose_config("train_coco", ["experiment=scenes_study", "norm=mabn"])
+    assert (cfg.batch, cfg.start, cfg.detector.name, cfg.data.name) == (2, "scratch", "r18_fpn_small", "fashion_scenes")
+    assert cfg.optim.base_lr * cfg.batch / cfg.optim.reference_batch == pytest.approx(0.01)
+    assert cfg.norm.options.sma_window == 16 and cfg.norm.schedule_reference_steps == 180000
+
+
+def test_the_default_run_and_the_papers_runs_keep_their_own_solvers():
+    default = compose_config("train_coco")
+    paper = compose_config("train_coco", ["experiment=paper_coco_scratch", "data.root=/coco"])
+    assert (default.optim.base_lr, default.schedule.max_iter) == (0.08, 1000)
+    assert (paper.optim.base_lr, paper.schedule.max_iter) == (0.02, 180000)
+
+
+def summary(norm, start, seed, box, mask, steps=2000, world_size=1):
+    config = {"detector": {"name": "r18_fpn_small"}, "schedule": {"max_iter": 2000, "steps": [1500, 1800]},
+              "data": {"name": "fashion_scenes", "train_images": 2000, "val_images": 200, "canvas_size": 128},
+              "batch": 2, "optim": {"base_lr": 0.08, "reference_batch": 16}, "norm": {"schedule_reference_steps": 180000}}
+    metrics = {f"{kind}_AP{suffix}": value for kind, value in (("box", box), ("mask", mask))
+               for suffix in ("", "50", "75")}
+    return {**metrics, "norm": norm, "label": norm, "start": start, "seed": seed, "steps": steps, "batch": 2,
+            "world_size": world_size, "config": config}
+
+
+def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path):
+    runs = tmp_path / "runs"
+    rows = [("bn", "scratch", 0, 20.0, 18.0), ("bn", "scratch", 1, 21.0, 18.5),
+            ("mabn", "scratch", 0, 25.0, 22.0), ("mabn", "scratch", 1, 25.6, 22.4),
+            ("syncbn", "scratch", 0, 25.2, 22.1), ("syncbn", "scratch", 1, 25.5, 22.3)]
+    for norm, start, seed, box, mask in rows:
+        (runs / f"{norm}-{seed}").mkdir(parents=True)
+        (runs / f"{norm}-{seed}" / "summary.json").write_text(json.dumps(
+            summary(norm, start, seed, box, mask, world_size=2 if norm == "syncbn" else 1)))
+    (runs / "brn-cut").mkdir()  # a run cut short (preempted) is not counted
+    (runs / "brn-cut" / "summary.json").write_text(json.dumps(summary("brn", "scratch", 0, 1.0, 1.0, steps=5)))
+    scenes_report.main([str(runs), "--results", str(tmp_path / "results")])
+    text = (tmp_path / "results" / "scenes_study.md").read_text()
+    assert "| scratch | mabn | 1 x 2 | 2 | 25.3 ± " in text and "| scratch | syncbn | 2 x 2 | 2 |" in text
+    assert "| scratch | brn |" not in text and "36.5 / 32.69" in text
+    lines = text.splitlines()
+    mabn_vs_bn = next(line for line in lines if line.startswith("- **MABN is better than BN from scratch"))
+    assert "box AP +4.80 [" in mabn_vs_bn and mabn_vs_bn.count("**supported**") == 2
+    mabn_vs_syncbn = next(line for line in lines if "within noise of SyncBN over 2 processes" in line)
+    assert mabn_vs_syncbn.count("**supported (within noise)**") == 2
+    assert any(line.startswith("- **BRN is better than BN from scratch") and "Not run yet" in line for line in lines)
+    assert (tmp_path / "results" / "scenes_study.png").stat().st_size > 0
