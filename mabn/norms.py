@@ -86,18 +86,13 @@ def group_sums(values: torch.Tensor, groups: int, channels: int) -> torch.Tensor
     return values.view(groups, -1, channels).sum(1)
 
 
-def broadcast_normalize(x, mean, var, weight, bias, eps):
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` with (G, C) values, in broadcast ops."""
-    gain = weight * torch.rsqrt(var + eps)
-    return torch.addcmul(per_sample(bias - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
-
-
 def normalize(x, mean, var, weight, bias, eps):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with (G, C) values: one pass over x, in
     torch's batch-norm (inference) kernel where ``kernel_view`` allows."""
     view = kernel_view(x, len(mean))
-    if view is None:
-        return broadcast_normalize(x, mean, var, weight, bias, eps)
+    if view is None:  # broadcast ops
+        gain = weight * torch.rsqrt(var + eps)
+        return torch.addcmul(per_sample(bias - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
     flat, values = view
     y = torch.batch_norm(flat, values(weight), values(bias), values(mean), values(var), False, 0.0, eps,
                          torch.backends.cudnn.enabled)
@@ -124,9 +119,9 @@ def gradient_sums(dy, x, mean, var, eps):
 class _GroupBatchNormFunction(torch.autograd.Function):
     """``y = (x - mean) / sqrt(var + eps) * scale + shift`` per (group, channel), with the
     group's batch ``mean`` and biased ``var`` (given, computed without gradient); the backward
-    is batch normalization's, through the statistics. Passes over the activations as
-    nn.BatchNorm2d makes them: the forward writes y in one; the backward reads dy and x once for
-    the sums and once more to write dx (torch's own kernel for one group)."""
+    is batch normalization's, through the statistics. The forward writes y in one pass; the
+    backward reads dy and x once for the sums, then writes dx in two (``dy * gain`` plus a
+    constant, then the x term in place); with one group it is torch's own backward kernel."""
 
     @staticmethod
     def forward(ctx, x, mean, var, scale, shift, eps):
