@@ -40,23 +40,25 @@ def summary(norm, start, seed, box, mask, steps=2000, world_size=1):
 
 def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path):
     runs = tmp_path / "runs"
-    rows = [("bn", "scratch", 0, 20.0, 18.0), ("bn", "scratch", 1, 21.0, 18.5),
-            ("mabn", "scratch", 0, 25.0, 22.0), ("mabn", "scratch", 1, 25.6, 22.4),
-            ("syncbn", "scratch", 0, 25.2, 22.1), ("syncbn", "scratch", 1, 25.5, 22.3)]
-    for norm, start, seed, box, mask in rows:
-        (runs / f"{norm}-{seed}").mkdir(parents=True)
-        (runs / f"{norm}-{seed}" / "summary.json").write_text(json.dumps(
-            summary(norm, start, seed, box, mask, world_size=2 if norm == "syncbn" else 1)))
+    rows = [("bn", 1, 0, 20.0, 18.0), ("bn", 1, 1, 21.0, 18.5),
+            ("mabn", 1, 0, 25.0, 22.0), ("mabn", 1, 1, 25.6, 22.4),
+            ("mabn", 2, 0, 30.1, 26.0), ("mabn", 2, 1, 30.5, 26.2),
+            ("syncbn", 2, 0, 30.2, 26.1), ("syncbn", 2, 1, 30.4, 26.3)]
+    for norm, processes, seed, box, mask in rows:
+        run = runs / f"{norm}-{processes}-{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps(summary(norm, "scratch", seed, box, mask, world_size=processes)))
     (runs / "brn-cut").mkdir()  # a run cut short (preempted) is not counted
     (runs / "brn-cut" / "summary.json").write_text(json.dumps(summary("brn", "scratch", 0, 1.0, 1.0, steps=5)))
     scenes_report.main([str(runs), "--results", str(tmp_path / "results")])
     text = (tmp_path / "results" / "scenes_study.md").read_text()
-    assert "| scratch | mabn | 1 x 2 | 2 | 25.3 ± " in text and "| scratch | syncbn | 2 x 2 | 2 |" in text
+    assert "| scratch | mabn | 1 x 2 | 2 | 25.3 ± " in text and "| scratch | mabn | 2 x 2 | 2 | 30.3 ± " in text
+    assert "| scratch | syncbn | 2 x 2 | 2 | 30.3 ± " in text
     assert "| scratch | brn |" not in text and "36.5 / 32.69" in text
     lines = text.splitlines()
     mabn_vs_bn = next(line for line in lines if line.startswith("- **MABN is better than BN from scratch"))
     assert "box AP +4.80 [" in mabn_vs_bn and mabn_vs_bn.count("**supported**") == 2
-    mabn_vs_syncbn = next(line for line in lines if "within noise of SyncBN over 2 processes" in line)
-    assert mabn_vs_syncbn.count("**supported (within noise)**") == 2
+    mabn_vs_syncbn = next(line for line in lines if "within noise of SyncBN from scratch" in line)
+    assert "2 vs 2 processes" in mabn_vs_syncbn and mabn_vs_syncbn.count("**supported (within noise)**") == 2
     assert any(line.startswith("- **BRN is better than BN from scratch") and "Not run yet" in line for line in lines)
     assert (tmp_path / "results" / "scenes_study.png").stat().st_size > 0
