@@ -31,6 +31,19 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def experiments_of(config_name: str) -> list[str]:
+    """The experiment options that compose with an entry point's primary config (every option
+    composes with one at least: tests/test_train_imagenet.py checks that)."""
+    def composes(option):
+        try:
+            compose_config(config_name, [f"experiment={option}", "data.root=/somewhere"])
+        except Exception:  # noqa: BLE001 (Hydra raises several kinds for a group the config lacks)
+            return False
+        return True
+
+    return [option for option in group_options("experiment") if composes(option)]
+
+
 def base_norms() -> list[str]:
     """The norm options that are layers (bn, mabn, ...), not variants of one (mabn_no_wc, ...)."""
     return [name for name in group_options("norm") if "_" not in name]

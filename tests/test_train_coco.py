@@ -11,14 +11,14 @@ from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
-from hydra_configs import ROOT, base_norms, compose_config, group_options, sweep_jobs
+from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import torchvision_engine
 from mabn.engine.detection.torchvision_engine import DetectionRun, train
 from run_files import assert_same_run, read_metrics, read_summary
 from torchrun import torchrun
 
-COCO_EXPERIMENTS = [name for name in group_options("experiment") if "coco" in name]
+COCO_EXPERIMENTS = sorted(set(experiments_of("train_coco")) - set(experiments_of("train_imagenet")))
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from hydra_configs import ROOT, base_norms, compose_config, group_options
+from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options
 from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
@@ -32,9 +32,11 @@ def cli(*overrides, env=None, timeout=300):
 
 @pytest.mark.parametrize("group", ["norm", "model", "data", "optim", "logger", "experiment"])
 def test_every_option_of_every_group_composes_and_resolves(group):
-    for option in group_options(group):
-        if group == "experiment" and "coco" in option:
-            continue  # train_coco.py's (tests/test_train_coco.py)
+    options = group_options(group)
+    if group == "experiment":  # the others are train_coco.py's (tests/test_train_coco.py)
+        options = experiments_of("train_imagenet")
+        assert set(options) | set(experiments_of("train_coco")) == set(group_options("experiment"))  # none broken
+    for option in options:
         needs_root = ["data.root=/somewhere"] if "imagenet" in option else []
         cfg = compose_config("train_imagenet", [f"{group}={option}", *needs_root])
         resolved = OmegaConf.to_container(cfg, resolve=True)
