@@ -21,6 +21,7 @@ from mabn.data.imagenet import Lighting, imagenet_datasets
 from mabn.data.scenes import generate_fashion_scenes
 from mabn.data.synthetic import SyntheticImages
 from mabn.detection.coco_eval import detections_to_coco, evaluate_coco
+from mabn.engine.classification import subset
 
 needs_debian = pytest.mark.skipif(
     not fashion_mnist.DEBIAN_DIR.is_dir(), reason="needs `apt-get install dataset-fashion-mnist`"
@@ -244,6 +245,16 @@ def test_the_limit_counts_the_bad_files_of_every_loader_worker(faulty_imagenet, 
     with pytest.raises(TooManyBadImages) as excinfo:
         val[1]  # its replacement, sample 2, is the second bad file
     assert one_line(excinfo).startswith(message.format(bad))
+
+
+def test_a_limited_data_set_replaces_and_counts_within_its_limit(faulty_imagenet):
+    _, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.5)
+    first_two = subset(val, 2)  # data.val_samples_limit=2: sample 1 is bad
+    image, label = first_two[1]
+    assert len(first_two) == 2 and torch.equal(image, val[0][0]) and label == 0  # not sample 2, past the limit
+    _, val = imagenet_datasets(faulty_imagenet, max_bad_fraction=0.25)  # 1 of 4 allowed, 0 of 2
+    with pytest.raises(TooManyBadImages, match="1 of 2 images cannot be read"):
+        subset(val, 2)[1]
 
 
 def test_an_io_failure_of_the_moment_is_not_a_bad_file():

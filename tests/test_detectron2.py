@@ -4,6 +4,7 @@ message when detectron2 is missing."""
 
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,8 @@ pytestmark = [pytest.mark.detectron2, pytest.mark.filterwarnings("ignore::Deprec
 import detectron2.layers  # noqa: E402
 import detectron2.layers.batch_norm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.evaluation import COCOEvaluator  # noqa: E402
 
 import mabn  # noqa: E402
 from hydra_configs import ROOT, compose_config  # noqa: E402
@@ -163,6 +166,26 @@ def test_two_process_ddp_with_torchrun(scenes, tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
     assert (result.stdout + result.stderr).count("Start inference on 1 batches") == 2  # 2 val images, 1 per process
+
+
+def test_unreadable_images_are_replaced_listed_and_evaluated_once(scenes, tmp_path, monkeypatch, capsys):
+    own_scenes = [*scenes, f"data.root={tmp_path / 'scenes'}", "data.max_bad_fraction=0.5"]  # one file each broken
+    cfg = compose_config("train_coco", [*own_scenes, "norm=bn", "max_steps=4"])  # 4 x 2 images: all 8 drawn
+    d2cfg = build_detectron2_cfg(cfg, tmp_path / "run")
+    truncated = DatasetCatalog.get(d2cfg.DATASETS.TRAIN[0])[3]["file_name"]
+    Path(truncated).write_bytes(Path(truncated).read_bytes()[:100])
+    val = DatasetCatalog.get(d2cfg.DATASETS.TEST[0])
+    Path(val[0]["file_name"]).unlink()  # val sample 0 becomes a copy of sample 1
+    evaluated = []
+    monkeypatch.setattr(COCOEvaluator, "_eval_predictions",
+                        lambda self, predictions, img_ids=None: evaluated.extend(p["image_id"] for p in predictions))
+    summary = train(cfg, tmp_path / "run")
+    assert summary["steps"] == 4
+    assert (tmp_path / "run" / "unreadable_train.txt").read_text() == truncated + "\n"
+    assert (tmp_path / "run" / "unreadable_val.txt").read_text() == val[0]["file_name"] + "\n"
+    assert evaluated == [val[1]["image_id"]]  # the stand-in once; the missing image scores as missed
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: cannot read")]
+    assert len(warnings) == 2 and truncated in warnings[0]
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):

@@ -43,16 +43,23 @@ class SkipUnreadable(Dataset):
     every loader process, epoch and relaunch of a run, so that each file is reported once
     and the limit counts all of them. Without it each process counts on its own."""
 
-    def __init__(self, dataset, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None):
+    def __init__(self, dataset, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None,
+                 size: int | None = None):
         self.dataset, self.max_bad_fraction, self.record, self.bad_images = dataset, max_bad_fraction, record, {}
+        self.size = min(size or len(dataset), len(dataset))
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("dataset", "max_bad_fraction", "record", "bad_images"):
+        if name.startswith("__") or name in ("dataset", "max_bad_fraction", "record", "bad_images", "size"):
             raise AttributeError(name)  # not set yet (unpickling in a worker)
         return getattr(self.dataset, name)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.size
+
+    def first(self, size: int | None) -> "SkipUnreadable":
+        """The first ``size`` samples (all if None or 0): an unreadable one among them is
+        replaced from among them, and ``max_bad_fraction`` counts them only."""
+        return SkipUnreadable(self.dataset, self.max_bad_fraction, self.record, size)
 
     def __getitem__(self, index: int):
         for offset in range(len(self)):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, check_normalization_batch
+from ..data.faults import SkipUnreadable
 from ..data.fashion_mnist import FashionMNIST
 from ..data.imagenet import imagenet_datasets
 from ..data.synthetic import SyntheticImages
@@ -35,6 +36,9 @@ def build_datasets(data_cfg, run_dir=None):
 
 
 def subset(dataset, size):
+    """The first ``size`` samples (all if None or 0); unreadable images are replaced from among them."""
+    if isinstance(dataset, SkipUnreadable):
+        return dataset.first(size)
     return dataset if not size or size >= len(dataset) else torch.utils.data.Subset(dataset, range(size))
 
 

@@ -46,7 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
 
 from detectron2.config import CfgNode  # noqa: E402  (after the one-line ImportError)
-from detectron2.data import (MetadataCatalog, build_detection_test_loader,  # noqa: E402
+from detectron2.data import (DatasetMapper, MetadataCatalog, build_detection_test_loader,  # noqa: E402
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.samplers import TrainingSampler  # noqa: E402
 from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks  # noqa: E402
@@ -58,6 +58,7 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from ...config import ConfigError, first_line, resolved  # noqa: E402
 from ...convert import centralize_weights  # noqa: E402
+from ...data.faults import SkipUnreadable  # noqa: E402
 from .. import checkpoint as ckpt  # noqa: E402
 from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
@@ -95,6 +96,48 @@ def check_norms_kept(model: torch.nn.Module, made: list, norm: str) -> None:
     if lost or frozen:
         raise RuntimeError(f"detectron2 replaced {lost} of the {len(made)} {norm} layers it built "
                            f"({frozen} FrozenBatchNorm2d in the model): check MODEL.BACKBONE.FREEZE_AT")
+
+
+# -- data ---------------------------------------------------------------------------------
+class MappedDicts(torch.utils.data.Dataset):
+    """detectron2's dataset dicts through its ``DatasetMapper`` (which reads the image), as a
+    data set that ``SkipUnreadable`` wraps: an image that cannot be read is replaced by the
+    next readable one, as in the torchvision engine."""
+
+    def __init__(self, dicts: list, mapper: DatasetMapper):
+        self.dicts, self.mapper = dicts, mapper
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.mapper(self.dicts[index])  # the mapper copies the dict
+
+    def image_path(self, index: int) -> str:
+        return self.dicts[index]["file_name"]
+
+
+def as_is(sample):
+    """The loader's mapper: samples come mapped from ``MappedDicts``."""
+    return sample
+
+
+def detection_dataset(d2cfg: CfgNode, cfg, run_dir: Path, split: str, dicts: list) -> SkipUnreadable:
+    """A split's images and annotations, read by detectron2's mapper, with unreadable images
+    replaced and listed in ``unreadable_{split}.txt`` (at most ``data.max_bad_fraction``)."""
+    mapper = DatasetMapper(d2cfg, is_train=split == "train")
+    return SkipUnreadable(MappedDicts(dicts, mapper), cfg.data.max_bad_fraction, run_dir / f"unreadable_{split}.txt")
+
+
+class OncePerImageEvaluator(COCOEvaluator):
+    """COCOEvaluator that counts each image once: an unreadable image's stand-in (the next
+    image) is predicted twice, possibly on two processes."""
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        unique = {}
+        for prediction in predictions:
+            unique.setdefault(prediction["image_id"], prediction)
+        return super()._eval_predictions(list(unique.values()), img_ids)
 
 
 # -- training -----------------------------------------------------------------------------
@@ -257,8 +300,12 @@ class Detectron2Run:
     def evaluate(self) -> dict:
         """COCO box and mask AP (%) on the validation split ("eval/" keys; undefined AP is 0)."""
         name = self.d2cfg.DATASETS.TEST[0]
-        evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), distributed=True, use_fast_impl=False)
-        results = inference_on_dataset(unwrap(self.model), build_detection_test_loader(self.d2cfg, name), evaluator)
+        evaluator = OncePerImageEvaluator(name, tasks=("bbox", "segm"), distributed=True, use_fast_impl=False)
+        dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "val",
+                                    get_detection_dataset_dicts(name, filter_empty=False))
+        loader = build_detection_test_loader(dataset=dataset, mapper=as_is,
+                                             num_workers=self.d2cfg.DATALOADER.NUM_WORKERS)
+        results = inference_on_dataset(unwrap(self.model), loader, evaluator)
         metrics = {}
         for ours, theirs in (("box", "bbox"), ("mask", "segm")):
             for metric in AP_METRICS:
@@ -281,7 +328,8 @@ class Detectron2Run:
             self.model = create_ddp_model(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_buffer_sync)
         sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, self.step * self.cfg.batch)
-        loader = build_detection_train_loader(self.d2cfg, dataset=self.train_dicts, sampler=sampler)
+        dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "train", self.train_dicts)
+        loader = build_detection_train_loader(self.d2cfg, dataset=dataset, mapper=as_is, sampler=sampler)
         if self.rng_states is not None:
             ckpt.restore_rng_states(self.rng_states)
         self.trainer = Trainer(self.model, loader, self.optimizer, self.amp, device.type, self.checkpoint_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Subset
 
 from ...data.coco import coco_dataset, collate_detection, num_classes
 from ...detection.coco_eval import detections_to_coco, evaluate_coco
@@ -44,8 +43,7 @@ class DetectionRun(TrainingRun):
         self.coco_gt = val_set.coco
         limit = cfg.data.val_images_limit
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
-        if limit:
-            val_set = Subset(val_set, range(min(limit, len(val_set))))
+        val_set = val_set.first(limit)
         detector = cfg.detector
         model = build_maskrcnn(num_classes(self.coco_gt), norm_layer_from_config(cfg.norm), detector.backbone,
                                cfg.weights, cfg.data.min_size, cfg.data.max_size, detector.channels,
