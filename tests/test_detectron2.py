@@ -156,6 +156,7 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     assert all(torch.equal(value, straight_final[key]) for key, value in final.items())
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_with_torchrun(scenes, tmp_path):
     """One process per device started by torchrun (or SLURM), not by detectron2's launch()."""
     result = torchrun("train_coco.py", *scenes, "norm=mabn", "max_steps=2", f"hydra.run.dir={tmp_path}")

@@ -18,6 +18,7 @@ from mabn.engine.distributed import shutdown_distributed
 from hydra_configs import ROOT
 from torchrun import free_port
 
+pytestmark = pytest.mark.multiprocess
 WORLD = 2
 OPTIONS = {
     "bn": {"normalization_batch": 2}, "brn": {"normalization_batch": 2}, "gn": {"num_groups": 2},

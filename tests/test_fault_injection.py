@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from hydra_configs import ROOT
 from run_files import assert_same_run, read_metrics
 from test_data import needs_debian
 
+pytestmark = pytest.mark.multiprocess
 KILLS = 3
 
 

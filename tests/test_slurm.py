@@ -193,6 +193,7 @@ def checkpoint_step(run_dir: Path) -> int:
 
 
 @pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_sweep_runs_every_job_on_the_cluster_and_logs_to_wandb_offline(sweep):
     run = sweep(*TINY, "norm=bn,mabn", "batch=2,4", "max_steps=6", "log_every_steps=2", "logger=wandb",
                 "logger.mode=offline", "logger.group=slurm-test")
@@ -214,6 +215,7 @@ def test_sweep_runs_every_job_on_the_cluster_and_logs_to_wandb_offline(sweep):
 
 
 @pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, tmp_path):
     # checkpoints every 0.6 s; no evaluation before the end; 400 steps ~ 25 s of training
     overrides = [*TINY, "norm=mabn", "batch=2", "seed=1", "epochs=100", "eval_every_epochs=100", "max_steps=400",
@@ -265,6 +267,7 @@ def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, 
 
 
 @pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_two_tasks_per_node_train_one_ddp_run(sweep):
     run = sweep(*TINY, "norm=syncbn", "max_steps=4", "log_every_steps=2",
                 "hydra.launcher.tasks_per_node=2")

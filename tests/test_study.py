@@ -70,6 +70,7 @@ TINY = ["max_steps=6", "data.train_samples_limit=256", "data.val_samples_limit=6
         "eval_every_epochs=100"]
 
 
+@pytest.mark.multiprocess
 def test_a_tiny_study_and_its_report(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     sweep = [f"hydra.sweep.dir={runs}", *TINY]

@@ -118,6 +118,7 @@ def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
     assert_same_run(straight, interrupted, AP_KEYS)
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):
     result = torchrun("train_coco.py", "-m", *scenes, "norm=syncbn,mabn", "max_steps=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +131,7 @@ def test_two_process_ddp_runs_every_job_of_a_multirun(scenes, tmp_path):
         assert [r["step"] for r in records if "train/loss" in r] == [1, 2]  # rank 0 alone logs
 
 
+@pytest.mark.multiprocess
 def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
     """joblib's workers (hydra/launcher=local_parallel) replace the start method that loader
     workers need; the runs must still start theirs."""

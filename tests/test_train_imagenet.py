@@ -201,6 +201,7 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
     assert config["batch"] == 4 and config["logger"]["group"] == "test-sweep"
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_on_cpu_runs_every_job_of_a_multirun(tmp_path):
     result = torchrun("train_imagenet.py", "-m", *SYNTHETIC, "norm=syncbn,mabn", "batch=4", "max_steps=4",
                       f"hydra.sweep.dir={tmp_path}")
