@@ -6,12 +6,16 @@
 
 Writes ``scenes_study.md`` (box and mask AP, AP50, AP75: mean, 95 % interval and spread over
 seeds, beside the paper's COCO numbers; each claim of the paper's COCO table with this
-study's difference and interval) and ``scenes_study.png``. Only finished runs count.
+study's difference and interval) and ``scenes_study.png``. Only finished runs count. Each
+finished run's summary is also kept in ``scenes_study_runs/<run>.json`` beside the table, and
+read back from there: a study spread over sessions or machines (whose run folders are gone)
+still reports every run, and ``scenes_study.sh`` skips the runs kept there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +38,20 @@ CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, 
     ("Fine-tuned, MABN is within noise of SyncBN (paper: 38.42 vs 38.25)", ("finetune", "mabn", 2),
      ("finetune", "syncbn", 2), "zero"),
 ]
+
+
+def kept_summaries(runs: Path, kept: Path) -> list[dict]:
+    """The finished runs under ``runs`` and those kept in ``kept`` (a run folder's summary wins);
+    each new one of ``runs`` is added to ``kept``, named by its run folder."""
+    found = {Path(s["path"]).name: s for s in load_summaries(runs)}
+    steps = lambda s: s["config"]["schedule"]["max_iter"]
+    for name, s in found.items():
+        if s["steps"] == steps(s) and not (kept / f"{name}.json").exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "path"}, indent=2))
+    for path in sorted(kept.glob("*.json")):
+        found.setdefault(path.stem, json.loads(path.read_text()) | {"path": str(path)})
+    return list(found.values())
 
 
 def group(summaries: list[dict], expected_steps: int | None) -> dict:
@@ -115,7 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
 
-    summaries = load_summaries(args.runs)
+    summaries = kept_summaries(args.runs, args.results / "scenes_study_runs")
     if not summaries:
         raise SystemExit(f"error: no finished runs under {args.runs}: run bash scripts/scenes_study.sh first")
     steps = summaries[0]["config"]["schedule"]["max_iter"]

@@ -1,6 +1,7 @@
 """The detection study: its grid and recipe, and its report on made-up run summaries."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -62,3 +63,8 @@ def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path)
     assert "2 vs 2 processes" in mabn_vs_syncbn and mabn_vs_syncbn.count("**supported (within noise)**") == 2
     assert any(line.startswith("- **BRN is better than BN from scratch") and "Not run yet" in line for line in lines)
     assert (tmp_path / "results" / "scenes_study.png").stat().st_size > 0
+    kept = tmp_path / "results" / "scenes_study_runs"
+    assert sorted(p.stem for p in kept.glob("*.json")) == sorted(f"{n}-{p}-{s}" for n, p, s, _, _ in rows)
+    shutil.rmtree(runs)  # the run folders are gone (another session, another machine): the kept runs report
+    scenes_report.main([str(runs), "--results", str(tmp_path / "results")])
+    assert (tmp_path / "results" / "scenes_study.md").read_text() == text
