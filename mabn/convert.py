@@ -60,11 +60,25 @@ def conv_norm_pairs(model: nn.Module):
     return pairs
 
 
+class _Centered(torch.autograd.Function):
+    """W - mean(W) per output channel. The map is a symmetric projection, so its gradient is
+    the same projection of the incoming one: two passes over the weight each way, where
+    autograd's chain (neg, expand, div, add) makes four in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Centered.apply(grad)
+
+
 class Centralize(nn.Module):
     """Weight centralization: W - mean(W) over (in_channels, kh, kw), per output channel."""
 
     def forward(self, weight):
-        return weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        return _Centered.apply(weight)
 
 
 def plain_state_dict(state: dict) -> dict:

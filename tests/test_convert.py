@@ -107,6 +107,19 @@ def test_mabn_conversion_centralizes_weights_and_loads_plain_checkpoints(family)
     assert len(first[1].parametrizations.weight) == 1
 
 
+def test_centralization_gradients_are_those_of_the_formula_to_second_order():
+    conv = mabn.centralize_weights(nn.Sequential(nn.Conv2d(3, 4, 3), mabn.MABN2d(4)))[0]
+    original = conv.parametrizations.weight.original
+    grad = torch.randn_like(original)
+    formula = lambda w: w - w.mean(dim=(1, 2, 3), keepdim=True)
+    ours = torch.autograd.grad((conv.weight * grad).sum().square(), original, create_graph=True)[0]
+    theirs = torch.autograd.grad((formula(original) * grad).sum().square(), original, create_graph=True)[0]
+    torch.testing.assert_close(ours, theirs)
+    probe = torch.randn_like(original)
+    torch.testing.assert_close(torch.autograd.grad((ours * probe).sum(), original)[0],
+                               torch.autograd.grad((theirs * probe).sum(), original)[0])
+
+
 @pytest.mark.parametrize("name", ["bn", "brn", "syncbn"])
 def test_batchnorm_checkpoints_load_into_converted_models(name):
     plain = torchvision.models.resnet18(num_classes=10)

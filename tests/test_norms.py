@@ -287,7 +287,7 @@ def test_autocast_bf16_keeps_statistics_in_fp32(name, options):
 
 
 def assert_compiled_training_matches_eager(name, **compile_options):
-    eager = small_model(name, ALL_NORMS[name])
+    eager = mabn.centralize_weights(small_model(name, ALL_NORMS[name]))  # the convs feeding MABN, as in training
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, **compile_options)
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
