@@ -40,13 +40,19 @@ CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, 
 ]
 
 
+def eval_curve(run_dir: Path) -> dict:
+    """Box and mask AP at each evaluation of a run (its metrics.jsonl): {step: [box, mask]}."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {str(r["step"]): [r["eval/box_AP"], r["eval/mask_AP"]] for r in records if "eval/box_AP" in r}
+
+
 def kept_summaries(runs: Path, kept: Path) -> list[dict]:
-    """The finished runs under ``runs`` and those kept in ``kept`` (a run folder's summary wins);
-    each new one of ``runs`` is added to ``kept``, named by its run folder."""
-    found = {Path(s["path"]).name: s for s in load_summaries(runs)}
-    steps = lambda s: s["config"]["schedule"]["max_iter"]
+    """The finished runs under ``runs`` (with their AP curves) and those kept in ``kept``; each
+    finished run of ``runs`` is (re)written to ``kept``, named by its run folder."""
+    found = {Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))} for s in load_summaries(runs)}
     for name, s in found.items():
-        if s["steps"] == steps(s) and not (kept / f"{name}.json").exists():
+        if s["steps"] == s["config"]["schedule"]["max_iter"]:
             kept.mkdir(parents=True, exist_ok=True)
             (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "path"}, indent=2))
     for path in sorted(kept.glob("*.json")):
@@ -80,6 +86,23 @@ def table(runs: dict) -> str:
                      f"{len(group_runs)} | " + " | ".join(cell([s[m] for s in group_runs]) for m in METRICS)
                      + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |")
     return "\n".join(lines)
+
+
+def curve_table(runs: dict) -> list[str]:
+    """Box AP at each evaluation, mean over seeds: whether a run had leveled off."""
+    steps = sorted({int(k) for group_runs in runs.values() for s in group_runs for k in s.get("curve", {})})
+    if not steps:
+        return []
+    lines = ["Box AP during training (mean over seeds; lr x0.1 at the schedule's steps):", "",
+             "| start | norm | processes x images | " + " | ".join(f"{k} it" for k in steps) + " |",
+             "|---" * (len(steps) + 3) + "|"]
+    for key in [k for k in ORDER if k in runs] + sorted(set(runs) - set(ORDER)):
+        cells = []
+        for step in steps:
+            values = [s["curve"][str(step)][0] for s in runs[key] if str(step) in s.get("curve", {})]
+            cells.append(f"{describe(values)['mean']:.1f}" if values else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} x {runs[key][0]['batch']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def claims(runs: dict) -> list[str]:
@@ -148,7 +171,7 @@ def main(argv=None) -> None:
         "mean ± half-width of the 95 % t-interval over seeds (range). The paper's numbers are COCO "
         "Mask R-CNN R50-FPN 2x: a different scale, for the direction of each comparison only.", "",
         "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.", "",
-        table(runs), "", "![box and mask AP](scenes_study.png)", "",
+        table(runs), "", *curve_table(runs), "![box and mask AP](scenes_study.png)", "",
         "## The paper's claims, one by one", "",
         "Differences in AP points with Welch's 95 % interval; 'within noise' means the interval holds 0.", "",
         *claims(runs),

@@ -49,6 +49,8 @@ def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path)
         run = runs / f"{norm}-{processes}-{seed}"
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps(summary(norm, "scratch", seed, box, mask, world_size=processes)))
+    evaluations = [{"step": step, "eval/box_AP": box, "eval/mask_AP": 1.0} for step, box in ((500, 10.0), (1000, 16.0))]
+    (runs / "mabn-1-0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in evaluations) + "\n")
     (runs / "brn-cut").mkdir()  # a run cut short (preempted) is not counted
     (runs / "brn-cut" / "summary.json").write_text(json.dumps(summary("brn", "scratch", 0, 1.0, 1.0, steps=5)))
     scenes_report.main([str(runs), "--results", str(tmp_path / "results")])
@@ -62,6 +64,7 @@ def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path)
     mabn_vs_syncbn = next(line for line in lines if "within noise of SyncBN from scratch" in line)
     assert "2 vs 2 processes" in mabn_vs_syncbn and mabn_vs_syncbn.count("**supported (within noise)**") == 2
     assert any(line.startswith("- **BRN is better than BN from scratch") and "Not run yet" in line for line in lines)
+    assert "| scratch | mabn | 1 x 2 | 10.0 | 16.0 |" in text and "| scratch | bn | 1 x 2 | - | - |" in text
     assert (tmp_path / "results" / "scenes_study.png").stat().st_size > 0
     kept = tmp_path / "results" / "scenes_study_runs"
     assert sorted(p.stem for p in kept.glob("*.json")) == sorted(f"{n}-{p}-{s}" for n, p, s, _, _ in rows)
