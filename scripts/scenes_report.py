@@ -150,6 +150,16 @@ def recipe(summary: dict) -> str:
             f"{c['norm'].get('schedule_reference_steps')} iterations")
 
 
+def scaled_schedules(summaries: list[dict]) -> str:
+    """Each layer's iteration counts as the runs used them (e.g. BRN's warm-up after scaling)."""
+    layers = {}
+    for s in summaries:
+        for layer, options in (s.get("norm_schedule") or {}).items():
+            layers.setdefault(layer, options)
+    return "; ".join(f"{layer} " + ", ".join(f"{k} {v}" for k, v in options.items())
+                     for layer, options in sorted(layers.items()))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="?", type=Path, default=Path("runs/scenes_study"))
@@ -163,7 +173,8 @@ def main(argv=None) -> None:
     runs = group(summaries, steps)
     text = "\n".join([
         "# Detection study: Mask R-CNN on generated scenes, from scratch and fine-tuned", "",
-        f"Recipe (configs/experiment/scenes_study.yaml, fixed before the runs): {recipe(summaries[0])}. "
+        f"Recipe (configs/experiment/scenes_study.yaml, fixed before the runs): {recipe(summaries[0])} "
+        f"({scaled_schedules(summaries) or 'none recorded'}). "
         "BN, BRN, GN and MABN run one process x 2 images; SyncBN, and MABN beside it, 2 processes x 2 "
         "images (gloo; 4 images per iteration at twice the lr, linear scaling, as the paper's 8 GPUs x 2), "
         "so each claim compares runs of one size. Fine-tuning starts from Fashion-MNIST ResNet-18 "
