@@ -47,6 +47,8 @@ def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float) -> t
     to each group in turn would leave it.
     """
     steps = stats.shape[0]
+    if steps == 1:
+        return torch.stack([initial, torch.lerp(initial, stats[0], momentum)])
     k = torch.arange(steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
     j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
     keep = 1.0 - momentum
@@ -56,8 +58,11 @@ def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float) -> t
 
 
 def per_sample(values: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(G, C) per-group values as (N, C, 1, 1) per-sample values that broadcast against x."""
+    """(G, C) per-group values as (N, C, 1, 1) per-sample values that broadcast against x
+    ((1, C, 1, 1), a view, for one group)."""
     groups, channels = values.shape
+    if groups == 1:
+        return values.view(1, channels, 1, 1)
     return values.unsqueeze(1).expand(groups, batch_size // groups, channels).reshape(batch_size, channels, 1, 1)
 
 
@@ -191,6 +196,8 @@ class _GroupedBatchStats(nn.Module):
         buffers = [None, None] if dtype == x.dtype else [flat.new_zeros(flat.shape[1], dtype=dtype),
                                                           flat.new_ones(flat.shape[1], dtype=dtype)]
         means, variances = torch.batch_norm_update_stats(flat, *buffers, 0.0)
+        if groups == 1:
+            return variances.view(1, channels), means.view(1, channels), count
         means = means.view(groups, -1, channels)
         mean = means.mean(1)
         # within the samples of a group plus between their means (equal counts)
@@ -328,15 +335,15 @@ class _MABNFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, var, r, use_window = ctx.saved_tensors
         groups, channels = var.shape
-        inv_std = torch.rsqrt(var + ctx.eps)
         zero = torch.zeros_like(var)
         sum_dy, dy_z = gradient_sums(dy, x, zero, var, ctx.eps)
-        psi = weight * r * dy_z / (x.numel() // (groups * channels))
+        gain = weight * r
+        psi = gain * dy_z / (x.numel() // (groups * channels))
         psi_sma, history = window_average(ctx.psi_window, psi)
         ctx.psi_window.copy_(history)
         psi = torch.where(use_window, psi_sma, psi)
-        dx = normalize(dy, zero, var, weight * r, zero, ctx.eps)  # g * inv_std
-        dx.addcmul_(x, per_sample(-psi * inv_std * inv_std, len(x)))
+        dx = normalize(dy, zero, var, gain, zero, ctx.eps)  # g * inv_std
+        dx.addcmul_(x, per_sample(psi.div(var + ctx.eps).neg_(), len(x)))  # - z * psi * inv_std
         return dx.to(dy.dtype), (r * dy_z).sum(0), sum_dy.sum(0), None, None, None, None, None
 
 
@@ -464,25 +471,30 @@ class MABN2d(nn.Module):
         chi2 = squares.view(groups, -1, x.shape[1]).sum(1) / count
         chi2_sma, history = window_average(self.chi2_window, chi2)
         self.chi2_window.copy_(history)
-        step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=x.device)
-        use_window = ((step >= self.sma_window) & (iteration >= self.warmup_iters)).unsqueeze(1)
+        use_window = self._window_in_use(iteration, groups)
         smoothed = torch.where(use_window, chi2_sma, chi2)
         ema_before = self.ema_chi2.clone()
-        self.ema_chi2.copy_(torch.where(
-            iteration == 1, smoothed.mean(0),
-            (1 - self.momentum) * self.ema_chi2 + self.momentum * smoothed.mean(0)))
+        target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
+        self.ema_chi2.copy_(torch.where(iteration == 1, target, torch.lerp(ema_before, target, self.momentum)))
         if self.forward_stat == "batch":
             var = chi2
         elif self.forward_stat == "ema":
-            var = torch.where(use_window, ema_before.expand_as(chi2), chi2)
+            var = torch.where(use_window, ema_before, chi2)
         else:
             var = smoothed
-        r = torch.sqrt(var + self.eps) * torch.rsqrt(ema_before + self.eps)
         if not self.renorm:
-            return var, torch.ones_like(r), use_window
-        clip = iteration > self.renorm_warmup_iters
-        r = torch.where(clip, r.clamp(1.0 / self.r_max, self.r_max), torch.ones_like(r))
-        return var, r, use_window
+            return var, torch.ones_like(var), use_window
+        r = ((var + self.eps) / (ema_before + self.eps)).sqrt_()
+        clipped = torch.where(iteration > self.renorm_warmup_iters, r.clamp_(1.0 / self.r_max, self.r_max), 1.0)
+        return var, clipped, use_window
+
+    def _window_in_use(self, iteration, groups):
+        """(G, 1): whether each group's step (G steps per iteration) uses the window averages:
+        the window holds ``sma_window`` real statistics and warm-up is over."""
+        if groups == 1:
+            return (iteration >= max(self.sma_window, self.warmup_iters)).view(1, 1)
+        step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=iteration.device)
+        return ((step >= self.sma_window) & (iteration >= self.warmup_iters)).unsqueeze(1)
 
 
 class _AllReduceSum(torch.autograd.Function):
