@@ -117,7 +117,7 @@ def test_config_dumps_and_loads_back(scenes, tmp_path):
     assert plain(loaded) == plain(d2cfg) and loaded.MODEL.RESNETS.NORM == "MABN"
     assert (loaded.MODEL.RESNETS.DEPTH, loaded.MODEL.RESNETS.RES2_OUT_CHANNELS, loaded.MODEL.BACKBONE.FREEZE_AT) == (18, 64, 0)
     assert (loaded.MODEL.ROI_BOX_HEAD.NUM_CONV, loaded.MODEL.ROI_BOX_HEAD.NUM_FC, loaded.MODEL.ROI_BOX_HEAD.FC_DIM) == (4, 1, 256)
-    assert loaded.SOLVER.IMS_PER_BATCH == 2 and loaded.SOLVER.BASE_LR == pytest.approx(0.02 * 2 / 16)
+    assert loaded.SOLVER.IMS_PER_BATCH == 2 and loaded.SOLVER.BASE_LR == pytest.approx(0.08 * 2 / 16)  # optim/sgd_scenes
     model = build_detectron2_model(loaded, cfg)
     assert sum(isinstance(m, mabn.MABN2d) for m in model.modules()) == 36
 
