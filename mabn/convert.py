@@ -61,13 +61,20 @@ def conv_norm_pairs(model: nn.Module):
 
 
 class _Centered(torch.autograd.Function):
-    """W - mean(W) per output channel. The map is a symmetric projection, so its gradient is
-    the same projection of the incoming one: two passes over the weight each way, where
-    autograd's chain (neg, expand, div, add) makes four in the backward."""
+    """W - mean(W) per output channel. The map is a linear symmetric projection, so its
+    gradient is the same projection of the incoming one: two passes over the weight each way,
+    where autograd's chain (neg, expand, div, add) makes four in the backward. No custom
+    forward-mode rule: torch.compile cannot trace one (torch 2.14)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight):
+    def forward(weight):
         return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # linear: nothing to save
 
     @staticmethod
     def backward(ctx, grad):

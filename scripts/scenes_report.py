@@ -49,12 +49,13 @@ def eval_curve(run_dir: Path) -> dict:
 
 def kept_summaries(runs: Path, kept: Path) -> list[dict]:
     """The finished runs under ``runs`` (with their AP curves) and those kept in ``kept``; each
-    finished run of ``runs`` is (re)written to ``kept``, named by its run folder."""
-    found = {Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))} for s in load_summaries(runs)}
+    finished run of ``runs`` is (re)written to ``kept``, named by its run folder. A run cut
+    short is left out."""
+    found = {Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))} for s in load_summaries(runs)
+             if s["steps"] == s["config"]["schedule"]["max_iter"]}
     for name, s in found.items():
-        if s["steps"] == s["config"]["schedule"]["max_iter"]:
-            kept.mkdir(parents=True, exist_ok=True)
-            (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "path"}, indent=2))
+        kept.mkdir(parents=True, exist_ok=True)
+        (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "path"}, indent=2))
     for path in sorted(kept.glob("*.json")):
         found.setdefault(path.stem, json.loads(path.read_text()) | {"path": str(path)})
     return list(found.values())

@@ -118,6 +118,9 @@ def test_centralization_gradients_are_those_of_the_formula_to_second_order():
     probe = torch.randn_like(original)
     torch.testing.assert_close(torch.autograd.grad((ours * probe).sum(), original)[0],
                                torch.autograd.grad((theirs * probe).sum(), original)[0])
+    centralize = conv.parametrizations.weight[0]
+    torch.testing.assert_close(torch.vmap(centralize)(torch.stack([original, probe])),
+                               torch.stack([formula(original), formula(probe)]))
 
 
 @pytest.mark.parametrize("name", ["bn", "brn", "syncbn"])

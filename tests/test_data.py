@@ -231,6 +231,7 @@ def test_the_record_file_reports_each_file_once_per_run(faulty_imagenet, tmp_pat
     assert (tmp_path / "unreadable_val.txt").read_text() == val.image_path(1) + "\n"
 
 
+@pytest.mark.multiprocess
 def test_the_limit_counts_the_bad_files_of_every_loader_worker(faulty_imagenet, tmp_path):
     # 2 bad of 4, 1 allowed, one in each worker's share: each worker alone sees 1
     bad = faulty_imagenet / "val" / "n01443537" / "n01443537_0.JPEG"

@@ -127,6 +127,7 @@ def cli(*overrides, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.multiprocess
 def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     overrides = [*scenes, "norm=mabn", "max_steps=3", f"hydra.run.dir={tmp_path}"]
     first = cli(*overrides, "debug.preempt_at_step=2")

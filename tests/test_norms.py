@@ -99,6 +99,8 @@ def test_indivisible_batch_names_batch_and_normalization_batch(name):
     (8, 2, 6),   # window spans the previous iteration
     (6, 3, 4),
     (4, 4, 5),   # normalization batch = batch: one step per iteration
+    (4, 4, 3),   # one step per iteration, window full before warm-up ends
+    (4, 4, 8),   # one step per iteration, warm-up over before the window is full
     (4, 1, 16),  # normalization batch 1 (the paper's smallest)
 ])
 def test_mabn_matches_step_by_step_reference(batch, normalization_batch, window):
@@ -141,14 +143,15 @@ def test_channels_last_inputs_give_the_contiguous_results(name, options):
         assert_close(b, a, msg=key)
 
 
+@pytest.mark.parametrize("normalization_batch", [2, None])
 @pytest.mark.parametrize("options", [
     {"forward_stat": "batch"}, {"forward_stat": "ema"}, {"backward_stat": "batch"}, {"renorm": False}])
-def test_mabn_ablations_match_reference(options):
-    layer = MABN2d(3, normalization_batch=2, sma_window=3, warmup_iters=2, renorm_warmup_iters=4,
+def test_mabn_ablations_match_reference(options, normalization_batch):
+    layer = MABN2d(3, normalization_batch=normalization_batch, sma_window=3, warmup_iters=2, renorm_warmup_iters=4,
                    r_max=1.1, **options).double()
     reference = ReferenceMABN(3, 3, warmup_iters=2, renorm_warmup_iters=4, r_max=1.1, **options)
     for x, dy in batches(10, (4, 3, 3, 2)):
-        expected = reference.step(x, dy, layer.weight.detach(), layer.bias.detach(), 2)
+        expected = reference.step(x, dy, layer.weight.detach(), layer.bias.detach(), normalization_batch or 4)
         for got, want in zip(run(layer, x, dy), expected):
             assert_close(got, want)
         assert_close(layer.ema_chi2, reference.ema)
@@ -286,8 +289,9 @@ def test_autocast_bf16_keeps_statistics_in_fp32(name, options):
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
 
 
-def assert_compiled_training_matches_eager(name, **compile_options):
-    eager = mabn.centralize_weights(small_model(name, ALL_NORMS[name]))  # the convs feeding MABN, as in training
+def assert_compiled_training_matches_eager(name, overrides=None, **compile_options):
+    torch._dynamo.reset()  # each case compiles afresh: no recompile limit reached across cases
+    eager = mabn.centralize_weights(small_model(name, ALL_NORMS[name] | (overrides or {})))  # the convs feeding MABN, as in training
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, **compile_options)
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
@@ -308,6 +312,21 @@ def assert_compiled_training_matches_eager(name, **compile_options):
 @pytest.mark.parametrize("name", sorted(ALL_NORMS))
 def test_torch_compile_gives_eager_results(name):
     assert_compiled_training_matches_eager(name, backend="aot_eager", fullgraph=True)  # no graph break
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+def test_torch_compile_gives_eager_results_with_one_group(name):
+    assert_compiled_training_matches_eager(name, {"normalization_batch": None}, backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+def test_a_layer_built_in_float64_trains_in_float64(name):
+    layer = mabn.build_norm(name, 3, normalization_batch=2, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        y = layer(x)
+        y.square().sum().backward()
+    assert y.dtype == x.grad.dtype == layer.weight.grad.dtype == torch.float64
 
 
 def test_inductor_compiles_mabn_without_graph_breaks_and_matches_eager():

@@ -46,7 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
 
 from detectron2.config import CfgNode  # noqa: E402  (after the one-line ImportError)
-from detectron2.data import (DatasetMapper, MetadataCatalog, build_detection_test_loader,  # noqa: E402
+from detectron2.data import (DatasetFromList, DatasetMapper, MetadataCatalog, build_detection_test_loader,  # noqa: E402
                              build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.data.samplers import TrainingSampler  # noqa: E402
 from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks  # noqa: E402
@@ -105,7 +105,8 @@ class MappedDicts(torch.utils.data.Dataset):
     next readable one, as in the torchvision engine."""
 
     def __init__(self, dicts: list, mapper: DatasetMapper):
-        self.dicts, self.mapper = dicts, mapper
+        # serialized, as detectron2's loaders keep them: forked loader workers share the bytes
+        self.dicts, self.mapper = DatasetFromList(dicts, copy=False), mapper
 
     def __len__(self) -> int:
         return len(self.dicts)
