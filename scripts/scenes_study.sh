@@ -5,7 +5,7 @@
 #   LAUNCHER=slurm bash scripts/scenes_study.sh         # the one-process runs on a cluster
 # After each step scripts/scenes_report.py updates results/scenes_study.md/.png and keeps each
 # finished run's summary in results/scenes_study_runs/; a run kept there is skipped, so the study
-# also continues in a fresh clone. About 3.5 hours on 2 CPU cores (20 detection runs, 2
+# also continues in a fresh clone. About 5 hours on 2 CPU cores (16 detection runs, 2
 # classifier runs) when the machine is quiet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
