@@ -475,7 +475,8 @@ class MABN2d(nn.Module):
         smoothed = torch.where(use_window, chi2_sma, chi2)
         ema_before = self.ema_chi2.clone()
         target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
-        self.ema_chi2.copy_(torch.where(iteration == 1, target, torch.lerp(ema_before, target.to(ema_before.dtype), self.momentum)))
+        moved = torch.lerp(ema_before, target.to(ema_before.dtype), self.momentum)
+        self.ema_chi2.copy_(torch.where(iteration == 1, target, moved))
         if self.forward_stat == "batch":
             var = chi2
         elif self.forward_stat == "ema":
