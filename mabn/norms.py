@@ -39,22 +39,25 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float) -> torch.Tensor:
+def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float, last_only: bool = False) -> torch.Tensor:
     """Running statistic before each of G sequential EMA updates, and after the last.
 
     ``stats`` is (G, C); returns (G + 1, C) where row k is the running value after the
     first k updates ``r <- (1 - momentum) * r + momentum * s``, as nn.BatchNorm2d applied
-    to each group in turn would leave it.
+    to each group in turn would leave it; with ``last_only``, only the last row, (1, C).
     """
     steps = stats.shape[0]
     if steps == 1:
-        return torch.stack([initial, torch.lerp(initial, stats[0], momentum)])
-    k = torch.arange(steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
+        final = torch.lerp(initial, stats[0], momentum)
+        return final[None] if last_only else torch.stack([initial, final])
+    k = torch.arange(steps if last_only else 0, steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
     j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
     keep = 1.0 - momentum
     weights = torch.where(j < k, momentum * keep ** (k - 1 - j).clamp(min=0), 0.0)
-    # a broadcast sum, not a matmul: autocast would run a matmul in half precision
-    return keep ** k * initial + (weights.unsqueeze(-1) * stats).sum(1)
+    # a (rows, G) x (G, C) product: a broadcast sum would write rows x G x C values; in the
+    # statistics' dtype, as autocast would run the product in half precision
+    with torch.autocast(stats.device.type, enabled=False):
+        return torch.addmm(keep ** k * initial, weights, stats)
 
 
 def per_sample(values: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -205,11 +208,12 @@ class _GroupedBatchStats(nn.Module):
         return var, mean, count
 
     @torch.no_grad()
-    def _running_states(self, var, mean, count):
-        """Running (mean, var) before each group and after the last: (G + 1, C) each."""
+    def _running_states(self, var, mean, count, last_only=False):
+        """Running (mean, var) before each group and after the last: (G + 1, C) each (with
+        ``last_only``, after the last: (1, C))."""
         unbiased = var * (count / max(count - 1, 1))
         running = torch.cat([self.running_mean, self.running_var]).to(mean.dtype)
-        means, vars_ = ema_states(running, torch.cat([mean, unbiased], 1), self.momentum).chunk(2, dim=1)
+        means, vars_ = ema_states(running, torch.cat([mean, unbiased], 1), self.momentum, last_only).chunk(2, dim=1)
         self.running_mean.copy_(means[-1])
         self.running_var.copy_(vars_[-1])
         self.num_batches_tracked.add_(mean.shape[0])
@@ -240,7 +244,7 @@ class BatchNorm2d(_GroupedBatchStats):
         if self.momentum is None:
             raise ValueError("momentum=None (cumulative average) needs normalization_batch >= batch")
         var, mean, count = self._group_stats(x, groups)
-        self._running_states(var, mean, count)
+        self._running_states(var, mean, count, last_only=True)
         return _GroupBatchNormFunction.apply(x, mean, var, self.weight.expand(groups, -1),
                                              self.bias.expand(groups, -1), self.eps)
 
