@@ -50,14 +50,20 @@ def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float, last
     if steps == 1:
         final = torch.lerp(initial, stats[0], momentum)
         return final[None] if last_only else torch.stack([initial, final])
-    k = torch.arange(steps if last_only else 0, steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
-    j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
     keep = 1.0 - momentum
-    weights = torch.where(j < k, momentum * keep ** (k - 1 - j).clamp(min=0), 0.0)
+    if last_only:  # row G: keep^G * initial + sum_j momentum * keep^(G - 1 - j) * stats[j]
+        decay = keep ** steps
+        weights = momentum * torch.pow(keep, torch.arange(steps - 1, -1, -1, device=stats.device,
+                                                          dtype=stats.dtype)).unsqueeze(0)
+    else:
+        k = torch.arange(steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
+        j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
+        weights = torch.where(j < k, momentum * keep ** (k - 1 - j).clamp(min=0), 0.0)
+        decay = keep ** k
     # a (rows, G) x (G, C) product: a broadcast sum would write rows x G x C values; in the
     # statistics' dtype, as autocast would run the product in half precision
     with torch.autocast(stats.device.type, enabled=False):
-        return torch.addmm(keep ** k * initial, weights, stats)
+        return torch.addmm(decay * initial, weights, stats)
 
 
 def per_sample(values: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -76,34 +82,72 @@ def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def kernel_view(t: torch.Tensor, groups: int):
     """``t`` as torch's batch-norm kernels can take it with one kernel channel per (group,
-    channel), and a function that lays out (G, C) values for those channels; None where no view
-    does (several groups of a channels_last tensor).
+    channel) or per (sample, channel); None where no view does (several groups of a
+    channels_last tensor).
 
     One group: ``t`` itself. Several: an NCHW-contiguous ``t`` as (1, N * C, H, W), one kernel
     channel per (sample, channel), so that each pass over the activations is one fused kernel.
     """
     if groups == 1:
-        return t, lambda values: values[0]
-    if t.is_contiguous():
-        return t.view(1, -1, *t.shape[2:]), lambda values: per_sample(values, len(t)).reshape(-1)
-    return None
+        return t
+    return t.view(1, -1, *t.shape[2:]) if t.is_contiguous() else None
+
+
+def kernel_values(batch_size: int, *values: torch.Tensor):
+    """(G, C) values, one per kernel channel of ``kernel_view``: (C,) each for one group,
+    (N * C,) for several; expanded together, in a few ops whatever their number."""
+    stacked = torch.stack(values)
+    count, groups, channels = stacked.shape
+    if groups == 1:
+        return stacked[:, 0].unbind()
+    return stacked.unsqueeze(2).expand(count, groups, batch_size // groups, channels).reshape(count, -1).unbind()
 
 
 def group_sums(values: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
-    """Values of the kernel channels of ``kernel_view`` ((C,) or (N * C,)) summed per group: (G, C)."""
-    return values.view(groups, -1, channels).sum(1)
+    """Values of the kernel channels of ``kernel_view`` (..., C) or (..., N * C) summed per group: (..., G, C)."""
+    return values.view(*values.shape[:-1], groups, -1, channels).sum(-2)
+
+
+def small_maps_on_cpu(flat: torch.Tensor) -> bool:
+    """Whether ``kernel_moments`` shifts: fp32/fp64 on CPU, maps of at most 16 x 16 and at least
+    2^18 values in all, where torch's statistics kernel costs up to 2x a shift plus sums (it is
+    one pass on CUDA; below that size, the extra ops cost more than they save)."""
+    return (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
+            and flat[0, 0].numel() <= 256 and flat.numel() >= 2 ** 18)
+
+
+def kernel_moments(flat: torch.Tensor, dtype: torch.dtype):
+    """Mean and biased variance per kernel channel of ``flat`` (a ``kernel_view``), in ``dtype``.
+
+    torch's statistics kernel (Welford), or on small CPU maps sums of ``x - s`` from torch's
+    batch-norm backward kernel, with s the first value of each kernel channel: shifted, the
+    sum of squares keeps the variance where the mean dwarfs the spread.
+    """
+    if not small_maps_on_cpu(flat):
+        # fp32 statistics for half x, as the fp32 buffers ask
+        buffers = [None, None] if dtype == flat.dtype else [flat.new_zeros(flat.shape[1], dtype=dtype),
+                                                             flat.new_ones(flat.shape[1], dtype=dtype)]
+        return torch.batch_norm_update_stats(flat, *buffers, 0.0)
+    shift = flat[:1, :, :1, :1]
+    shifted = flat - shift
+    count = flat.numel() // flat.shape[1]
+    # sum(dy * (x - 0) / sqrt(1 + 0)) and sum(dy) with dy = x = shifted
+    _, squares, sums = torch.ops.aten.native_batch_norm_backward(
+        shifted, shifted, None, flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1]), None, None,
+        False, 0.0, [False, True, True])
+    offset = sums / count
+    return shift.view(-1) + offset, squares / count - offset.square()
 
 
 def normalize(x, mean, var, weight, bias, eps):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with (G, C) values: one pass over x, in
     torch's batch-norm (inference) kernel where ``kernel_view`` allows."""
-    view = kernel_view(x, len(mean))
-    if view is None:  # broadcast ops
+    flat = kernel_view(x, len(mean))
+    if flat is None:  # broadcast ops
         gain = weight * torch.rsqrt(var + eps)
         return torch.addcmul(per_sample(bias - mean * gain, len(x)), x, per_sample(gain, len(x))).to(x.dtype)
-    flat, values = view
-    y = torch.batch_norm(flat, values(weight), values(bias), values(mean), values(var), False, 0.0, eps,
-                         torch.backends.cudnn.enabled)
+    weight, bias, mean, var = kernel_values(len(x), weight, bias, mean, var)
+    y = torch.batch_norm(flat, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     # reshaped without creating an autograd view, so that in-place ops may follow the layer
     return torch.ops.aten._unsafe_view(y, x.shape)
 
@@ -112,16 +156,16 @@ def gradient_sums(dy, x, mean, var, eps):
     """Per (group, channel), (G, C) each: ``sum(dy)`` and ``sum(dy * (x - mean) / sqrt(var + eps))``,
     in one pass over dy and x."""
     groups, channels = mean.shape
-    view = kernel_view(x, groups)
-    if view is None:
+    flat = kernel_view(x, groups)
+    if flat is None:
         dtype = accumulation_dtype(x)
         total = group_view(dy, groups).sum(dim=(1, 3), dtype=dtype)
         dot = (group_view(dy, groups).to(dtype) * group_view(x, groups)).sum(dim=(1, 3))
         return total, (dot - mean * total) * torch.rsqrt(var + eps)
-    flat, values = view
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
-        dy.reshape(flat.shape), flat, None, values(mean), values(var), None, None, False, eps, [False, True, True])
-    return group_sums(total, groups, channels), group_sums(dot, groups, channels)
+        dy.reshape(flat.shape), flat, None, *kernel_values(len(x), mean, var), None, None, False, eps,
+        [False, True, True])
+    return group_sums(torch.stack([total, dot]), groups, channels).unbind()
 
 
 class _GroupBatchNormFunction(torch.autograd.Function):
@@ -151,8 +195,8 @@ class _GroupBatchNormFunction(torch.autograd.Function):
         # dx = gain * (dy - sum_dy / n) - gain * k * (x - mean), x_hat = (x - mean) * inv_std
         gain = scale * inv_std
         k = sum_dy_xhat * inv_std / count
-        dx = normalize(dy.to(accumulation_dtype(dy)), torch.zeros_like(mean), var, scale,
-                       gain * (mean * k - sum_dy / count), ctx.eps)
+        # dy's group mean is subtracted in the kernel: gain * (dy - sum_dy / n) + gain * k * mean
+        dx = normalize(dy.to(accumulation_dtype(dy)), sum_dy / count, var, scale, gain * k * mean, ctx.eps)
         dx.addcmul_(x, per_sample(-gain * k, len(x)))
         return dx.to(dy.dtype), None, None, sum_dy_xhat, sum_dy, None
 
@@ -188,17 +232,13 @@ class _GroupedBatchStats(nn.Module):
         (the gradient through them is _GroupBatchNormFunction's)."""
         channels, count = x.shape[1], x.numel() // (groups * x.shape[1])
         dtype = accumulation_dtype(x)
-        view = kernel_view(x, groups)
-        if view is None:  # channels_last with several groups: mean, then squares about it
+        flat = kernel_view(x, groups)
+        if flat is None:  # channels_last with several groups: mean, then squares about it
             xg = group_view(x, groups)
             mean = xg.sum(dim=(1, 3), dtype=dtype) / count
             var = (xg - mean[:, None, :, None]).square_().sum(dim=(1, 3)) / count
             return var, mean, count
-        flat, _ = view
-        # torch's statistics kernel per kernel channel (fp32 results for half x: fp32 buffers)
-        buffers = [None, None] if dtype == x.dtype else [flat.new_zeros(flat.shape[1], dtype=dtype),
-                                                          flat.new_ones(flat.shape[1], dtype=dtype)]
-        means, variances = torch.batch_norm_update_stats(flat, *buffers, 0.0)
+        means, variances = kernel_moments(flat, dtype)
         if groups == 1:
             return variances.view(1, channels), means.view(1, channels), count
         means = means.view(groups, -1, channels)

@@ -67,10 +67,11 @@ def test_bn_full_batch_is_nn_batchnorm(normalization_batch, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bn_groups_are_per_group_batchnorm(channels_last):
-    ours = BatchNorm2d(5, normalization_batch=2, momentum=0.3).double()
-    torch_bn = nn.BatchNorm2d(5, momentum=0.3).double()
-    for x, dy in batches(3, (8, 5, 4, 3)):
+@pytest.mark.parametrize("shape", [(8, 5, 4, 3), (32, 64, 16, 8)])  # the second: shifted sums on CPU
+def test_bn_groups_are_per_group_batchnorm(channels_last, shape):
+    ours = BatchNorm2d(shape[1], normalization_batch=2, momentum=0.3).double()
+    torch_bn = nn.BatchNorm2d(shape[1], momentum=0.3).double()
+    for x, dy in batches(3, shape):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         y, dx, dw, db = run(ours, x, dy)
@@ -84,7 +85,7 @@ def test_bn_groups_are_per_group_batchnorm(channels_last):
         assert_close(db, torch_bn.bias.grad)
         assert_close(ours.running_mean, torch_bn.running_mean)
         assert_close(ours.running_var, torch_bn.running_var)
-    assert ours.num_batches_tracked == torch_bn.num_batches_tracked == 12
+    assert ours.num_batches_tracked == torch_bn.num_batches_tracked == 3 * shape[0] // 2
 
 
 @pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
@@ -174,12 +175,15 @@ def test_mabn_window_one_without_renorm_is_the_true_gradient(normalization_batch
 
 
 @pytest.mark.parametrize("name", ["bn", "brn"])
-def test_fp32_group_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(name):
+@pytest.mark.parametrize("normalization_batch", [2, None])
+@pytest.mark.parametrize("shape", [(8, 3, 5, 5), (32, 128, 8, 8)])  # torch's statistics kernel; shifted sums
+def test_fp32_group_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(name, normalization_batch, shape):
     """mean / std = 1e3: a one-pass E[x^2] - E[x]^2 in fp32 would lose the variance."""
-    layer = mabn.build_norm(name, 3, normalization_batch=2)
-    x = 1000.0 + torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    layer = mabn.build_norm(name, shape[1], normalization_batch=normalization_batch)
+    x = 1000.0 + torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = torch.cat([(g - g.mean((0, 2, 3), keepdim=True)) / (g.var((0, 2, 3), correction=0, keepdim=True)
-                                                                 + layer.eps).sqrt() for g in x.split(2)])
+                                                                 + layer.eps).sqrt()
+                          for g in x.split(normalization_batch or len(x))])
     torch.testing.assert_close(layer(x.float()).double(), expected, rtol=0, atol=2e-3)
 
 
