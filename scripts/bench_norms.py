@@ -6,6 +6,7 @@ backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
     python scripts/bench_norms.py                       # ResNet-50 shapes, batch 32
     python scripts/bench_norms.py --out results/bench_norms_cpu.md
     python scripts/bench_norms.py --authors-mabn /path/to/megvii-model/MABN/MABN.py
+    python scripts/bench_norms.py --device cuda --autocast fp16 --channels-last   # as training runs on GPUs
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def load_authors(path):
     return module
 
 
-def step(layer, x, dy):
+def step(layer, x, dy, dtype=None):
     x.grad = None
-    layer(x).backward(dy)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        y = layer(x)
+    y.backward(dy)
     if x.is_cuda:
         torch.cuda.synchronize()
 
 
-def saved_bytes(layer, x, dy) -> int:
+def saved_bytes(layer, x, dy, dtype=None) -> int:
     """Bytes of the tensors the layer saves for its backward (each storage counted once;
     values kept as attributes of an autograd Function's ctx are not seen)."""
     storages = {}
@@ -70,7 +73,8 @@ def saved_bytes(layer, x, dy) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+          torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)):
         out = layer(x)
     out.backward(dy)
     if x.is_cuda:
@@ -78,23 +82,26 @@ def saved_bytes(layer, x, dy) -> int:
     return sum(storages.values())
 
 
-def benchmark(shapes, batch, layers, repeats, device):
-    """({label: median seconds per shape}, {label: saved bytes per shape / bytes of x})."""
+def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=False):
+    """({label: median seconds per shape}, {label: saved bytes per shape / bytes of x}); under
+    autocast to ``dtype`` if given (x in that dtype, as a conv under autocast gives it)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     times = {label: [] for label in layers}
     saved = {label: [] for label in layers}
     for channels, height, width in shapes:
-        x = torch.randn(batch, channels, height, width, device=device, requires_grad=True)
+        x = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=memory_format).requires_grad_()
         dy = torch.randn_like(x)
         built = {label: factory(channels).to(device).train() for label, factory in layers.items()}
         for label, layer in built.items():
-            saved[label].append(saved_bytes(layer, x, dy) / (x.numel() * x.element_size()))  # also the warm-up
+            saved[label].append(saved_bytes(layer, x, dy, dtype) / (x.numel() * x.element_size()))  # also the warm-up
         samples = {label: [] for label in built}
         for repeat in range(repeats):
             order = list(built)
             order = order[repeat % len(order):] + order[:repeat % len(order)]
             for label in order:
                 start = time.perf_counter()
-                step(built[label], x, dy)
+                step(built[label], x, dy, dtype)
                 samples[label].append(time.perf_counter() - start)
         for label, values in samples.items():
             times[label].append(statistics.median(values))
@@ -127,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--autocast", choices=["fp16", "bf16"], help="run under autocast (x in that dtype)")
+    parser.add_argument("--channels-last", action="store_true", help="x in channels_last memory format")
     parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
@@ -134,9 +143,11 @@ def main(argv=None):
     authors = load_authors(args.authors_mabn) if args.authors_mabn else None
     layers = dict(cases(args.norms, args.normalization_batches, authors))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
-    times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
+    times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
+    layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
     title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
-             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {machine(args.device)}, "
+             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, {machine(args.device)}, "
              f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
              "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
              f"Command: `python {' '.join(sys.argv)}`")
