@@ -7,6 +7,7 @@ backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
     python scripts/bench_norms.py --out results/bench_norms_cpu.md
     python scripts/bench_norms.py --authors-mabn /path/to/megvii-model/MABN/MABN.py
     python scripts/bench_norms.py --device cuda --autocast fp16 --channels-last   # as training runs on GPUs
+    python scripts/bench_norms.py --compare /tmp/old   # also the layers of another checkout (a git worktree)
 """
 
 from __future__ import annotations
@@ -32,19 +33,35 @@ QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
 BATCH_NORMS = ("bn", "brn", "mabn")
 
 
-def cases(norms, normalization_batches, authors):
-    """(label, factory(channels)) for every benchmarked layer; the baseline comes first."""
+def cases(norms, normalization_batches, authors, packages):
+    """(label, factory(channels)) for every benchmarked layer; the baseline comes first.
+    ``packages``: (tag, mabn package) pairs, this checkout's with tag ""."""
     yield "nn.BatchNorm2d", nn.BatchNorm2d
     yield "nn.BatchNorm2d (again: the noise floor)", nn.BatchNorm2d
-    for name in norms:
-        for nb in normalization_batches if name in BATCH_NORMS else [None]:
-            label = f"{name} (norm. batch {nb})" if nb else name
-            options = {"normalization_batch": nb} if nb else {}
-            if name == "mabn":  # window = 32 / normalization batch, past its warm-up
-                options.update(sma_window=max(1, 32 // nb), warmup_iters=0, renorm_warmup_iters=0)
-            yield label, mabn.norm_layer(name, **options)
+    for tag, package in packages:
+        for name in norms:
+            for nb in normalization_batches if name in BATCH_NORMS else [None]:
+                label = f"{name} (norm. batch {nb})" if nb else name
+                options = {"normalization_batch": nb} if nb else {}
+                if name == "mabn":  # window = 32 / normalization batch, past its warm-up
+                    options.update(sma_window=max(1, 32 // nb), warmup_iters=0, renorm_warmup_iters=0)
+                yield f"{label} [{tag}]" if tag else label, package.norm_layer(name, **options)
     if authors:
         yield "authors' MABN.py (batch 32)", lambda c: authors.MABN2d(c, B=32, real_B=512, warmup_iters=0)
+
+
+def load_checkout(root: Path):
+    """The mabn package of another checkout (a git worktree of an older commit, say), imported
+    beside this one, so that its layers are timed in the same run."""
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "mabn"}
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("mabn")
+    finally:
+        sys.path.remove(str(root))
+        for name in [name for name in sys.modules if name.split(".")[0] == "mabn"]:
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 def load_authors(path):
@@ -137,11 +154,14 @@ def main(argv=None):
     parser.add_argument("--autocast", choices=["fp16", "bf16"], help="run under autocast (x in that dtype)")
     parser.add_argument("--channels-last", action="store_true", help="x in channels_last memory format")
     parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another checkout whose layers get rows too, tagged with its folder name")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
 
     authors = load_authors(args.authors_mabn) if args.authors_mabn else None
-    layers = dict(cases(args.norms, args.normalization_batches, authors))
+    packages = [("", mabn)] + [(root.name, load_checkout(root)) for root in args.compare]
+    layers = dict(cases(args.norms, args.normalization_batches, authors, packages))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
     times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
