@@ -113,7 +113,7 @@ def small_maps_on_cpu(flat: torch.Tensor) -> bool:
     2^18 values in all, where torch's statistics kernel costs up to 2x a shift plus sums (it is
     one pass on CUDA; below that size, the extra ops cost more than they save)."""
     return (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
-            and flat[0, 0].numel() <= 256 and flat.numel() >= 2 ** 18)
+            and flat.shape[2] * flat.shape[3] <= 256 and flat.numel() >= 2 ** 18)
 
 
 def kernel_moments(flat: torch.Tensor, dtype: torch.dtype):
