@@ -5,6 +5,7 @@ logger/, experiment/). ``engine=torchvision`` (default) or ``engine=detectron2``
 from source). Relaunching the same command resumes from the run directory's checkpoint.
 """
 
+import os
 import sys
 
 import hydra
@@ -13,6 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from mabn.config import ConfigError, check_numbers, register_resolvers
 
 register_resolvers()
+# Image sizes change from batch to batch: the norms' fused kernels (mabn.fused), compiled per
+# input shape, would spend minutes compiling; MABN_FUSED=1 turns them on.
+os.environ.setdefault("MABN_FUSED", "0")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")

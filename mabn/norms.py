@@ -21,6 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+from .fused import Fused
+
 
 def num_groups(batch_size: int, normalization_batch: int | None) -> int:
     """Number of normalization groups in a batch; raises if the batch is not divisible."""
@@ -201,6 +204,76 @@ class _GroupBatchNormFunction(torch.autograd.Function):
         return dx.to(dy.dtype), None, None, sum_dy_xhat, sum_dy, None
 
 
+def relaxed(done: torch.Tensor, final: float, start: float, warmup: float, end: float) -> torch.Tensor:
+    """BRN's limit after ``done`` iterations: ``start`` until ``warmup``, then linear to ``final`` at ``end``."""
+    if end > warmup:
+        frac = ((done - warmup) / (end - warmup)).clamp(0, 1)
+    else:
+        frac = (done >= warmup).to(done.dtype)
+    return start + (final - start) * frac
+
+
+def batch_norm_train(x, weight, bias, running_mean, running_var, num_batches_tracked, groups: int,
+                     momentum: float, eps: float, num_iterations=None, schedule=None):
+    """BatchNorm2d's grouped training forward (BatchRenorm2d's with ``num_iterations`` and its
+    ``schedule`` (r_max, d_max, warmup_iters, r_max_iters, d_max_iters)) in plain tensor ops:
+    y, the group statistics (mean, var) and BRN's (r, d), (G, C) each (1 and 0 for BN); the
+    buffers are updated in place, as the layers' eager code does."""
+    channels = x.shape[1]
+    xg = group_view(x, groups)
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
+    count = xg.shape[1] * xg.shape[3]
+    stats = torch.cat([mean, var * (count / max(count - 1, 1))], 1)
+    states = ema_states(torch.cat([running_mean, running_var]), stats, momentum, last_only=schedule is None)
+    running_mean.copy_(states[-1, :channels])
+    running_var.copy_(states[-1, channels:])
+    num_batches_tracked.add_(groups)
+    r, d = torch.ones_like(var), torch.zeros_like(var)
+    if schedule is not None:
+        r_max, d_max, warmup, r_max_iters, d_max_iters = schedule
+        done = num_iterations.to(running_var.dtype)
+        r_max, d_max = relaxed(done, r_max, 1.0, warmup, r_max_iters), relaxed(done, d_max, 0.0, warmup, d_max_iters)
+        num_iterations.add_(1)
+        sigma_running = torch.sqrt(states[:-1, channels:] + eps)
+        r = torch.minimum(torch.maximum(torch.sqrt(var + eps) / sigma_running, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean - states[:-1, :channels]) / sigma_running, -d_max), d_max)
+    gain = torch.rsqrt(var + eps) * weight * r
+    y = (xg - mean[:, None, :, None]) * gain[:, None, :, None] + (bias + weight * d)[:, None, :, None]
+    return y.view(x.shape), mean, var, r, d
+
+
+def batch_norm_backward(dy, x, weight, mean, var, r, d, eps: float):
+    """The backward of ``batch_norm_train`` (batch normalization's, through the statistics, with
+    per-group weight gamma * r and bias beta + gamma * d): dx, d gamma, d beta."""
+    groups = mean.shape[0]
+    xg, dyg = group_view(x, groups), group_view(dy, groups)
+    inv_std = torch.rsqrt(var + eps)
+    x_hat = (xg - mean[:, None, :, None]) * inv_std[:, None, :, None]
+    count = xg.shape[1] * xg.shape[3]
+    sum_dy, sum_dy_xhat = dyg.sum(dim=(1, 3)), (dyg * x_hat).sum(dim=(1, 3))
+    gain = (weight * r * inv_std)[:, None, :, None]
+    dx = gain * (dyg - (sum_dy / count)[:, None, :, None] - x_hat * (sum_dy_xhat / count)[:, None, :, None])
+    return dx.view(x.shape), (sum_dy_xhat * r + sum_dy * d).sum(0), sum_dy.sum(0)
+
+
+class _FusedBatchNormFunction(torch.autograd.Function):
+    """``batch_norm_train`` and its backward, compiled (``mabn.fused``); saves x and (G, C) values."""
+
+    fused_forward, fused_backward = Fused(batch_norm_train), Fused(batch_norm_backward)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *buffers_and_options):
+        y, mean, var, r, d = _FusedBatchNormFunction.fused_forward(x, weight, bias, *buffers_and_options)
+        ctx.save_for_backward(x, weight, mean, var, r, d)
+        ctx.eps, ctx.options = buffers_and_options[5], len(buffers_and_options)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dweight, dbias = _FusedBatchNormFunction.fused_backward(dy, *ctx.saved_tensors, ctx.eps)
+        return dx, dweight, dbias, *[None] * ctx.options
+
+
 class _GroupedBatchStats(nn.Module):
     """Parameters and running statistics shared by BN and BRN (named as in nn.BatchNorm2d)."""
 
@@ -283,6 +356,9 @@ class BatchNorm2d(_GroupedBatchStats):
                                 True, momentum, self.eps)
         if self.momentum is None:
             raise ValueError("momentum=None (cumulative average) needs normalization_batch >= batch")
+        if fused.applies(x, groups):
+            return _FusedBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                 self.num_batches_tracked, groups, self.momentum, self.eps)
         var, mean, count = self._group_stats(x, groups)
         self._running_states(var, mean, count, last_only=True)
         return _GroupBatchNormFunction.apply(x, mean, var, self.weight.expand(groups, -1),
@@ -325,23 +401,21 @@ class BatchRenorm2d(_GroupedBatchStats):
                 f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "
                 f"d_max_iters={self.d_max_iters}")
 
-    def _relaxed(self, final, start_value, end_iter):
-        """Linear ramp from ``start_value`` to ``final`` between warmup_iters and end_iter."""
-        done = self.num_iterations.to(self.running_var.dtype)
-        if end_iter > self.warmup_iters:
-            frac = ((done - self.warmup_iters) / (end_iter - self.warmup_iters)).clamp(0, 1)
-        else:
-            frac = (done >= self.warmup_iters).to(done.dtype)
-        return start_value + (final - start_value) * frac
-
     def limits(self):
         """(r_max, d_max) for the current iteration, as tensors (no host synchronization)."""
-        return self._relaxed(self.r_max, 1.0, self.r_max_iters), self._relaxed(self.d_max, 0.0, self.d_max_iters)
+        done = self.num_iterations.to(self.running_var.dtype)
+        return (relaxed(done, self.r_max, 1.0, self.warmup_iters, self.r_max_iters),
+                relaxed(done, self.d_max, 0.0, self.warmup_iters, self.d_max_iters))
 
     def forward(self, x):
         if not self.training:
             return self._eval_forward(x)
         groups = num_groups(x.shape[0], self.normalization_batch)
+        if fused.applies(x, groups):
+            return _FusedBatchNormFunction.apply(
+                x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked, groups,
+                self.momentum, self.eps, self.num_iterations,
+                (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters))
         var, mean, count = self._group_stats(x, groups)
         means, vars_ = self._running_states(var, mean, count)
         r_max, d_max = self.limits()
@@ -500,46 +574,109 @@ class MABN2d(nn.Module):
             zero = torch.zeros_like(self.ema_chi2)
             return F.batch_norm(x, zero, self.ema_chi2, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(x.shape[0], self.normalization_batch)
-        var, r, use_window = self._statistics(x, groups)
+        if fused.applies(x, groups):
+            return _FusedMABNFunction.apply(x, self.weight, self.bias, self.ema_chi2, self.chi2_window, self.psi_window,
+                                            self.num_iterations, groups, self._options(),
+                                            self.backward_stat == "batch")
+        with torch.no_grad():
+            var, r, use_window = mabn_statistics(x, groups, self.ema_chi2, self.chi2_window, self.num_iterations,
+                                                 *self._options())
         if self.backward_stat == "batch":
             use_window = torch.zeros_like(use_window)
         return _MABNFunction.apply(x, self.weight, self.bias, var, r, self.psi_window, use_window, self.eps)
 
-    @torch.no_grad()
-    def _statistics(self, x, groups):
-        """Advance the chi2 window and EMA; return the normalizing chi2, r and the SMA mask (G, C)."""
-        self.num_iterations.add_(1)
-        iteration = self.num_iterations
-        count = x.numel() // (groups * x.shape[1])
-        squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=accumulation_dtype(x)).square()
-        chi2 = squares.view(groups, -1, x.shape[1]).sum(1) / count
-        chi2_sma, history = window_average(self.chi2_window, chi2)
-        self.chi2_window.copy_(history)
-        use_window = self._window_in_use(iteration, groups)
-        smoothed = torch.where(use_window, chi2_sma, chi2)
-        ema_before = self.ema_chi2.clone()
-        target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
-        moved = torch.lerp(ema_before, target.to(ema_before.dtype), self.momentum)
-        self.ema_chi2.copy_(torch.where(iteration == 1, target, moved))
-        if self.forward_stat == "batch":
-            var = chi2
-        elif self.forward_stat == "ema":
-            var = torch.where(use_window, ema_before, chi2)
-        else:
-            var = smoothed
-        if not self.renorm:
-            return var, torch.ones_like(var), use_window
-        r = ((var + self.eps) / (ema_before + self.eps)).sqrt_()
-        clipped = torch.where(iteration > self.renorm_warmup_iters, r.clamp_(1.0 / self.r_max, self.r_max), 1.0)
-        return var, clipped, use_window
+    def _options(self):
+        """The statistics options of ``mabn_statistics``, in its order."""
+        return (self.momentum, self.eps, self.warmup_iters, self.renorm_warmup_iters, self.r_max,
+                self.forward_stat, self.renorm)
 
-    def _window_in_use(self, iteration, groups):
-        """(G, 1): whether each group's step (G steps per iteration) uses the window averages:
-        the window holds ``sma_window`` real statistics and warm-up is over."""
-        if groups == 1:
-            return (iteration >= max(self.sma_window, self.warmup_iters)).view(1, 1)
-        step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=iteration.device)
-        return ((step >= self.sma_window) & (iteration >= self.warmup_iters)).unsqueeze(1)
+
+def window_in_use(iteration, groups: int, sma_window: int, warmup_iters: int):
+    """(G, 1): whether each group's step (G steps per iteration) uses the window averages:
+    the window holds ``sma_window`` real statistics and warm-up is over."""
+    if groups == 1:
+        return (iteration >= max(sma_window, warmup_iters)).view(1, 1)
+    step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=iteration.device)
+    return ((step >= sma_window) & (iteration >= warmup_iters)).unsqueeze(1)
+
+
+def mabn_statistics(x, groups: int, ema_chi2, chi2_window, num_iterations, momentum: float, eps: float,
+                    warmup_iters: int, renorm_warmup_iters: int, r_max: float, forward_stat: str, renorm: bool):
+    """MABN2d's forward statistics: advance the chi2 window, the EMA and the iteration count (in
+    place); return the normalizing chi2, r and the SMA mask, (G, C), (G, C), (G, 1)."""
+    num_iterations.add_(1)
+    iteration = num_iterations
+    count = x.numel() // (groups * x.shape[1])
+    squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=accumulation_dtype(x)).square()
+    chi2 = squares.view(groups, -1, x.shape[1]).sum(1) / count
+    chi2_sma, history = window_average(chi2_window, chi2)
+    chi2_window.copy_(history)
+    use_window = window_in_use(iteration, groups, chi2_window.shape[0], warmup_iters)
+    smoothed = torch.where(use_window, chi2_sma, chi2)
+    ema_before = ema_chi2.clone()
+    target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
+    moved = torch.lerp(ema_before, target.to(ema_before.dtype), momentum)
+    ema_chi2.copy_(torch.where(iteration == 1, target, moved))
+    if forward_stat == "batch":
+        var = chi2
+    elif forward_stat == "ema":
+        var = torch.where(use_window, ema_before, chi2)
+    else:
+        var = smoothed
+    if not renorm:
+        return var, torch.ones_like(var), use_window
+    r = ((var + eps) / (ema_before + eps)).sqrt_()
+    clipped = torch.where(iteration > renorm_warmup_iters, r.clamp_(1.0 / r_max, r_max), 1.0)
+    return var, clipped, use_window
+
+
+def mabn_train(x, weight, bias, ema_chi2, chi2_window, num_iterations, groups: int, options, batch_backward: bool):
+    """MABN2d's training forward in plain tensor ops: y, and the normalizing chi2, r and the
+    backward's SMA mask (``mabn_statistics``, whose ``options`` these are)."""
+    var, r, use_window = mabn_statistics(x, groups, ema_chi2, chi2_window, num_iterations, *options)
+    if batch_backward:
+        use_window = torch.zeros_like(use_window)
+    gain = weight * r * torch.rsqrt(var + options[1])
+    y = group_view(x, groups) * gain[:, None, :, None] + bias[:, None]
+    return y.view(x.shape), var, r, use_window
+
+
+def mabn_backward(dy, x, weight, var, r, psi_window, use_window, eps: float):
+    """``_MABNFunction``'s backward in plain tensor ops; advances ``psi_window`` in place."""
+    groups = var.shape[0]
+    xg, dyg = group_view(x, groups), group_view(dy, groups)
+    inv_std = torch.rsqrt(var + eps)
+    sum_dy, dy_z = dyg.sum(dim=(1, 3)), (dyg * xg).sum(dim=(1, 3)) * inv_std
+    gain = weight * r
+    psi = gain * dy_z / (xg.shape[1] * xg.shape[3])
+    psi_sma, history = window_average(psi_window, psi)
+    psi_window.copy_(history)
+    psi = torch.where(use_window, psi_sma, psi)
+    dx = (gain * inv_std)[:, None, :, None] * dyg - xg * (psi / (var + eps))[:, None, :, None]
+    return dx.view(x.shape), (r * dy_z).sum(0), sum_dy.sum(0)
+
+
+class _FusedMABNFunction(torch.autograd.Function):
+    """``mabn_train`` and ``mabn_backward``, compiled (``mabn.fused``); saves x and (G, C) values."""
+
+    fused_forward, fused_backward = Fused(mabn_train), Fused(mabn_backward)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options,
+                batch_backward):
+        y, var, r, use_window = _FusedMABNFunction.fused_forward(x, weight, bias, ema_chi2, chi2_window,
+                                                                 num_iterations, groups, options, batch_backward)
+        ctx.save_for_backward(x, weight, var, r, use_window)
+        ctx.psi_window = psi_window  # state advanced by backward, not a saved value
+        ctx.eps = options[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, var, r, use_window = ctx.saved_tensors
+        dx, dweight, dbias = _FusedMABNFunction.fused_backward(dy, x, weight, var, r, ctx.psi_window, use_window,
+                                                               ctx.eps)
+        return dx, dweight, dbias, *[None] * 7
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -8,6 +8,10 @@ backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
     python scripts/bench_norms.py --authors-mabn /path/to/megvii-model/MABN/MABN.py
     python scripts/bench_norms.py --device cuda --autocast fp16 --channels-last   # as training runs on GPUs
     python scripts/bench_norms.py --compare /tmp/old   # also the layers of another checkout (a git worktree)
+    python scripts/bench_norms.py --eager              # BN/BRN/MABN's eager kernels (MABN_FUSED=0)
+
+On CPU in fp32 the grouped layers run their compiled kernels (mabn.fused); each is compiled in
+the warm-up step, which is not timed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -156,8 +161,11 @@ def main(argv=None):
     parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="another checkout whose layers get rows too, tagged with its folder name")
+    parser.add_argument("--eager", action="store_true", help="the eager kernels of BN/BRN/MABN (MABN_FUSED=0)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    if args.eager:
+        os.environ["MABN_FUSED"] = "0"
 
     authors = load_authors(args.authors_mabn) if args.authors_mabn else None
     packages = [("", mabn)] + [(root.name, load_checkout(root)) for root in args.compare]
@@ -166,8 +174,10 @@ def main(argv=None):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
     times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
     layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
+    kernels = "compiled" if mabn.fused.enabled() and args.device == "cpu" and dtype is None else "eager"
     title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
-             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, {machine(args.device)}, "
+             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
+             f"{kernels} kernels of bn/brn/mabn (mabn.fused), {machine(args.device)}, "
              f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
              "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
              f"Command: `python {' '.join(sys.argv)}`")

@@ -2,6 +2,7 @@
 W&B offline records and 2-process DDP."""
 
 import glob
+import os
 import re
 import subprocess
 import sys
@@ -69,28 +70,32 @@ def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
-def test_the_same_command_twice_gives_the_same_summary_and_weights(tmp_path):
-    # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_the_same_command_twice_gives_the_same_summary_and_weights(fused, tmp_path):
+    # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU,
+    # with the eager and with the compiled (fused) norm kernels
     overrides = ["norm=mabn", "batch=2", "per_device_batch=8", "data.train_samples_limit=128",
                  "data.val_samples_limit=64", "model.options.widths=[8,16,16,16]", "epochs=1", "workers=2"]
+    env = {**os.environ, "MABN_FUSED": fused}
     for run in ("a", "b"):
-        assert cli(*overrides, f"hydra.run.dir={tmp_path / run}").returncode == 0
+        assert cli(*overrides, f"hydra.run.dir={tmp_path / run}", env=env).returncode == 0
     assert_same_run(tmp_path / "a", tmp_path / "b", ["top1_error", "top5_error"])
 
 
-@pytest.mark.parametrize("norm", ["mabn", "bn"])
-def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_run(norm, tmp_path):
+@pytest.mark.parametrize("norm,fused", [("mabn", "0"), ("bn", "0"), ("brn", "1")])
+def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_run(norm, fused, tmp_path):
     # Fashion-MNIST with random crops and flips, 32 images / batch 8 = 4 steps per epoch,
     # 2 loader processes; preempted at step 6 (in the middle of the second epoch)
     overrides = ["data.train_samples_limit=32", "data.val_samples_limit=64", "per_device_batch=8",
                  "workers=2", f"norm={norm}", "batch=2", "epochs=3", "log_every_steps=1", "seed=3"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert cli(*overrides, f"hydra.run.dir={straight}").returncode == 0
-    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=6")
+    env = {**os.environ, "MABN_FUSED": fused}  # "1": the compiled norm kernels
+    assert cli(*overrides, f"hydra.run.dir={straight}", env=env).returncode == 0
+    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=6", env=env)
     assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr
     assert torch.load(interrupted / "checkpoint.pt", weights_only=False)["step"] == 6
     assert not (interrupted / "summary.json").exists()
-    second = cli(*overrides, f"hydra.run.dir={interrupted}")
+    second = cli(*overrides, f"hydra.run.dir={interrupted}", env=env)
     assert second.returncode == 0, second.stderr
     assert_same_run(straight, interrupted, ["top1_error", "top5_error", "steps"])
 

@@ -1,0 +1,71 @@
+"""The grouped norms' training math compiled by inductor on CPU.
+
+In eager PyTorch a grouped BN/BRN/MABN call is 75-125 small ops around torch's batch-norm
+kernels, which costs up to 2x ``nn.BatchNorm2d`` at small maps. Written as plain tensor
+functions and compiled with static shapes, the same math becomes a statistics reduction and one
+pass that writes y (a reduction and one pass that writes dx in the backward), faster than
+``nn.BatchNorm2d`` on this CPU (``scripts/bench_norms.py``).
+
+The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outside an outer
+``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
+shapes (each costs a few seconds to compile once; inputs whose size changes from batch to
+batch, as in detection, should keep the eager kernels), and until a compilation failed here (a
+missing C++ compiler, say: one warning, then the eager kernels for the rest of the process).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_broken = False
+SHAPES = 64  # distinct input shapes compiled per process; new ones beyond go to the eager kernels
+_shapes = set()
+
+
+def enabled() -> bool:
+    """Whether this process runs fused functions at all (see the module)."""
+    return not _broken and os.environ.get("MABN_FUSED", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def applies(x: torch.Tensor, groups: int) -> bool:
+    """Whether the fused functions run for input ``x`` split into ``groups``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not enabled():
+        return False
+    key = (x.shape, x.stride(), groups)
+    if key not in _shapes and len(_shapes) < SHAPES:
+        _shapes.add(key)
+    return key in _shapes
+
+
+class Fused:
+    """``fn`` compiled with static shapes: one graph per distinct call signature.
+
+    Dynamo's recompile limit (8 graphs per function by default) would send a ninth shape
+    (ResNet-50 has nine norm shapes) to eager execution of the plain formulas, so it is raised
+    during these calls (``SHAPES`` bounds them). Where compiling fails, the call runs ``fn``
+    eagerly (slow, same result) and ``applies`` is False from then on.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args):
+        global _broken
+        config = torch._dynamo.config
+        limit = config.recompile_limit
+        config.recompile_limit = max(limit, 4 * SHAPES)
+        try:
+            return self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any failure to compile means: eager kernels
+            _broken = True
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            warnings.warn(f"mabn: inductor could not compile the fused norms ({type(error).__name__}: "
+                          f"{first_line}); using the eager kernels. Set MABN_FUSED=0 to skip the attempt.",
+                          RuntimeWarning, stacklevel=2)
+            return self.fn(*args)
+        finally:
+            config.recompile_limit = limit

@@ -1,0 +1,114 @@
+"""The compiled (fused) training math of BN, BRN and MABN against the eager layers, which the
+reference tests check against the paper's formulas: outputs, gradients and every buffer, step
+by step across warm-up, window and schedule boundaries."""
+
+import copy
+
+import pytest
+import torch
+
+import mabn
+from mabn import fused
+
+CASES = [
+    ("bn", {"normalization_batch": 2}),
+    ("bn", {"normalization_batch": 4, "momentum": 0.3}),
+    ("brn", {"normalization_batch": 2, "warmup_iters": 2, "r_max_iters": 5, "d_max_iters": 4,
+             "r_max": 1.5, "d_max": 0.5, "momentum": 0.2}),
+    ("brn", {"normalization_batch": None, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 1,
+             "momentum": 0.2}),
+    ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 2, "renorm_warmup_iters": 3,
+              "r_max": 1.2}),
+    ("mabn", {"normalization_batch": None, "sma_window": 4, "warmup_iters": 3, "renorm_warmup_iters": 2}),
+    ("mabn", {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "forward_stat": "ema",
+              "backward_stat": "batch"}),
+    ("mabn", {"normalization_batch": 4, "sma_window": 2, "warmup_iters": 0, "forward_stat": "batch",
+              "renorm": False}),
+]
+
+
+def train_steps(layer, inputs, fused_on, monkeypatch):
+    """Per step: y, x.grad, weight.grad, bias.grad and the buffers after the step."""
+    monkeypatch.setenv("MABN_FUSED", "1" if fused_on else "0")
+    records = []
+    for x, dy in inputs:
+        x = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(x)
+        y.backward(dy)
+        records.append([y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone(),
+                        *[b.clone() for b in layer.buffers()]])
+    return records
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name,options", CASES)
+def test_fused_steps_match_the_eager_layer(name, options, channels_last, monkeypatch):
+    torch.manual_seed(1)
+    layer = mabn.norm_layer(name, **options)(5)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # shifting statistics from step to step, so that r, d and the windows matter
+    inputs = [((0.5 + step / 4) * torch.randn(8, 5, 4, 3) + step / 3).contiguous(memory_format=memory_format)
+              for step in range(7)]
+    inputs = [(x, torch.randn_like(x)) for x in inputs]
+    eager = train_steps(copy.deepcopy(layer), inputs, False, monkeypatch)
+    compiled = train_steps(layer, inputs, True, monkeypatch)
+    assert not fused._broken
+    for step, (expected, actual) in enumerate(zip(eager, compiled)):
+        for index, (e, a) in enumerate(zip(expected, actual)):
+            torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-5, msg=lambda m: f"step {step}, value {index}: {m}")
+
+
+def test_fused_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(monkeypatch):
+    monkeypatch.setenv("MABN_FUSED", "1")
+    x64 = 1000.0 + torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    y = mabn.norm_layer("bn", normalization_batch=2)(3)(x64.float())
+    groups = x64.view(4, 2, 3, 25)
+    reference = (groups - groups.mean(dim=(1, 3), keepdim=True)) / torch.sqrt(
+        groups.var(dim=(1, 3), unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), reference.view_as(x64), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+def test_fused_backward_saves_x_and_per_group_channel_values(name, monkeypatch):
+    monkeypatch.setenv("MABN_FUSED", "1")
+    x = torch.randn(32, 16, 12, 12, requires_grad=True)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t):
+        y = mabn.norm_layer(name, normalization_batch=2)(16)(x)
+    y.sum().backward()
+    extra = sum(saved.values()) - x.numel() * 4
+    assert 0 <= extra <= 8 * 16 * 16 * 4
+
+
+def test_fused_is_off_for_other_dtypes_inside_compile_and_with_the_switch(monkeypatch):
+    x = torch.randn(4, 3, 2, 2)
+    monkeypatch.setenv("MABN_FUSED", "1")
+    assert fused.applies(x, 2) and not fused.applies(x.double(), 2) and not fused.applies(x.bfloat16(), 2)
+    monkeypatch.setenv("MABN_FUSED", "0")
+    assert not fused.applies(x, 2)
+
+
+def test_only_the_first_shapes_compile(monkeypatch):
+    monkeypatch.setenv("MABN_FUSED", "1")
+    monkeypatch.setattr(fused, "_shapes", set())
+    monkeypatch.setattr(fused, "SHAPES", 2)
+    assert fused.applies(torch.randn(4, 3, 2, 2), 2) and fused.applies(torch.randn(4, 3, 2, 3), 2)
+    assert not fused.applies(torch.randn(4, 3, 2, 4), 2)
+    assert fused.applies(torch.randn(4, 3, 2, 2), 2)
+
+
+def test_a_failed_compilation_warns_once_and_the_layers_go_eager(monkeypatch):
+    monkeypatch.setenv("MABN_FUSED", "1")
+    broken = fused.Fused(lambda x: x + 1)
+    monkeypatch.setattr(broken, "compiled", lambda x: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
+    monkeypatch.setattr(fused, "_broken", False)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert torch.equal(broken(x), x + 1)  # the plain function, eagerly
+    assert not fused.applies(x, 2)
