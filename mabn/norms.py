@@ -270,7 +270,7 @@ class _FusedBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, *buffers_and_options):
         y, mean, var, r, d = _FusedBatchNormFunction.fused_forward(x, weight, bias, *buffers_and_options)
-        ctx.save_for_backward(x, weight, mean, var, r, d)
+        ctx.save_for_backward(x, weight.detach(), mean, var, r, d)  # a plain tensor: one compiled graph
         ctx.eps, ctx.options = buffers_and_options[5], len(buffers_and_options)
         return y
 
@@ -672,7 +672,7 @@ class _FusedMABNFunction(torch.autograd.Function):
                 batch_backward):
         y, var, r, use_window = _FusedMABNFunction.fused_forward(x, weight, bias, ema_chi2, chi2_window,
                                                                  num_iterations, groups, options, batch_backward)
-        ctx.save_for_backward(x, weight, var, r, use_window)
+        ctx.save_for_backward(x, weight.detach(), var, r, use_window)  # a plain tensor: one compiled graph
         ctx.psi_window = psi_window  # state advanced by backward, not a saved value
         ctx.eps = options[1]
         return y

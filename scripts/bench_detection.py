@@ -10,12 +10,16 @@ kept, so machine noise hits all alike.
 Both engines build the model as train_coco.py does (norm in backbone, FPN, box and mask heads;
 convs feeding MABN centralized). The detectron2 engine is skipped with a note when detectron2
 is not installed. syncbn in one process has no one to synchronize with: it times BN's path.
+The norms run their eager kernels, as train_coco.py runs them (image sizes and RoI counts change
+from batch to batch, which compiled static shapes would not survive); MABN_FUSED=1 times the
+compiled ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MABN_FUSED", "0")  # as train_coco.py
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
@@ -189,7 +194,8 @@ def main(argv=None):
     title = (f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
              f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
              f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
-             f"median of {args.repeats} round-robin iterations after {args.warmup} warm-up.\n\n"
+             f"median of {args.repeats} round-robin iterations after {args.warmup} warm-up, "
+             f"{'compiled' if os.environ['MABN_FUSED'] != '0' else 'eager'} norm kernels (mabn.fused).\n\n"
              f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
     publish(table(medians, notes, title), args.out)
 

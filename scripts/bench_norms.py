@@ -9,6 +9,7 @@ backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
     python scripts/bench_norms.py --device cuda --autocast fp16 --channels-last   # as training runs on GPUs
     python scripts/bench_norms.py --compare /tmp/old   # also the layers of another checkout (a git worktree)
     python scripts/bench_norms.py --eager              # BN/BRN/MABN's eager kernels (MABN_FUSED=0)
+    python scripts/bench_norms.py --eager-rows         # compiled and eager kernels in the same run
 
 On CPU in fp32 the grouped layers run their compiled kernels (mabn.fused); each is compiled in
 the warm-up step, which is not timed.
@@ -53,6 +54,35 @@ def cases(norms, normalization_batches, authors, packages):
                 yield f"{label} [{tag}]" if tag else label, package.norm_layer(name, **options)
     if authors:
         yield "authors' MABN.py (batch 32)", lambda c: authors.MABN2d(c, B=32, real_B=512, warmup_iters=0)
+
+
+class EagerKernels(nn.Module):
+    """A layer run with its eager kernels: MABN_FUSED=0 during its forward (the backward
+    follows the forward's choice)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        previous = os.environ.get("MABN_FUSED")
+        os.environ["MABN_FUSED"] = "0"
+        try:
+            return self.layer(x)
+        finally:
+            if previous is None:
+                del os.environ["MABN_FUSED"]
+            else:
+                os.environ["MABN_FUSED"] = previous
+
+
+class EagerPackage:
+    """This checkout's layers with their eager kernels, as a package for ``cases``."""
+
+    @staticmethod
+    def norm_layer(name, **options):
+        factory = mabn.norm_layer(name, **options)
+        return lambda channels: EagerKernels(factory(channels))
 
 
 def load_checkout(root: Path):
@@ -162,6 +192,7 @@ def main(argv=None):
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="another checkout whose layers get rows too, tagged with its folder name")
     parser.add_argument("--eager", action="store_true", help="the eager kernels of BN/BRN/MABN (MABN_FUSED=0)")
+    parser.add_argument("--eager-rows", action="store_true", help="also rows with the eager kernels, tagged [eager]")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if args.eager:
@@ -169,6 +200,7 @@ def main(argv=None):
 
     authors = load_authors(args.authors_mabn) if args.authors_mabn else None
     packages = [("", mabn)] + [(root.name, load_checkout(root)) for root in args.compare]
+    packages += [("eager", EagerPackage)] if args.eager_rows else []
     layers = dict(cases(args.norms, args.normalization_batches, authors, packages))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
