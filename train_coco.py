@@ -14,9 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from mabn.config import ConfigError, check_numbers, register_resolvers
 
 register_resolvers()
-# Image sizes change from batch to batch: the norms' fused kernels (mabn.fused), compiled per
-# input shape, would spend minutes compiling; MABN_FUSED=1 turns them on.
-os.environ.setdefault("MABN_FUSED", "0")
+# Image sizes and RoI counts change from batch to batch: the norms' compiled kernels
+# (mabn.fused) in their dynamic-shape mode, one graph for every size; MABN_FUSED=0: eager ones.
+os.environ.setdefault("MABN_FUSED", "dynamic")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")

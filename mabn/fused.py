@@ -8,9 +8,10 @@ pass that writes y (a reduction and one pass that writes dx in the backward), fa
 
 The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outside an outer
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
-shapes (each costs a few seconds to compile once; inputs whose size changes from batch to
-batch, as in detection, should keep the eager kernels), and until a compilation failed here (a
-missing C++ compiler, say: one warning, then the eager kernels for the rest of the process).
+shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
+size changes from batch to batch as in detection, one graph serves every size of an ungrouped
+layer), and until a compilation failed here (a missing C++ compiler, say: one warning, then
+the eager kernels for the rest of the process).
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ SHAPES = 64  # distinct input shapes compiled per process; new ones beyond go to
 _shapes = set()
 
 
+def mode() -> str:
+    """``MABN_FUSED``: "0" (off), "dynamic" (one graph for every input size, for inputs whose size
+    changes from batch to batch; ungrouped layers only) or "1" (static shapes, the default)."""
+    return os.environ.get("MABN_FUSED", "1")
+
+
 def enabled() -> bool:
     """Whether this process runs fused functions at all (see the module)."""
-    return not _broken and os.environ.get("MABN_FUSED", "1") != "0" and not torch.compiler.is_compiling()
+    return not _broken and mode() != "0" and not torch.compiler.is_compiling()
 
 
 def applies(x: torch.Tensor, groups: int) -> bool:
     """Whether the fused functions run for input ``x`` split into ``groups``."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not enabled():
         return False
+    if mode() == "dynamic":  # dynamic shapes make slow grouped reductions: those stay eager
+        return groups == 1
     key = (x.shape, x.stride(), groups)
     if key not in _shapes and len(_shapes) < SHAPES:
         _shapes.add(key)
@@ -41,7 +50,8 @@ def applies(x: torch.Tensor, groups: int) -> bool:
 
 
 class Fused:
-    """``fn`` compiled with static shapes: one graph per distinct call signature.
+    """``fn`` compiled with static shapes, one graph per distinct call signature (or dynamic ones,
+    see ``mode``).
 
     Dynamo's recompile limit (8 graphs per function by default) would send a ninth shape
     (ResNet-50 has nine norm shapes) to eager execution of the plain formulas, so it is raised
@@ -51,7 +61,7 @@ class Fused:
 
     def __init__(self, fn):
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=False)
+        self.static, self.dynamic = torch.compile(fn, dynamic=False), torch.compile(fn, dynamic=True)
 
     def __call__(self, *args):
         global _broken
@@ -59,7 +69,7 @@ class Fused:
         limit = config.recompile_limit
         config.recompile_limit = max(limit, 4 * SHAPES)
         try:
-            return self.compiled(*args)
+            return (self.dynamic if mode() == "dynamic" else self.static)(*args)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: eager kernels
             _broken = True
             first_line = str(error).splitlines()[0] if str(error) else ""

@@ -27,9 +27,10 @@ CASES = [
 ]
 
 
-def train_steps(layer, inputs, fused_on, monkeypatch):
-    """Per step: y, x.grad, weight.grad, bias.grad and the buffers after the step."""
-    monkeypatch.setenv("MABN_FUSED", "1" if fused_on else "0")
+def train_steps(layer, inputs, mode, monkeypatch):
+    """Per step: y, x.grad, weight.grad, bias.grad and the buffers after the step, with
+    MABN_FUSED=mode."""
+    monkeypatch.setenv("MABN_FUSED", mode)
     records = []
     for x, dy in inputs:
         x = x.clone().requires_grad_()
@@ -54,12 +55,28 @@ def test_fused_steps_match_the_eager_layer(name, options, channels_last, monkeyp
     inputs = [((0.5 + step / 4) * torch.randn(8, 5, 4, 3) + step / 3).contiguous(memory_format=memory_format)
               for step in range(7)]
     inputs = [(x, torch.randn_like(x)) for x in inputs]
-    eager = train_steps(copy.deepcopy(layer), inputs, False, monkeypatch)
-    compiled = train_steps(layer, inputs, True, monkeypatch)
+    eager = train_steps(copy.deepcopy(layer), inputs, "0", monkeypatch)
+    assert_same_steps(train_steps(layer, inputs, "1", monkeypatch), eager)
+
+
+def assert_same_steps(compiled, eager):
     assert not fused._broken
     for step, (expected, actual) in enumerate(zip(eager, compiled)):
         for index, (e, a) in enumerate(zip(expected, actual)):
             torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-5, msg=lambda m: f"step {step}, value {index}: {m}")
+
+
+@pytest.mark.parametrize("name,options", [case for case in CASES if case[1]["normalization_batch"] is None])
+def test_dynamic_mode_serves_inputs_whose_size_changes(name, options, monkeypatch):
+    """MABN_FUSED=dynamic (train_coco.py): one graph for the sizes of detection's images and RoIs."""
+    torch.manual_seed(2)
+    layer = mabn.norm_layer(name, **options)(5)
+    sizes = [(2, 6, 8), (2, 7, 5), (9, 4, 4), (3, 6, 8), (2, 10, 3), (5, 4, 4), (2, 6, 8)]
+    inputs = [(1 + step / 3) * torch.randn(n, 5, h, w) + step / 4 for step, (n, h, w) in enumerate(sizes)]
+    inputs = [(x, torch.randn_like(x)) for x in inputs]
+    eager = train_steps(copy.deepcopy(layer), inputs, "0", monkeypatch)
+    assert_same_steps(train_steps(layer, inputs, "dynamic", monkeypatch), eager)
+    assert not fused.applies(torch.randn(4, 5, 2, 2), 2)  # grouped layers stay eager there
 
 
 def test_fused_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(monkeypatch):
@@ -106,7 +123,7 @@ def test_only_the_first_shapes_compile(monkeypatch):
 def test_a_failed_compilation_warns_once_and_the_layers_go_eager(monkeypatch):
     monkeypatch.setenv("MABN_FUSED", "1")
     broken = fused.Fused(lambda x: x + 1)
-    monkeypatch.setattr(broken, "compiled", lambda x: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
+    monkeypatch.setattr(broken, "static", lambda x: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
     monkeypatch.setattr(fused, "_broken", False)
     x = torch.randn(4, 3, 2, 2)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):

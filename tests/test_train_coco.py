@@ -2,6 +2,7 @@
 generated scene set, AP evaluation, norm placement, exact resume and errors."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,9 @@ def scenes(tmp_path_factory):
             "log_every_steps=1", "detector.rpn_pre_nms_test=50", "detector.detections_per_image=10"]
 
 
-def cli(*overrides, timeout=600):
+def cli(*overrides, timeout=600, env=None):
     return subprocess.run([sys.executable, "train_coco.py", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("engine", "detector", "optim", "schedule")
@@ -106,13 +107,15 @@ def test_norm_placement_and_weight_centralization_follow_the_paper(scenes, tmp_p
     assert all(norm.normalization_batch is None and norm.sma_window == 16 for _, norm in pairs)
 
 
-def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
+@pytest.mark.parametrize("fused", ["0", "dynamic"])  # eager norm kernels; compiled, as train_coco.py runs them
+def test_exact_resume_with_the_torchvision_engine(fused, scenes, tmp_path):
     overrides = [*scenes, "norm=mabn", "max_steps=6", "seed=1"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert cli(*overrides, f"hydra.run.dir={straight}").returncode == 0
-    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=3")
+    env = {**os.environ, "MABN_FUSED": fused}
+    assert cli(*overrides, f"hydra.run.dir={straight}", env=env).returncode == 0
+    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=3", env=env)
     assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr
-    second = cli(*overrides, f"hydra.run.dir={interrupted}")
+    second = cli(*overrides, f"hydra.run.dir={interrupted}", env=env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from step 3 of 6" in second.stdout
     assert_same_run(straight, interrupted, AP_KEYS)
