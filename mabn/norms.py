@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .fused import Fused
 
 
 def num_groups(batch_size: int, normalization_batch: int | None) -> int:
@@ -219,6 +218,25 @@ def relaxed(done: torch.Tensor, final: float, start: float, warmup: float, end: 
     return start + (final - start) * frac
 
 
+def schedule_limits(num_iterations: torch.Tensor, schedule, dtype: torch.dtype):
+    """BRN's (r_max, d_max) after ``num_iterations`` under ``schedule`` (r_max, d_max,
+    warmup_iters, r_max_iters, d_max_iters), as tensors of ``dtype`` (no host synchronization)."""
+    r_max, d_max, warmup, r_max_iters, d_max_iters = schedule
+    done = num_iterations.to(dtype)
+    return relaxed(done, r_max, 1.0, warmup, r_max_iters), relaxed(done, d_max, 0.0, warmup, d_max_iters)
+
+
+def renorm_factors(var, mean, running_mean, running_var, r_max, d_max, eps: float):
+    """BRN's r and d per (group, channel): each group's statistics against the running ones
+    before it, clipped to the limits."""
+    sigma_running = torch.sqrt(running_var + eps)
+    # minimum/maximum, not clamp with tensor bounds: in this layer the latter gave gamma
+    # gradients that differed from eager under torch.compile (aot_eager, torch 2.14)
+    r = torch.minimum(torch.maximum(torch.sqrt(var + eps) / sigma_running, 1.0 / r_max), r_max)
+    d = torch.minimum(torch.maximum((mean - running_mean) / sigma_running, -d_max), d_max)
+    return r, d
+
+
 def batch_norm_train(x, weight, bias, running_mean, running_var, num_batches_tracked, groups: int,
                      momentum: float, eps: float, num_iterations=None, schedule=None):
     """BatchNorm2d's grouped training forward (BatchRenorm2d's with ``num_iterations`` and its
@@ -236,13 +254,9 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, num_batches_tra
     num_batches_tracked.add_(groups)
     r, d = torch.ones_like(var), torch.zeros_like(var)
     if schedule is not None:
-        r_max, d_max, warmup, r_max_iters, d_max_iters = schedule
-        done = num_iterations.to(running_var.dtype)
-        r_max, d_max = relaxed(done, r_max, 1.0, warmup, r_max_iters), relaxed(done, d_max, 0.0, warmup, d_max_iters)
+        r_max, d_max = schedule_limits(num_iterations, schedule, running_var.dtype)
         num_iterations.add_(1)
-        sigma_running = torch.sqrt(states[:-1, channels:] + eps)
-        r = torch.minimum(torch.maximum(torch.sqrt(var + eps) / sigma_running, 1.0 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean - states[:-1, :channels]) / sigma_running, -d_max), d_max)
+        r, d = renorm_factors(var, mean, states[:-1, :channels], states[:-1, channels:], r_max, d_max, eps)
     gain = torch.rsqrt(var + eps) * weight * r
     y = (xg - mean[:, None, :, None]) * gain[:, None, :, None] + (bias + weight * d)[:, None, :, None]
     return y.view(x.shape), mean, var, r, d
@@ -265,19 +279,22 @@ def batch_norm_backward(dy, x, weight, mean, var, r, d, eps: float):
 class _FusedBatchNormFunction(torch.autograd.Function):
     """``batch_norm_train`` and its backward, compiled (``mabn.fused``); saves x and (G, C) values."""
 
-    fused_forward, fused_backward = Fused(batch_norm_train), Fused(batch_norm_backward)
+    fused_forward, fused_backward = fused.Fused(batch_norm_train), fused.Fused(batch_norm_backward)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, *buffers_and_options):
-        y, mean, var, r, d = _FusedBatchNormFunction.fused_forward(x, weight, bias, *buffers_and_options)
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, groups, momentum, eps,
+                num_iterations=None, schedule=None):
+        y, mean, var, r, d = _FusedBatchNormFunction.fused_forward(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, groups, momentum, eps, num_iterations,
+            schedule)
         ctx.save_for_backward(x, weight.detach(), mean, var, r, d)  # a plain tensor: one compiled graph
-        ctx.eps, ctx.options = buffers_and_options[5], len(buffers_and_options)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
         dx, dweight, dbias = _FusedBatchNormFunction.fused_backward(dy, *ctx.saved_tensors, ctx.eps)
-        return dx, dweight, dbias, *[None] * ctx.options
+        return dx, dweight, dbias, *[None] * (len(ctx.needs_input_grad) - 3)
 
 
 class _GroupedBatchStats(nn.Module):
@@ -407,11 +424,13 @@ class BatchRenorm2d(_GroupedBatchStats):
                 f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "
                 f"d_max_iters={self.d_max_iters}")
 
+    def _schedule(self):
+        """The limits' schedule, in ``schedule_limits``'s order."""
+        return self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters
+
     def limits(self):
         """(r_max, d_max) for the current iteration, as tensors (no host synchronization)."""
-        done = self.num_iterations.to(self.running_var.dtype)
-        return (relaxed(done, self.r_max, 1.0, self.warmup_iters, self.r_max_iters),
-                relaxed(done, self.d_max, 0.0, self.warmup_iters, self.d_max_iters))
+        return schedule_limits(self.num_iterations, self._schedule(), self.running_var.dtype)
 
     def forward(self, x):
         if not self.training:
@@ -420,18 +439,12 @@ class BatchRenorm2d(_GroupedBatchStats):
         if fused.applies(x, groups):
             return _FusedBatchNormFunction.apply(
                 x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked, groups,
-                self.momentum, self.eps, self.num_iterations,
-                (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters))
+                self.momentum, self.eps, self.num_iterations, self._schedule())
         var, mean, count = self._group_stats(x, groups)
         means, vars_ = self._running_states(var, mean, count)
         r_max, d_max = self.limits()
         self.num_iterations.add_(1)
-        sigma_batch = torch.sqrt(var + self.eps)
-        sigma_running = torch.sqrt(vars_[:-1] + self.eps)
-        # minimum/maximum, not clamp with tensor bounds: in this layer the latter gave gamma
-        # gradients that differed from eager under torch.compile (aot_eager, torch 2.14)
-        r = torch.minimum(torch.maximum(sigma_batch / sigma_running, 1.0 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean - means[:-1]) / sigma_running, -d_max), d_max)
+        r, d = renorm_factors(var, mean, means[:-1], vars_[:-1], r_max, d_max, self.eps)
         # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
         weight, bias = self.weight * r, self.bias + self.weight * d
         return _GroupBatchNormFunction.apply(x, mean, var, weight, bias, self.eps)
@@ -665,7 +678,7 @@ def mabn_backward(dy, x, weight, var, r, psi_window, use_window, eps: float):
 class _FusedMABNFunction(torch.autograd.Function):
     """``mabn_train`` and ``mabn_backward``, compiled (``mabn.fused``); saves x and (G, C) values."""
 
-    fused_forward, fused_backward = Fused(mabn_train), Fused(mabn_backward)
+    fused_forward, fused_backward = fused.Fused(mabn_train), fused.Fused(mabn_backward)
 
     @staticmethod
     def forward(ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options,
@@ -682,7 +695,7 @@ class _FusedMABNFunction(torch.autograd.Function):
         x, weight, var, r, use_window = ctx.saved_tensors
         dx, dweight, dbias = _FusedMABNFunction.fused_backward(dy, x, weight, var, r, ctx.psi_window, use_window,
                                                                ctx.eps)
-        return dx, dweight, dbias, *[None] * 7
+        return dx, dweight, dbias, *[None] * (len(ctx.needs_input_grad) - 3)
 
 
 class _AllReduceSum(torch.autograd.Function):
