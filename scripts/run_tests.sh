@@ -11,4 +11,6 @@ if [ "$(id -u)" = 0 ]; then
     bash scripts/slurm_local.sh start
     trap 'bash scripts/slurm_local.sh stop' EXIT
 fi
+# Checkpoints of the training tests go to the temporary directory: a full disk fails them.
+echo "[run_tests] free disk: $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') in ${TMPDIR:-/tmp}"
 .venv/bin/python -m pytest "$@"
