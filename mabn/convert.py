@@ -60,17 +60,23 @@ def conv_norm_pairs(model: nn.Module):
     return pairs
 
 
+def centered(weight: torch.Tensor) -> torch.Tensor:
+    """W - mean(W) over all dimensions but the first (per output channel)."""
+    return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+
 class _Centered(torch.autograd.Function):
-    """W - mean(W) per output channel. The map is a linear symmetric projection, so its
-    gradient is the same projection of the incoming one: two passes over the weight each way,
-    where autograd's chain (neg, expand, div, add) makes four in the backward. No custom
-    forward-mode rule: torch.compile cannot trace one (torch 2.14)."""
+    """``centered`` as an autograd function. The map is a linear symmetric projection, so its
+    gradient is the same projection of the incoming one, computed by plain (twice
+    differentiable) ops: two passes over the weight each way, where autograd's chain (neg,
+    expand, div, add) makes four in the backward. No custom forward-mode rule: torch.compile
+    cannot trace one (torch 2.14)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(weight):
-        return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+        return centered(weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -78,7 +84,7 @@ class _Centered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _Centered.apply(grad)
+        return centered(grad)
 
 
 class Centralize(nn.Module):

@@ -1,7 +1,9 @@
 """Seconds per Mask R-CNN training iteration (forward, backward, SGD step) for each norm and
 engine, as ratios to bn measured in the same run: every case runs one iteration in turn
-(round-robin, the order rotating each round) on the same fixed batches, and the median is
-kept, so machine noise hits all alike.
+(round-robin, the order rotating each round) on the same fixed batches; the ratio is the median
+over rounds of the case's time over bn's in that round, so machine noise hits all alike. A second
+bn model ("bn again") shows the noise floor of the ratios; "mabn-nowc" is MABN without weight
+centralization, which splits MABN's cost into its norm layers' and the centralization's.
 
     python scripts/bench_detection.py                                   # small R18-FPN, fashion_scenes
     python scripts/bench_detection.py --out results/bench_detection_cpu.md
@@ -44,9 +46,13 @@ from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
 from report import machine, publish  # noqa: E402
 
 
+VARIANTS = {"bn-again": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
+
+
 def config(args, norm: str, engine: str):
     register_resolvers()
-    overrides = [f"norm={norm}", f"engine={engine}", f"detector={args.detector}", f"batch={args.batch}",
+    norm, extra = VARIANTS.get(norm, (norm, []))
+    overrides = [*extra, f"norm={norm}", f"engine={engine}", f"detector={args.detector}", f"batch={args.batch}",
                  f"data.root={args.data_root}", f"data.train_images={args.images}", "data.val_images=4",
                  "workers=0", f"device={args.device}"]
     overrides += [f"data.min_size={args.min_size}"] if args.min_size else []
@@ -120,9 +126,7 @@ def synchronize(device):
 
 
 def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
-    """Median seconds per iteration for each case, round-robin with a rotating order."""
-    if not cases:
-        return {}
+    """Seconds per iteration of each case in each round, round-robin with a rotating order."""
     for case in cases.values():
         for _ in range(warmup):
             case.step()
@@ -136,22 +140,25 @@ def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
             cases[label].step()
             synchronize(device)
             times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return times
 
 
-def table(medians: dict, notes: list[str], title: str) -> str:
-    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine) |", "|---|---|---|---|"]
-    for (engine, norm), seconds in medians.items():
-        baseline = medians.get((engine, "bn"))
-        ratio = f"{seconds / baseline:.2f}" if baseline else "-"
-        lines.append(f"| {engine} | {norm} | {seconds:.3f} | {ratio} |")
+def table(times: dict, notes: list[str], title: str) -> str:
+    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) |",
+             "|---|---|---|---|"]
+    for (engine, norm), seconds in times.items():
+        baseline = times.get((engine, "bn"))
+        ratio = f"{statistics.median(t / b for t, b in zip(seconds, baseline)):.2f}" if baseline else "-"
+        lines.append(f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} |")
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="r18_fpn_small", help="configs/detector/ option (r50_fpn: the paper's)")
-    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mabn", "syncbn"])
+    parser.add_argument("--norms", nargs="+", default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "syncbn"],
+                        help="norm options; bn-again: a second bn model (the noise floor); mabn-nowc: mabn without "
+                             "weight centralization")
     parser.add_argument("--engines", nargs="+", default=["torchvision", "detectron2"])
     parser.add_argument("--batch", type=int, default=2, help="images per iteration (the normalization batch)")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion_scenes_bench"),
@@ -161,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--max-size", type=int)
     parser.add_argument("--batches", type=int, default=4, help="distinct fixed batches cycled through")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per case")
-    parser.add_argument("--repeats", type=int, default=15, help="timed iterations per case")
+    parser.add_argument("--repeats", type=int, default=40, help="timed iterations (rounds) per case")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
@@ -187,17 +194,17 @@ def main(argv=None):
             notes.append("syncbn runs in one process here: nothing to synchronize, so it times BN's path "
                          "(this suite's SyncBatchNorm falls back to batch_norm without a process group)")
         with contextlib.redirect_stdout(sys.stderr):
-            medians = benchmark(cases, args.warmup, args.repeats, args.device)
+            times = benchmark(cases, args.warmup, args.repeats, args.device)
 
     cfg = config(args, "bn", "torchvision")
     device = machine(args.device)
     title = (f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
              f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
              f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
-             f"median of {args.repeats} round-robin iterations after {args.warmup} warm-up, "
+             f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
              f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
              f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
-    publish(table(medians, notes, title), args.out)
+    publish(table(times, notes, title), args.out)
 
 
 if __name__ == "__main__":
