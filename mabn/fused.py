@@ -9,8 +9,8 @@ pass that writes y (a reduction and one pass that writes dx in the backward), fa
 The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outside an outer
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
 shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
-size changes from batch to batch as in detection, one graph serves every size of an ungrouped
-layer), and until a compilation failed here (a missing C++ compiler, say: one warning, then
+size changes from batch to batch as in detection, a graph for the first size, then one that serves
+every size of an ungrouped layer), and until a compilation failed here (a missing C++ compiler, say: one warning, then
 the eager kernels for the rest of the process).
 """
 
@@ -27,8 +27,9 @@ _shapes = set()
 
 
 def mode() -> str:
-    """``MABN_FUSED``: "0" (off), "dynamic" (one graph for every input size, for inputs whose size
-    changes from batch to batch; ungrouped layers only) or "1" (static shapes, the default)."""
+    """``MABN_FUSED``: "0" (off), "dynamic" (after the first input size, one graph for every size,
+    for inputs whose size changes from batch to batch; ungrouped layers only) or "1" (static
+    shapes, the default)."""
     return os.environ.get("MABN_FUSED", "1")
 
 
@@ -50,8 +51,11 @@ def applies(x: torch.Tensor, groups: int) -> bool:
 
 
 class Fused:
-    """``fn`` compiled with static shapes, one graph per distinct call signature (or dynamic ones,
-    see ``mode``).
+    """``fn`` compiled with static shapes, one graph per distinct call signature, or with
+    torch.compile's automatic dynamic shapes (``mode`` "dynamic"): a static graph for the first
+    call, then one dynamic in the sizes that changed. Unlike ``dynamic=True``, that keeps the
+    Python numbers (momentum, eps, BRN's schedule) constants of the graph instead of inputs,
+    which made each call of BRN's forward about 1.5x slower at detection's small tensors.
 
     Dynamo's recompile limit (8 graphs per function by default) would send a ninth shape
     (ResNet-50 has nine norm shapes) to eager execution of the plain formulas, so it is raised
@@ -61,7 +65,7 @@ class Fused:
 
     def __init__(self, fn):
         self.fn = fn
-        self.static, self.dynamic = torch.compile(fn, dynamic=False), torch.compile(fn, dynamic=True)
+        self.static, self.dynamic = torch.compile(fn, dynamic=False), torch.compile(fn)
 
     def __call__(self, *args):
         global _broken

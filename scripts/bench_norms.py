@@ -206,7 +206,8 @@ def main(argv=None):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
     times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
     layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
-    kernels = "compiled" if mabn.fused.enabled() and args.device == "cpu" and dtype is None else "eager"
+    compiled = mabn.fused.enabled() and args.device == "cpu" and dtype is None
+    kernels = f"compiled (MABN_FUSED={mabn.fused.mode()})" if compiled else "eager"
     title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
              f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
              f"{kernels} kernels of bn/brn/mabn (mabn.fused), {machine(args.device)}, "

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import mabn
 from mabn import fused
@@ -75,7 +76,11 @@ def test_dynamic_mode_serves_inputs_whose_size_changes(name, options, monkeypatc
     inputs = [(1 + step / 3) * torch.randn(n, 5, h, w) + step / 4 for step, (n, h, w) in enumerate(sizes)]
     inputs = [(x, torch.randn_like(x)) for x in inputs]
     eager = train_steps(copy.deepcopy(layer), inputs, "0", monkeypatch)
+    graphs = counters["stats"]["unique_graphs"]
     assert_same_steps(train_steps(layer, inputs, "dynamic", monkeypatch), eager)
+    # forward and backward each: a graph for the first size, then one more each time another
+    # dimension starts to vary (N, H and W here), not one per size (6 distinct sizes)
+    assert counters["stats"]["unique_graphs"] - graphs <= 2 * (1 + 3)
     assert not fused.applies(torch.randn(4, 5, 2, 2), 2)  # grouped layers stay eager there
 
 
