@@ -15,7 +15,7 @@ from mabn.config import ConfigError, check_numbers, register_resolvers
 
 register_resolvers()
 # Image sizes and RoI counts change from batch to batch: the norms' compiled kernels
-# (mabn.fused) in their dynamic-shape mode, one graph for every size; MABN_FUSED=0: eager ones.
+# (mabn.fused) in their dynamic-shape mode, graphs that serve every size; MABN_FUSED=0: eager ones.
 os.environ.setdefault("MABN_FUSED", "dynamic")
 
 

@@ -10,8 +10,8 @@ The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outs
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
 shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
 size changes from batch to batch as in detection, a graph for the first size, then one that serves
-every size of an ungrouped layer), and until a compilation failed here (a missing C++ compiler, say: one warning, then
-the eager kernels for the rest of the process).
+every size of an ungrouped layer), and until a compilation failed here (a missing C++ compiler,
+say: one warning, then the eager kernels for the rest of the process).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def assert_same_steps(compiled, eager):
 
 @pytest.mark.parametrize("name,options", [case for case in CASES if case[1]["normalization_batch"] is None])
 def test_dynamic_mode_serves_inputs_whose_size_changes(name, options, monkeypatch):
-    """MABN_FUSED=dynamic (train_coco.py): one graph for the sizes of detection's images and RoIs."""
+    """MABN_FUSED=dynamic (train_coco.py): a few graphs serve every size of detection's images and RoIs."""
     torch.manual_seed(2)
     layer = mabn.norm_layer(name, **options)(5)
     sizes = [(2, 6, 8), (2, 7, 5), (9, 4, 4), (3, 6, 8), (2, 10, 3), (5, 4, 4), (2, 6, 8)]
