@@ -3,7 +3,9 @@ engine, as ratios to bn measured in the same run: every case runs one iteration 
 (round-robin, the order rotating each round) on the same fixed batches; the ratio is the median
 over rounds of the case's time over bn's in that round, so machine noise hits all alike. A second
 bn model ("bn again") shows the noise floor of the ratios; "mabn-nowc" is MABN without weight
-centralization, which splits MABN's cost into its norm layers' and the centralization's.
+centralization, which splits MABN's cost into its norm layers' and the centralization's. The mask
+head trains on the positive proposals, whose number depends on what each model has learnt, so
+the table also gives the mask RoIs per iteration: that share of the work differs between norms.
 
     python scripts/bench_detection.py                                   # small R18-FPN, fashion_scenes
     python scripts/bench_detection.py --out results/bench_detection_cpu.md
@@ -49,6 +51,15 @@ from report import machine, publish  # noqa: E402
 VARIANTS = {"bn-again": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
 
 
+def count_mask_rois(model) -> list:
+    """The RoIs the mask head gets at each iteration (its input's length), appended as they come:
+    the positive proposals, which depend on what the model has learnt, so norms differ in this
+    share of the work."""
+    counts = []
+    model.roi_heads.mask_head.register_forward_pre_hook(lambda module, args: counts.append(len(args[0])))
+    return counts
+
+
 def config(args, norm: str, engine: str):
     register_resolvers()
     norm, extra = VARIANTS.get(norm, (norm, []))
@@ -78,6 +89,7 @@ class TorchvisionCase:
         samples = [dataset[i] for i in range(cfg.batch * batches)]
         self.batches = [collate_detection(samples[i:i + cfg.batch]) for i in range(0, len(samples), cfg.batch)]
         self.index = 0
+        self.mask_rois = count_mask_rois(self.model)
 
     def step(self):
         images, targets = self.batches[self.index % len(self.batches)]
@@ -109,6 +121,7 @@ class Detectron2Case:
         self.batches = [next(loader) for _ in range(batches)]
         self.storage = EventStorage(0)  # detectron2's losses log into one
         self.index = 0
+        self.mask_rois = count_mask_rois(self.model)
 
     def step(self):
         batch = self.batches[self.index % len(self.batches)]
@@ -143,13 +156,14 @@ def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
     return times
 
 
-def table(times: dict, notes: list[str], title: str) -> str:
-    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) |",
-             "|---|---|---|---|"]
+def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
+    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) "
+             "| mask RoIs / iteration (mean) |", "|---|---|---|---|---|"]
     for (engine, norm), seconds in times.items():
         baseline = times.get((engine, "bn"))
         ratio = f"{statistics.median(t / b for t, b in zip(seconds, baseline)):.2f}" if baseline else "-"
-        lines.append(f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} |")
+        lines.append(f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} "
+                     f"| {statistics.mean(mask_rois[engine, norm]):.1f} |")
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 
 
@@ -204,7 +218,11 @@ def main(argv=None):
              f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
              f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
              f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
-    publish(table(times, notes, title), args.out)
+    rois = {key: case.mask_rois[-args.repeats:] for key, case in cases.items()}  # the timed iterations'
+    notes.append("mask RoIs: the positive proposals the mask head trains on, which depend on what each model has "
+                 "learnt, so this share of the work differs between norms; the box head's samples are fixed by the "
+                 "config")
+    publish(table(times, rois, notes, title), args.out)
 
 
 if __name__ == "__main__":

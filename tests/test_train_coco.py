@@ -145,6 +145,20 @@ def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
     assert all(read_summary(tmp_path / f"{norm}-b2-scratch-s0")["steps"] == 2 for norm in ("bn", "mabn"))
 
 
+def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_rois(tmp_path):
+    out = tmp_path / "bench.md"
+    result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision", "--norms", "bn",
+                             "mabn", "--data-root", str(tmp_path / "scenes"), "--images", "4", "--batches", "1",
+                             "--warmup", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[1]: cells[2:5] for cells in (line.split(" | ") for line in out.read_text().splitlines()
+                                               if line.startswith("| torchvision |"))}
+    assert list(rows) == ["bn", "mabn"]
+    assert rows["bn"][1] == "1.00" and float(rows["mabn"][1]) > 0
+    assert all(float(row[2].rstrip(" |")) >= 1 for row in rows.values())  # each image's ground truth at least
+
+
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,
                     reason="detectron2 is installed: tests/test_detectron2.py simulates its absence instead")
 def test_detectron2_engine_without_detectron2_fails_at_once_with_one_line(tmp_path):
