@@ -9,9 +9,9 @@ pass that writes y (a reduction and one pass that writes dx in the backward), fa
 The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outside an outer
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
 shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
-size changes from batch to batch as in detection, a graph for the first size, then one that serves
-every size of an ungrouped layer), and until a compilation failed here (a missing C++ compiler,
-say: one warning, then the eager kernels for the rest of the process).
+size changes from batch to batch as in detection, a graph for the first size, then ones dynamic in
+the sizes that change, for ungrouped layers), and until a compilation failed here (a missing C++
+compiler, say: one warning, then the eager kernels for the rest of the process).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ _shapes = set()
 
 
 def mode() -> str:
-    """``MABN_FUSED``: "0" (off), "dynamic" (after the first input size, one graph for every size,
-    for inputs whose size changes from batch to batch; ungrouped layers only) or "1" (static
-    shapes, the default)."""
+    """``MABN_FUSED``: "0" (off), "dynamic" (a graph for the first input size, then ones dynamic in
+    the sizes that change, for inputs whose size changes from batch to batch; ungrouped layers
+    only) or "1" (static shapes, the default)."""
     return os.environ.get("MABN_FUSED", "1")
 
 

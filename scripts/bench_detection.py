@@ -52,9 +52,7 @@ VARIANTS = {"bn-again": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weig
 
 
 def count_mask_rois(model) -> list:
-    """The RoIs the mask head gets at each iteration (its input's length), appended as they come:
-    the positive proposals, which depend on what the model has learnt, so norms differ in this
-    share of the work."""
+    """The RoIs the mask head gets at each iteration (its input's length), appended as they come."""
     counts = []
     model.roi_heads.mask_head.register_forward_pre_hook(lambda module, args: counts.append(len(args[0])))
     return counts
