@@ -6,6 +6,8 @@ bn model ("bn again") shows the noise floor of the ratios; "mabn-nowc" is MABN w
 centralization, which splits MABN's cost into its norm layers' and the centralization's. The mask
 head trains on the positive proposals, whose number depends on what each model has learnt, so
 the table also gives the mask RoIs per iteration: that share of the work differs between norms.
+Every case draws the same batches and, at each iteration, the same random numbers, so the two bn
+models train alike and their ratio is the timing noise alone.
 
     python scripts/bench_detection.py                                   # small R18-FPN, fashion_scenes
     python scripts/bench_detection.py --out results/bench_detection_cpu.md
@@ -106,6 +108,7 @@ class Detectron2Case:
     def __init__(self, cfg, batches, work_dir):
         from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
         from detectron2.data.samplers import TrainingSampler
+        from detectron2.utils.env import seed_all_rng
         from detectron2.utils.events import EventStorage
 
         from mabn.engine.detection.detectron2_config import build_detectron2_cfg
@@ -116,6 +119,7 @@ class Detectron2Case:
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
         dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN)
         loader = iter(build_detection_train_loader(self.d2cfg, dataset=dicts, sampler=TrainingSampler(len(dicts), seed=0)))
+        seed_all_rng(0)  # the augmentations draw from numpy's global stream: the same batches for every case
         self.batches = [next(loader) for _ in range(batches)]
         self.storage = EventStorage(0)  # detectron2's losses log into one
         self.index = 0
@@ -137,15 +141,19 @@ def synchronize(device):
 
 
 def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
-    """Seconds per iteration of each case in each round, round-robin with a rotating order."""
+    """Seconds per iteration of each case in each round, round-robin with a rotating order. Each
+    iteration starts from the same seed in every case (RoI sampling draws from the global random
+    stream), so cases that learn alike, as the two bn models, do the same work."""
     for case in cases.values():
-        for _ in range(warmup):
+        for iteration in range(warmup):
+            torch.manual_seed(iteration)
             case.step()
     times = {label: [] for label in cases}
     labels = list(cases)
     for repeat in range(repeats):
         shift = repeat % len(labels)
         for label in labels[shift:] + labels[:shift]:
+            torch.manual_seed(warmup + repeat)
             synchronize(device)
             start = time.perf_counter()
             cases[label].step()
@@ -218,8 +226,8 @@ def main(argv=None):
              f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
     rois = {key: case.mask_rois[-args.repeats:] for key, case in cases.items()}  # the timed iterations'
     notes.append("mask RoIs: the positive proposals the mask head trains on, which depend on what each model has "
-                 "learnt, so this share of the work differs between norms; the box head's samples are fixed by the "
-                 "config")
+                 "learnt, so this share of the work differs between norms (the two bn models, trained alike, "
+                 "match); the box head's samples are fixed by the config")
     publish(table(times, rois, notes, title), args.out)
 
 
