@@ -3,7 +3,9 @@ engine, as ratios to bn measured in the same run: every case runs one iteration 
 (round-robin, the order rotating each round) on the same fixed batches; the ratio is the median
 over rounds of the case's time over bn's in that round, so machine noise hits all alike. A second
 bn model ("bn again") shows the noise floor of the ratios; "mabn-nowc" is MABN without weight
-centralization, which splits MABN's cost into its norm layers' and the centralization's. The mask
+centralization, which splits MABN's cost into its norm layers' and the centralization's; "bn-wcopy"
+is bn whose convs that MABN centralizes copy their weight in the forward and its gradient in the
+backward: the least that a centralization materializing W - mean(W) adds (a floor). The mask
 head trains on the positive proposals, whose number depends on what each model has learnt, so
 the table also gives the mask RoIs per iteration: that share of the work differs between norms.
 Every case draws the same batches and, at each iteration, the same random numbers, so the two bn
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,7 +44,7 @@ os.environ.setdefault("MABN_FUSED", "dynamic")  # as train_coco.py
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mabn.config import register_resolvers  # noqa: E402
-from mabn.convert import centralize_weights  # noqa: E402
+from mabn.convert import centralize_weights, conv_norm_pairs  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
@@ -50,7 +53,35 @@ from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
 from report import machine, publish  # noqa: E402
 
 
-VARIANTS = {"bn-again": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
+VARIANTS = {"bn-again": ("bn", []), "bn-wcopy": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
+
+
+class _Copied(torch.autograd.Function):
+    """The identity, paying a copy each way: the weight forward, the gradient backward."""
+
+    @staticmethod
+    def forward(weight):
+        return weight.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+class CopyWeight(torch.nn.Module):
+    def forward(self, weight):
+        return _Copied.apply(weight)
+
+
+def copy_weights(model):
+    """Make the convs that MABN would centralize (those feeding a norm) copy their weight and its
+    gradient: the traffic of centralization without its arithmetic (same values, same training)."""
+    for _, conv, _, _ in conv_norm_pairs(model):
+        parametrize.register_parametrization(conv, "weight", CopyWeight())
 
 
 def count_mask_rois(model) -> list:
@@ -176,9 +207,9 @@ def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="r18_fpn_small", help="configs/detector/ option (r50_fpn: the paper's)")
-    parser.add_argument("--norms", nargs="+", default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "syncbn"],
+    parser.add_argument("--norms", nargs="+", default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "bn-wcopy", "syncbn"],
                         help="norm options; bn-again: a second bn model (the noise floor); mabn-nowc: mabn without "
-                             "weight centralization")
+                             "weight centralization; bn-wcopy: bn copying the weights MABN centralizes (a floor)")
     parser.add_argument("--engines", nargs="+", default=["torchvision", "detectron2"])
     parser.add_argument("--batch", type=int, default=2, help="images per iteration (the normalization batch)")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion_scenes_bench"),
@@ -210,6 +241,12 @@ def main(argv=None):
                 with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table
                     cases[(engine, norm)] = (Detectron2Case(cfg, args.batches, work_dir) if engine == "detectron2"
                                              else TorchvisionCase(cfg, args.batches))
+                if norm == "bn-wcopy":  # the parameters stay the same objects: the optimizer still holds them
+                    copy_weights(cases[(engine, norm)].model)
+        if "bn-wcopy" in args.norms:
+            notes.append("bn-wcopy: bn whose convs that MABN centralizes copy their weight (forward) and its gradient "
+                         "(backward), which trains exactly as bn: the least time that centralizing by materializing "
+                         "W - mean(W) and its projected gradient adds to bn")
         if "syncbn" in args.norms:
             notes.append("syncbn runs in one process here: nothing to synchronize, so it times BN's path "
                          "(this suite's SyncBatchNorm falls back to batch_norm without a process group)")

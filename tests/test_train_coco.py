@@ -148,16 +148,17 @@ def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
 def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_rois(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision", "--norms", "bn",
-                             "bn-again", "mabn", "--data-root", str(tmp_path / "scenes"), "--images", "4", "--batches", "1",
+                             "bn-again", "bn-wcopy", "mabn", "--data-root", str(tmp_path / "scenes"), "--images", "4", "--batches", "1",
                              "--warmup", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in out.read_text().splitlines() if line.startswith("| torchvision |")]
     rows = {cells[1]: cells[2:] for cells in (line.strip("| ").split(" | ") for line in lines)}
-    assert list(rows) == ["bn", "bn-again", "mabn"]
+    assert list(rows) == ["bn", "bn-again", "bn-wcopy", "mabn"]
     assert rows["bn"][1] == "1.00" and float(rows["mabn"][1]) > 0
     assert all(float(row[2]) >= 1 for row in rows.values())  # each image's ground truth at least
     assert rows["bn-again"][2] == rows["bn"][2]  # same start, batches and random draws: the same work
+    assert rows["bn-wcopy"][2] == rows["bn"][2]  # copying the weights changes no value
 
 
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,
