@@ -207,7 +207,8 @@ def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="r18_fpn_small", help="configs/detector/ option (r50_fpn: the paper's)")
-    parser.add_argument("--norms", nargs="+", default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "bn-wcopy", "syncbn"],
+    parser.add_argument("--norms", nargs="+",
+                        default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "bn-wcopy", "syncbn"],
                         help="norm options; bn-again: a second bn model (the noise floor); mabn-nowc: mabn without "
                              "weight centralization; bn-wcopy: bn copying the weights MABN centralizes (a floor)")
     parser.add_argument("--engines", nargs="+", default=["torchvision", "detectron2"])

@@ -147,8 +147,9 @@ def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
 
 def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_rois(tmp_path):
     out = tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision", "--norms", "bn",
-                             "bn-again", "bn-wcopy", "mabn", "--data-root", str(tmp_path / "scenes"), "--images", "4", "--batches", "1",
+    result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision",
+                             "--norms", "bn", "bn-again", "bn-wcopy", "mabn", "--data-root", str(tmp_path / "scenes"),
+                             "--images", "4", "--batches", "1",
                              "--warmup", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
