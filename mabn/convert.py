@@ -1,10 +1,7 @@
 """Model surgery: swap BatchNorm2d layers for any norm, centralize the weights of the convs
 that feed MABN, and fold norms into convs for inference.
 
-"The conv that feeds a norm" is found in registration order: the most recent ``nn.Conv2d``
-(any subclass, e.g. detectron2's) registered before the norm with as many output channels
-as the norm has channels, and no other norm in between. This holds for timm, torchvision
-and detectron2 ResNets, FPNs and ROI heads (conv, then its norm, or a conv owning ``.norm``).
+"The conv that feeds a norm" is ``mabn.wiring.conv_norm_pairs``'s.
 """
 
 from __future__ import annotations
@@ -14,9 +11,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import norms
+from .norms.group_norm import load_plain_weight
 from .registry import build_norm
+from .wiring import BATCH_STAT_NORMS, conv_norm_pairs, wire_norms
 
-BATCH_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, norms.BatchNorm2d, norms.BatchRenorm2d, norms.MABN2d)
 SHARED_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -24,8 +22,9 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
     """Replace every trainable ``nn.BatchNorm2d`` (incl. SyncBatchNorm) of ``model`` by
     ``norm`` built with ``options``, sharing the affine parameters (and, where the new layer
     has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
-    Then, if ``centralize`` (default: ``norm == "mabn"``), centralize the weights of the
-    convs feeding each MABN layer. Returns the new root module."""
+    Then ``wire_norms`` (CBN and GN+WS get their convs, EvoNorm and FRN the ReLU after them)
+    and, if ``centralize`` (default: ``norm == "mabn"``), centralize the weights of the convs
+    feeding each MABN layer. Returns the new root module."""
 
     def swap(module):
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine:
@@ -40,24 +39,10 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
             module.add_module(name, swap(child))
         return module
 
-    model = swap(model)
+    model = wire_norms(swap(model))
     if norm == "mabn" if centralize is None else centralize:
         centralize_weights(model)
     return model
-
-
-def conv_norm_pairs(model: nn.Module):
-    """(conv name, conv, norm name, norm) for each norm fed directly by a conv."""
-    pairs, last_conv = [], None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = (name, module)
-        elif isinstance(module, BATCH_STAT_NORMS + (nn.GroupNorm,)):
-            channels = getattr(module, "num_features", getattr(module, "num_channels", None))
-            if last_conv is not None and last_conv[1].out_channels == channels:
-                pairs.append((*last_conv, name, module))
-            last_conv = None
-    return pairs
 
 
 def centered(weight: torch.Tensor) -> torch.Tensor:
@@ -111,12 +96,6 @@ def plain_state_dict(state: dict) -> dict:
     return plain
 
 
-def _load_plain_weight(module, state_dict, prefix, *args):
-    """Let a checkpoint of the plain conv (key ``weight``) load into the centralized one."""
-    if prefix + "weight" in state_dict:
-        state_dict[prefix + "parametrizations.weight.original"] = state_dict.pop(prefix + "weight")
-
-
 def centralize_weights(model: nn.Module) -> nn.Module:
     """Centralize (as a parametrization, so gradients flow through it) the weight of every
     conv feeding a MABN layer. Idempotent. State dicts of the plain model still load."""
@@ -124,7 +103,7 @@ def centralize_weights(model: nn.Module) -> nn.Module:
         if not isinstance(norm, norms.MABN2d) or is_centralized(conv):
             continue
         parametrize.register_parametrization(conv, "weight", Centralize())
-        conv.register_load_state_dict_pre_hook(_load_plain_weight)
+        conv.register_load_state_dict_pre_hook(load_plain_weight)
     return model
 
 
@@ -138,6 +117,8 @@ def inference_affine(norm: nn.Module):
     """(scale, shift) of an eval-mode BN-like norm, or None if it is not a per-channel affine."""
     if isinstance(norm, norms.MABN2d):
         return norm.inference_scale(), norm.bias
+    if isinstance(norm, norms.CrossIterationBatchNorm2d):
+        return norm.inference_affine()
     if isinstance(norm, BATCH_STAT_NORMS) and getattr(norm, "running_var", None) is not None:
         weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
         bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)

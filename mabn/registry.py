@@ -21,6 +21,11 @@ NORMS: dict[str, NormFactory] = {
     "in": norms.InstanceNorm2d,
     "brn": norms.BatchRenorm2d,
     "mabn": norms.MABN2d,
+    "cbn": norms.CrossIterationBatchNorm2d,
+    "evonorm_b0": norms.EvoNormB0,
+    "evonorm_s0": norms.evonorm_s0,
+    "frn": norms.frn,
+    "gn_ws": norms.GroupNormWS,
 }
 
 

@@ -91,7 +91,7 @@ def test_ddp_statistics_are_per_process_except_syncbn(name):
 
 
 TEARDOWN = """
-import os, torch, torch.distributed as dist
+import os, time, torch, torch.distributed as dist
 from torch import nn
 from mabn.engine.distributed import shutdown_distributed
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
@@ -99,14 +99,28 @@ model = nn.parallel.DistributedDataParallel(nn.Conv2d(2, 2, 1))
 model(torch.randn(2, 2, 3, 3)).sum().backward()
 del model
 shutdown_distributed()
-print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+def threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{{task}}/comm").read().strip())
+        except FileNotFoundError:  # the thread ended while listed
+            pass
+    return sorted(names)
+# the store's and gloo's threads end asynchronously after teardown: wait for them, boundedly
+deadline = time.monotonic() + 30
+while any("gloo" in n or "tcpstore" in n for n in threads()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(threads())
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list threads")
 def test_process_group_teardown_joins_the_gloo_threads_before_interpreter_exit():
     """The cause of the SIGABRT at exit: after DDP, destroy_process_group left the gloo worker
-    threads running into interpreter shutdown (the group was pinned by function defaults)."""
+    threads running into interpreter shutdown (the group was pinned by function defaults).
+    The threads end asynchronously after teardown, so the child waits for them (at most 30 s)
+    before listing them: the symptom checked is threads that never end, and the exit status."""
     result = subprocess.run([sys.executable, "-c", TEARDOWN.format(port=free_port())], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,10 @@ Names added (detectron2's own, "BN", "SyncBN", "GN", "FrozenBN", ..., are untouc
 - ``BN_NB``: ``mabn.BatchNorm2d``, BN with a normalization batch (``norm_options["bn"]``)
 - ``SyncBN_ANY``: ``mabn.SyncBatchNorm``, global-batch BN that runs on CPU (gloo) and CUDA
   (``norm_options["syncbn"]``)
+- ``CBN``, ``EvoNormB0``, ``EvoNormS0``, ``FRN``, ``GN_WS``: MABN's successors (``cbn``,
+  ``evonorm_b0``, ``evonorm_s0``, ``frn``, ``gn_ws``); ``mabn.wire_norms(model)`` then gives CBN
+  and GN+WS their convs and lets EvoNorm and FRN take the ReLU after them: this module teaches
+  it detectron2's stem, blocks and ``Conv2d(norm=..., activation=...)``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import torch.nn.functional as F
+from torch import nn
+
 from ..config import ConfigError
 from ..registry import norm_layer
+from ..norms.norm_act import NORM_ACT_LAYERS
+from ..wiring import register_activated_block
 
 
 class Detectron2NotInstalled(ImportError, ConfigError):
@@ -37,13 +46,16 @@ MISSING_MESSAGE = ("detectron2 is not installed: install it from source (https:/
 try:
     import detectron2.layers.batch_norm as _batch_norm
     import detectron2.modeling  # noqa: F401  (loads every module that binds get_norm)
+    from detectron2.layers import Conv2d
+    from detectron2.modeling.backbone import resnet as _resnet
 except ImportError as error:  # detectron2 itself, or a compiled part of it, is missing
     if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] != "detectron2":
         raise
     raise Detectron2NotInstalled(MISSING_MESSAGE) from None
 
 # detectron2 name -> this suite's registry name
-DETECTRON2_NAMES = {"MABN": "mabn", "BRN": "brn", "BN_NB": "bn", "SyncBN_ANY": "syncbn"}
+DETECTRON2_NAMES = {"MABN": "mabn", "BRN": "brn", "BN_NB": "bn", "SyncBN_ANY": "syncbn", "CBN": "cbn",
+                    "EvoNormB0": "evonorm_b0", "EvoNormS0": "evonorm_s0", "FRN": "frn", "GN_WS": "gn_ws"}
 
 _options: dict[str, dict] = {}
 _recorders: list[list] = []
@@ -66,7 +78,7 @@ def get_norm(norm, out_channels):
 
 
 def register_detectron2_norms(norm_options: dict[str, dict] | None = None) -> None:
-    """Make "MABN", "BRN", "BN_NB" and "SyncBN_ANY" valid detectron2 norm strings, built with
+    """Make the names of ``DETECTRON2_NAMES`` valid detectron2 norm strings, built with
     ``norm_options[name]`` (keyed by this suite's names: ``{"mabn": {"sma_window": 16}}``).
     Idempotent; a later call replaces all options of the earlier one."""
     original = get_norm.__wrapped__ = _original_get_norm()
@@ -89,5 +101,54 @@ def recording_norms():
     finally:
         _recorders.remove(made)
 
+
+# ---- norm + activation layers in detectron2's modules (mabn.wiring) ----
+
+class NormActStem(_resnet.BasicStem):
+    """detectron2's stem whose norm applies the activation itself."""
+
+    def forward(self, x):
+        return F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
+
+
+class NormActBasicBlock(_resnet.BasicBlock):
+    """detectron2's BasicBlock whose first norm applies the activation itself."""
+
+    def forward(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return F.relu_(self.conv2(self.conv1(x)) + shortcut)
+
+
+class NormActBottleneckBlock(_resnet.BottleneckBlock):
+    """detectron2's BottleneckBlock whose first two norms apply the activation themselves."""
+
+    def forward(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return F.relu_(self.conv3(self.conv2(self.conv1(x))) + shortcut)
+
+
+def _swap_block(new_class, *convs):
+    def rule(block):
+        norms = [getattr(block, name).norm for name in convs]
+        if not all(isinstance(n, NORM_ACT_LAYERS) for n in norms):
+            return []
+        block.__class__ = new_class
+        return norms
+    return rule
+
+
+def _conv_activation(conv):
+    """``Conv2d(norm=..., activation=ReLU)`` (box and mask heads): the norm takes the ReLU."""
+    relu = isinstance(conv.activation, nn.ReLU) or conv.activation in (F.relu, F.relu_)
+    if isinstance(conv.norm, NORM_ACT_LAYERS) and relu:
+        conv.activation = None
+        return [conv.norm]
+    return []
+
+
+register_activated_block(_resnet.BasicStem, _swap_block(NormActStem, "conv1"))
+register_activated_block(_resnet.BasicBlock, _swap_block(NormActBasicBlock, "conv1"))
+register_activated_block(_resnet.BottleneckBlock, _swap_block(NormActBottleneckBlock, "conv1", "conv2"))
+register_activated_block(Conv2d, _conv_activation)
 
 register_detectron2_norms()  # importing the module makes the names valid (with default options)

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import registry
 from ..convert import centralize_weights
+from ..wiring import wire_norms
 from .distributed import Distributed, all_reduce_max
 
 
@@ -22,10 +23,12 @@ def norm_layer_from_config(norm_cfg):
 
 
 def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: bool = False) -> nn.Module:
-    """Centralize conv weights for MABN (if configured), move to the device and wrap in DDP.
+    """Wire the norms to their convs and activations (``mabn.wire_norms``), centralize conv
+    weights for MABN (if configured), move to the device and wrap in DDP.
 
     DDP does not broadcast buffers: every process keeps its own normalization statistics
     (the paper's per-GPU statistics); syncbn synchronizes them itself."""
+    wire_norms(model)
     if norm_cfg.get("centralize_weights", False):
         centralize_weights(model)
     model.to(env.device)

@@ -39,7 +39,7 @@ def detectron2_norm(norm_cfg) -> str:
         if ours == name:
             return d2_name
     raise ConfigError(f"norm={name} is not wired to engine=detectron2 (its \"LN\" is a different layer): "
-                      "use norm=bn|syncbn|gn|brn|mabn, or engine=torchvision")
+                      f"use norm={'|'.join(['gn', *DETECTRON2_NAMES.values()])}, or engine=torchvision")
 
 
 def _environment(env: Distributed | None, cfg) -> tuple[int, bool, str]:

@@ -58,6 +58,7 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from ...config import ConfigError, first_line, resolved  # noqa: E402
 from ...convert import centralize_weights  # noqa: E402
+from ...wiring import wire_norms  # noqa: E402
 from ...data.faults import SkipUnreadable  # noqa: E402
 from .. import checkpoint as ckpt  # noqa: E402
 from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
@@ -74,13 +75,14 @@ AP_METRICS = ("AP", "AP50", "AP75")
 # -- model --------------------------------------------------------------------------------
 def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
     """detectron2's Mask R-CNN with this suite's norm (options from ``cfg.norm``), backbone
-    weights if given, and weight centralization of the convs feeding MABN; checks that
+    weights if given, its norms wired (``mabn.wire_norms``), and weight centralization of the convs feeding MABN; checks that
     detectron2 kept every layer built for the norm."""
     register_detectron2_norms({cfg.norm.name: resolved(cfg.norm.options)})
     with recording_norms() as made:
         model = build_model(d2cfg)
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
+    wire_norms(model)
     if cfg.norm.get("centralize_weights", False):
         centralize_weights(model)
     check_norms_kept(model, made, d2cfg.MODEL.RESNETS.NORM)

@@ -1,0 +1,196 @@
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), REFERENCE.md section 4."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+from .batch_norm import _GroupedBatchStats
+from .kernels import gradient_sums, normalize, num_groups, per_sample
+
+
+class _CompensatedNormFunction(torch.autograd.Function):
+    """``y = (x - mean) / (sqrt(var) + eps) * gamma + beta`` per (group, channel), with
+    ``mean = past_mean + share * mu`` and ``var = scale * (past_second + share * nu - mean^2)``
+    (clamped at 0): mu and nu, the group's own mean and second moment, are the only terms with
+    a gradient; the past sums and the shares (1 / number of entries kept) are constants."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mu, nu, past_mean, past_second, share, scale, eps):
+        mean = past_mean + share * mu
+        var = (scale * (past_second + share * nu - mean.square())).clamp_min(0)
+        denom = var.sqrt() + eps
+        ctx.save_for_backward(x, weight, mean, denom, share)
+        ctx.scale, ctx.eps = scale, eps
+        groups = len(mu)
+        return normalize(x, mean, denom.square(), weight.expand(groups, -1), bias.expand(groups, -1), 0.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, denom, share = ctx.saved_tensors
+        groups, channels = mean.shape
+        count = x.numel() // (groups * channels)
+        sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, denom.square(), 0.0)  # xhat = (x - mean) / denom
+        std = denom - ctx.eps
+        # dL/dvar through denom = sqrt(var) + eps (0 where var was clamped); dL/dmean directly and via var
+        d_var = torch.where(std > 0, -weight * sum_dy_xhat / (denom * 2 * std.clamp_min(1e-30)), 0.0)
+        d_mean = -weight * sum_dy / denom - 2 * ctx.scale * mean * d_var
+        d_mu, d_nu = share * d_mean, share * ctx.scale * d_var
+        # dx = gamma * dy / denom + d_mu / n + 2 x d_nu / n
+        dx = normalize(dy, torch.zeros_like(mean), denom.square(), weight.expand(groups, -1), d_mu / count, 0.0)
+        dx.addcmul_(x, per_sample(2 * d_nu / count, len(x)))
+        return dx.to(dy.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0), *[None] * 7
+
+
+class CrossIterationBatchNorm2d(_GroupedBatchStats):
+    """Cross-Iteration BN (CBN), the authors' ``CBatchNorm2d`` (``two_stage=True``,
+    ``out_p=False``), with a normalization batch.
+
+    Per channel, each normalization batch takes its own mean mu and second moment nu and those
+    of the ``buffer_num`` preceding normalization batches, compensated to today's weight W of
+    the conv that feeds the layer by one Taylor step, ``mu_old + rho * dmu_old/dW . (W -
+    W_old)`` (the same for nu). Entries whose nu - mu^2 < 0 are dropped, the rest averaged:
+    ``mean = avg(mu)``, ``var = avg(nu) - mean^2``; past entries carry no gradient. ``y = (x -
+    mean) / (sqrt(var) + eps) * gamma + beta`` (eps outside the root, as ``out_p=False``).
+    Burn-in: for the first ``burnin`` training iterations, and for an input without gradient
+    (frozen layers), plain BN with the unbiased batch variance, buffer untouched. The buffer
+    starts empty after burn-in and fills one iteration at a time. Running statistics: BN's
+    rule with the current batch's mean and unbiased variance; inference uses ``(x -
+    running_mean) / (sqrt(running_var) + eps)``.
+
+    Groups of a batch are consecutive steps, as MABN's (its preceding groups, whose weight is
+    today's, enter uncompensated). The derivatives are closed forms of a conv's weight
+    gradient (``dmu_c/dW[c]`` is the mean input patch, ``dnu_c/dW[c] = 2 mean(y_c * patch)``),
+    computed only for the groups that stay in the buffer, where the authors call
+    ``autograd.grad`` twice per layer and step. The layer needs its conv: ``bind_conv`` (done by
+    ``mabn.wire_norms`` for every model of the suite) records the conv's input and weight at
+    each forward. Defaults are the authors' shipped configs (``buffer_num=3, burnin=8,
+    rho=1``); gamma starts at 1 (their ConvModule's init, not the layer's uniform draw).
+    """
+
+    def __init__(self, num_features, normalization_batch=None, buffer_num=3, burnin=8, rho=1.0, eps=1e-5,
+                 momentum=0.1, device=None, dtype=None):
+        super().__init__(num_features, normalization_batch, eps, momentum, device, dtype)
+        if buffer_num < 0 or burnin < 0:
+            raise ValueError(f"cbn buffer_num and burnin must be >= 0, got {buffer_num} and {burnin}")
+        if momentum is None:
+            raise ValueError("cbn needs a float momentum (running-statistics update rate)")
+        self.buffer_num, self.burnin, self.rho = buffer_num, burnin, rho
+        self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("past_count", torch.tensor(0, dtype=torch.long, device=device))
+        self._allocate_buffer(0, device)
+        self._conv = None  # (stride, padding, dilation, weight shape) of the bound conv
+        self._captured = None  # the bound conv's (input, weight) of the current forward
+        self._burned_in = False  # host-side cache of num_iterations > burnin
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, buffer_num={self.buffer_num}, burnin={self.burnin}, rho={self.rho}"
+
+    def _allocate_buffer(self, patch_size: int, device=None):
+        """The past entries, oldest first: mean and second moment (k, C), their derivatives with
+        respect to the conv weight, (k, K) (the same for every channel) and (k, C, K), and the
+        weight they were taken at, (k, C, K); ``past_count`` of them (the newest) are real."""
+        k, c = self.buffer_num, self.num_features
+        like = {"device": device if device is not None else self.running_mean.device, "dtype": self.running_mean.dtype}
+        for name, shape in (("past_mean", (k, c)), ("past_second", (k, c)), ("past_dmean", (k, patch_size)),
+                            ("past_dsecond", (k, c, patch_size)), ("past_weight", (k, c, patch_size))):
+            self.register_buffer(name, torch.zeros(shape, **like))
+
+    def bind_conv(self, conv: nn.Conv2d) -> None:
+        """Take the weight and input of ``conv``, the conv that feeds this layer (idempotent)."""
+        if self._conv is not None:
+            return
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"cbn needs a conv with groups=1, zero padding given as numbers; got groups="
+                             f"{conv.groups}, padding={conv.padding!r} ({conv.padding_mode}): use another norm here")
+        self._conv = (conv.stride, conv.padding, conv.dilation, tuple(conv.weight.shape))
+        self._allocate_buffer(conv.weight[0].numel(), conv.weight.device)
+        conv.register_forward_pre_hook(self._capture)  # a bound method: deepcopy maps it to the copy
+
+    def _capture(self, conv, args):
+        if self.training:
+            self._captured = (args[0], conv.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A BatchNorm2d checkpoint loads too (iteration 0, empty buffer)."""
+        for name in ("num_iterations", "past_count", "past_mean", "past_second", "past_dmean", "past_dsecond",
+                     "past_weight"):
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        self._burned_in = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _eval_forward(self, x):
+        scale = self.weight / (self.running_var.sqrt() + self.eps)
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+    def inference_affine(self):
+        """(scale, shift) of the eval-mode layer, for folding into its conv."""
+        scale = self.weight / (self.running_var.sqrt() + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x):
+        captured, self._captured = self._captured, None
+        if not self.training:
+            return self._eval_forward(x)
+        groups = num_groups(x.shape[0], self.normalization_batch)
+        self.num_iterations.add_(1)
+        if not self._burned_in:
+            self._burned_in = int(self.num_iterations) > self.burnin
+        var, mean, count = self._group_stats(x, groups)
+        self._running_states(var, mean, count, last_only=True)
+        zero = torch.zeros_like(mean)
+        if not (self._burned_in and x.requires_grad):  # plain BN, unbiased variance
+            return _CompensatedNormFunction.apply(x, self.weight, self.bias, mean, var + mean.square(), zero, zero,
+                                                  torch.ones_like(mean), count / max(count - 1, 1), self.eps)
+        if captured is None:
+            raise RuntimeError("cbn needs the conv that feeds it: build the model, then call mabn.wire_norms(model)")
+        past_mean, past_second, share = self._window(mean, var + mean.square(), captured[1].detach().flatten(1))
+        y = _CompensatedNormFunction.apply(x, self.weight, self.bias, mean, var + mean.square(), past_mean,
+                                           past_second, share, 1.0, self.eps)
+        self._push(captured, x, mean, var + mean.square())
+        return y
+
+    @torch.no_grad()
+    def _window(self, mean, second, weight):
+        """Per group (G, C): the sums of the kept past entries' mean and second moment, and
+        1 / the number of entries kept (the group's own included)."""
+        k = self.buffer_num
+        moved = (weight - self.past_weight) * self.rho
+        means = torch.cat([self.past_mean + (moved * self.past_dmean[:, None]).sum(-1), mean])
+        seconds = torch.cat([self.past_second + (moved * self.past_dsecond).sum(-1), second])
+        real = torch.arange(k, device=mean.device) >= k - self.past_count
+        kept = torch.cat([real.to(mean.dtype)[:, None].expand(k, mean.shape[1]),
+                          torch.ones_like(mean)]) * (seconds >= means.square())
+        # windows of k + 1 entries ending at each group: k before it (constants), then its own
+        windows = [t.unfold(0, k + 1, 1) for t in (means * kept, seconds * kept, kept)]  # (G, C, k + 1)
+        past_means, past_seconds = (w[..., :k].sum(-1) for w in windows[:2])
+        entries = windows[2].sum(-1)
+        own = windows[2][..., k]
+        return past_means / entries, past_seconds / entries, own / entries
+
+    @torch.no_grad()
+    def _push(self, captured, y, mean, second):
+        """Append the last min(k, G) groups' statistics, their derivatives and the weight."""
+        k, groups = self.buffer_num, len(mean)
+        kept = min(k, groups)
+        if kept == 0:
+            return
+        conv_input, weight = captured[0].detach(), captured[1].detach()
+        stride, padding, dilation, shape = self._conv
+        size = len(y) // groups
+        dmeans, dseconds = [], []
+        for group in range(groups - kept, groups):
+            rows = slice(group * size, (group + 1) * size)
+            inputs, outputs = (t[rows].to(self.past_dsecond.dtype) for t in (conv_input, y))
+            positions = outputs.numel() // outputs.shape[1]
+            ones = outputs.new_full((size, 1, *outputs.shape[2:]), 1.0 / positions)
+            dmeans.append(conv2d_weight(inputs, (1, *shape[1:]), ones, stride, padding, dilation).flatten())
+            dseconds.append(conv2d_weight(inputs, shape, outputs * (2.0 / positions), stride, padding,
+                                          dilation).flatten(1))
+        new = {"past_mean": mean[-kept:], "past_second": second[-kept:], "past_dmean": torch.stack(dmeans),
+               "past_dsecond": torch.stack(dseconds), "past_weight": weight.flatten(1).expand(kept, -1, -1)}
+        for name, values in new.items():
+            buffer = getattr(self, name)
+            buffer.copy_(torch.cat([buffer[kept:], values.to(buffer.dtype)]))
+        self.past_count.copy_((self.past_count + kept).clamp(max=k))

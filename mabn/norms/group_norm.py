@@ -1,0 +1,71 @@
+"""Group Normalization (Wu & He, 2018), its one-group (LN) and one-channel (IN) cases, and GN with
+Weight Standardization of the conv that feeds it (GN+WS, Qiao et al., 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization (Wu & He, 2018), channels first, 32 groups by default."""
+
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, device=None, dtype=None):
+        if num_channels % num_groups:
+            raise ValueError(
+                f"gn: {num_channels} channels are not divisible by {num_groups} groups: "
+                f"set num_groups to a divisor of {num_channels}")
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+
+
+class LayerNorm2d(GroupNorm):
+    """Layer Normalization over (C, H, W) per sample: GroupNorm with one group (GN paper's LN)."""
+
+    def __init__(self, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_channels, 1, eps, affine, device, dtype)
+
+
+class InstanceNorm2d(GroupNorm):
+    """Instance Normalization with affine: GroupNorm with one channel per group (GN paper's IN)."""
+
+    def __init__(self, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__(num_channels, num_channels, eps, affine, device, dtype)
+
+
+class StandardizeWeight(nn.Module):
+    """Weight Standardization (Qiao et al., 2019): ``(W - mean(W)) / sqrt(var(W) + eps)`` per
+    output channel over (in_channels, kh, kw), biased variance, eps 1e-6 (timm's ``StdConv2d``)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, weight):
+        flat = weight.flatten(1)
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        return ((flat - mean) * torch.rsqrt(var + self.eps)).view_as(weight)
+
+
+class GroupNormWS(GroupNorm):
+    """GroupNorm whose feeding conv is weight-standardized (GN+WS): ``bind_conv`` (called by
+    ``mabn.wire_norms``) registers ``StandardizeWeight`` as a parametrization of that conv, so
+    gradients flow through the standardization and plain conv checkpoints still load."""
+
+    def __init__(self, num_channels, num_groups=32, eps=1e-5, ws_eps=1e-6, affine=True, device=None, dtype=None):
+        super().__init__(num_channels, num_groups, eps, affine, device, dtype)
+        self.ws_eps = ws_eps
+
+    def bind_conv(self, conv: nn.Conv2d) -> None:
+        """Standardize ``conv``'s weight (idempotent)."""
+        if parametrize.is_parametrized(conv, "weight") and any(
+                isinstance(p, StandardizeWeight) for p in conv.parametrizations.weight):
+            return
+        parametrize.register_parametrization(conv, "weight", StandardizeWeight(self.ws_eps))
+        conv.register_load_state_dict_pre_hook(load_plain_weight)
+
+
+def load_plain_weight(module, state_dict, prefix, *args):
+    """Let a checkpoint of the plain conv (key ``weight``) load into the parametrized one."""
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + "parametrizations.weight.original"] = state_dict.pop(prefix + "weight")

@@ -1,0 +1,59 @@
+"""Norm + activation layers from timm, which replace a norm *and* the ReLU after it:
+EvoNorm-B0 / S0 (Liu et al., NeurIPS 2020) and FRN + TLU (Singh & Krishnan, CVPR 2020).
+
+The layers are timm's (``timm.layers.EvoNorm2dB0``, ``EvoNorm2dS0``,
+``FilterResponseNormTlu2d``); EvoNorm-B0, the one with batch statistics, gets a
+normalization batch here. Built through ``norm_layer(channels)`` they activate; where no ReLU
+follows them in the model (before a residual add, in an FPN), ``mabn.wire_norms`` turns their
+activation off, as timm's ResNetV2 and the EvoNorm authors' code build them: EvoNorm without
+its activation is then the affine alone, FRN the normalization without TLU.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
+
+from .kernels import num_groups
+
+NORM_ACT_LAYERS = (EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d)
+
+
+class EvoNormB0(EvoNorm2dB0):
+    """timm's EvoNorm-B0 with a normalization batch: each group of ``normalization_batch``
+    consecutive samples gets its own batch variance, and the running variance is updated once
+    per group, in order (as ``mabn.BatchNorm2d``)."""
+
+    def __init__(self, num_features, normalization_batch=None, apply_act=True, momentum=0.1, eps=1e-3,
+                 device=None, dtype=None):
+        super().__init__(num_features, apply_act=apply_act, momentum=momentum, eps=eps, device=device, dtype=dtype)
+        self.normalization_batch = normalization_batch
+
+    def forward(self, x):
+        groups = num_groups(x.shape[0], self.normalization_batch) if self.training else 1
+        if groups == 1:
+            return super().forward(x)
+        return torch.cat([super(EvoNormB0, self).forward(part) for part in x.chunk(groups)])
+
+
+def evonorm_s0(num_features, groups=32, group_size=None, apply_act=True, eps=1e-5, device=None, dtype=None):
+    """timm's EvoNorm-S0 (group statistics, no batch dependence); a clear error for channels
+    that ``groups`` does not divide."""
+    if group_size is None and num_features % groups:
+        raise ValueError(f"evonorm_s0: {num_features} channels are not divisible by {groups} groups: "
+                         f"set groups to a divisor of {num_features}")
+    return EvoNorm2dS0(num_features, groups=groups, group_size=group_size, apply_act=apply_act, eps=eps,
+                       device=device, dtype=dtype)
+
+
+def frn(num_features, apply_act=True, eps=1e-5, device=None, dtype=None):
+    """timm's Filter Response Normalization with TLU (``rms=True``: the paper's nu^2 = mean x^2)."""
+    return FilterResponseNormTlu2d(num_features, apply_act=apply_act, eps=eps, device=device, dtype=dtype)
+
+
+def drop_activation(layer) -> None:
+    """Turn a norm + activation layer into its norm part (in place): timm's ``apply_act=False``."""
+    layer.apply_act = False
+    for name in ("v", "tau"):
+        if getattr(layer, name, None) is not None:
+            setattr(layer, name, None)
