@@ -6,7 +6,8 @@ functions and compiled with static shapes, the same math becomes a statistics re
 pass that writes y (a reduction and one pass that writes dx in the backward), faster than
 ``nn.BatchNorm2d`` on this CPU (``scripts/bench_norms.py``).
 
-The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU, outside an outer
+The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU (on CUDA, where inductor
+generates Triton kernels, only with ``MABN_FUSED_CUDA=1``: off until measured there), outside an outer
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
 shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
 size changes from batch to batch as in detection, a graph for the first size, then ones dynamic in
@@ -40,7 +41,8 @@ def enabled() -> bool:
 
 def applies(x: torch.Tensor, groups: int) -> bool:
     """Whether the fused functions run for input ``x`` split into ``groups``."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not enabled():
+    on_device = x.device.type == "cpu" or (x.device.type == "cuda" and os.environ.get("MABN_FUSED_CUDA") == "1")
+    if not on_device or x.dtype != torch.float32 or not enabled():
         return False
     if mode() == "dynamic":  # dynamic shapes make slow grouped reductions: those stay eager
         return groups == 1

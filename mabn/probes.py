@@ -23,9 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norms import BatchRenorm2d, MABN2d
+from .norms import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
+from .norms.norm_act import NORM_ACT_LAYERS
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, BatchRenorm2d, MABN2d)
+# every per-channel norm of the suite: the probe records its input's and gradient's statistics
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, BatchRenorm2d, MABN2d, CrossIterationBatchNorm2d,
+              *NORM_ACT_LAYERS)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -36,7 +36,9 @@ from report import machine, publish
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
                    (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
 QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
-BATCH_NORMS = ("bn", "brn", "mabn")
+BATCH_NORMS = ("bn", "brn", "mabn", "evonorm_b0")
+# cbn and gn_ws act through the conv that feeds them (Taylor step, weight standardization): a layer
+# alone would leave that out, so scripts/bench_train.py times them in a training step
 
 
 def cases(norms, normalization_batches, authors, packages):
@@ -182,7 +184,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="per-device batch")
     parser.add_argument("--normalization-batches", type=int, nargs="+", default=[32, 4, 2, 1])
-    parser.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn"])
+    parser.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn",
+                                                             "evonorm_b0", "evonorm_s0", "frn"])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@ in the same run (round-robin over norms, median step time, so noise hits all ali
     python scripts/bench_train.py                      # per-device batch 32, ResNet-50, 224
     python scripts/bench_train.py --out results/bench_train_cpu.md
     python scripts/bench_train.py --model resnet18 --image-size 112 --steps 5   # a quick look
+    python scripts/bench_train.py --norms cbn --authors-cbn /path/to/mmdet/models/utils/CBN.py
 
 One SGD step = forward, backward and update on a fixed random batch (data loading excluded),
 with AMP and channels_last on CUDA as in train_imagenet.py.
@@ -12,6 +13,7 @@ with AMP and channels_last on CUDA as in train_imagenet.py.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -35,17 +37,62 @@ CASES = [
     ("brn (norm. batch 2)", "brn", {"normalization_batch": 2}),
     ("mabn", "mabn", {"sma_window": 1}),
     ("mabn (norm. batch 2)", "mabn", {"normalization_batch": 2, "sma_window": 16}),
+    # MABN's successors; CBN's burn-in is skipped so that every timed step compensates
+    ("cbn", "cbn", {"burnin": 0}),
+    ("cbn (norm. batch 2)", "cbn", {"normalization_batch": 2, "burnin": 0}),
+    ("evonorm_b0 (norm. batch 2)", "evonorm_b0", {"normalization_batch": 2}),
+    ("evonorm_s0", "evonorm_s0", {}),
+    ("frn", "frn", {}),
+    ("gn_ws", "gn_ws", {}),
 ]
 
 
 def build(model_name, norm, options, device, channels_last):
-    model = build_classifier(model_name, 1000, 3, mabn.norm_layer(norm, **options))
+    model = mabn.wire_norms(build_classifier(model_name, 1000, 3, mabn.norm_layer(norm, **options)))
     if norm == "mabn":
         mabn.centralize_weights(model)
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+class AuthorsCBN(nn.Module):
+    """The authors' ``CBatchNorm2d`` (Howal/Cross-iterationBatchNorm, ``mmdet/models/utils/CBN.py``,
+    loaded from a path given on the command line, never part of this repository) called as they
+    call it, with the weight of the conv that feeds it; its ``.cuda()`` at construction is made a
+    no-op off CUDA."""
+
+    def __init__(self, layer_class, channels, **options):
+        super().__init__()
+        cuda = torch.Tensor.cuda
+        if not torch.cuda.is_available():
+            torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        try:
+            self.layer = layer_class(channels, **options)
+        finally:
+            torch.Tensor.cuda = cuda
+        nn.init.ones_(self.layer.weight)
+        self.conv = []  # the conv that feeds it, outside the module tree
+
+    def forward(self, x):
+        return self.layer(x, self.conv[0].weight)
+
+
+def authors_cbn_model(model_name, path):
+    """``model_name`` with the authors' CBN (buffer 3, no burn-in, as the ``cbn`` rows) after every conv."""
+    spec = importlib.util.spec_from_file_location("authors_cbn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = build_classifier(model_name, 1000, 3, lambda c, **_: AuthorsCBN(module.CBatchNorm2d, c, buffer_num=3,
+                                                                       burnin=0))
+    last_conv = None
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d):
+            last_conv = layer
+        elif isinstance(layer, AuthorsCBN):
+            layer.conv.append(last_conv)
+    return model
 
 
 def step(model, optimizer, images, labels, amp):
@@ -66,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per norm (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--norms", help="comma-separated labels of CASES to run (bn always runs)")
+    parser.add_argument("--authors-cbn", type=Path, help="path to the authors' CBN.py, to time their layer too")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -74,7 +123,12 @@ def main(argv=None):
     if cuda:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
-    runs = {label: build(args.model, norm, options, device, cuda) for label, norm, options in CASES}
+    chosen = None if args.norms is None else {"bn", *args.norms.split(",")}
+    runs = {label: build(args.model, norm, options, device, cuda) for label, norm, options in CASES
+            if chosen is None or label in chosen}
+    if args.authors_cbn:
+        model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
+        runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     for model, optimizer in runs.values():
         step(model, optimizer, images, labels, cuda)  # warm-up
     times = {label: [] for label in runs}

@@ -45,5 +45,5 @@ def experiments_of(config_name: str) -> list[str]:
 
 
 def base_norms() -> list[str]:
-    """The norm options that are layers (bn, mabn, ...), not variants of one (mabn_no_wc, ...)."""
-    return [name for name in group_options("norm") if "_" not in name]
+    """The norm options that are layers (bn, mabn, cbn, gn_ws, ...), not MABN's variants (mabn_no_wc, ...)."""
+    return [name for name in group_options("norm") if not name.startswith("mabn_")]

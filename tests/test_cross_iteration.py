@@ -55,22 +55,24 @@ class ReferenceCBN:
         return torch.cat(results)
 
 
-def conv_and_cbn(**options):
-    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True).double()
+def conv_and_cbn(kernel_size=3, **options):
+    """A conv (3x3 by default; 1x1 takes the second-moment path of convs that widen) and its CBN."""
+    conv = nn.Conv2d(3, 4, kernel_size, stride=2, padding=kernel_size // 2, bias=True).double()
     norm = mabn.CrossIterationBatchNorm2d(4, **options).double()
     model = mabn.wire_norms(nn.Sequential(conv, norm))
     return model
 
 
-@pytest.mark.parametrize("group_size,buffer_num,burnin", [(8, 3, 2), (2, 3, 1), (2, 5, 0), (4, 0, 1)])
-def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, buffer_num, burnin):
+@pytest.mark.parametrize("group_size,buffer_num,burnin,kernel_size", [
+    (8, 3, 2, 3), (2, 3, 1, 3), (2, 5, 0, 3), (4, 0, 1, 3), (8, 3, 2, 1), (2, 3, 1, 1)])
+def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, buffer_num, burnin, kernel_size):
     torch.manual_seed(0)
-    model = conv_and_cbn(normalization_batch=group_size, buffer_num=buffer_num, burnin=burnin, rho=1.0)
+    model = conv_and_cbn(kernel_size, normalization_batch=group_size, buffer_num=buffer_num, burnin=burnin, rho=1.0)
     conv, norm = model
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
-    ref_conv = copy.deepcopy(nn.Conv2d(3, 4, 3, stride=2, padding=1).double())
+    ref_conv = nn.Conv2d(3, 4, kernel_size, stride=2, padding=kernel_size // 2).double()
     ref_conv.load_state_dict(conv.state_dict())
     gamma = norm.weight.detach().clone().requires_grad_(True)
     beta = norm.bias.detach().clone().requires_grad_(True)
@@ -79,7 +81,7 @@ def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, bu
     ref_optimizer = torch.optim.SGD([*ref_conv.parameters(), gamma, beta], lr=0.2)
     for step in range(9):
         x = (torch.randn(8, 3, 6, 6, dtype=torch.float64) * 2 + 1).requires_grad_(True)
-        dy = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+        dy = torch.randn(8, 4, 3, 3, dtype=torch.float64)  # 6 px, stride 2
         xr = x.detach().clone().requires_grad_(True)
         y, yr = model(x), reference(ref_conv, xr, gamma, beta, group_size)
         torch.testing.assert_close(y, yr, msg=f"forward, step {step}")
@@ -117,7 +119,6 @@ def test_cbn_compensation_matters_and_negative_variance_entries_are_dropped():
     assert not torch.allclose(runs[0.0], runs[1.0])
     conv, norm = conv_and_cbn(buffer_num=1, burnin=0)
     norm.past_count.fill_(1)
-    norm.past_weight.copy_(conv.weight.detach().flatten(1))
     norm.past_mean.fill_(3.0)  # nu - mu^2 = 1 - 9 < 0: dropped, so only the batch's own statistics count
     norm.past_second.fill_(1.0)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)

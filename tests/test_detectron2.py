@@ -8,8 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (build it from source to run these)")
 pytestmark = [pytest.mark.detectron2, pytest.mark.filterwarnings("ignore::DeprecationWarning:detectron2.*")]
@@ -80,6 +82,38 @@ def test_norm_names_build_suite_layers_in_backbone_fpn_and_heads(norm, scenes, t
     assert all(is_centralized(conv) == (norm == "mabn") for conv, _ in pairs)
     if norm == "mabn":  # options of the config reach every layer
         assert all(n.sma_window == cfg.norm.options.sma_window == 16 for _, n in pairs)
+
+
+SUCCESSORS = {"cbn": ("CBN", mabn.CrossIterationBatchNorm2d), "gn_ws": ("GN_WS", mabn.GroupNormWS),
+              "evonorm_b0": ("EvoNormB0", mabn.EvoNormB0), "evonorm_s0": ("EvoNormS0", timm.layers.EvoNorm2dS0),
+              "frn": ("FRN", timm.layers.FilterResponseNormTlu2d)}
+
+
+@pytest.mark.parametrize("norm", sorted(SUCCESSORS))
+def test_successor_names_build_wire_and_train_through_train_coco(norm, scenes, tmp_path):
+    d2_name, kind = SUCCESSORS[norm]
+    cfg, d2cfg, model = build(scenes, tmp_path, f"norm={norm}")
+    assert d2cfg.MODEL.RESNETS.NORM == d2cfg.MODEL.FPN.NORM == d2cfg.MODEL.ROI_MASK_HEAD.NORM == d2_name
+    counts = {name: sum(isinstance(m, kind) for m in modules) for name, modules in parts(model).items()}
+    assert counts == {"body": 20, "fpn": 8, "box": 4, "mask": 4}
+    body = model.backbone.bottom_up
+    if norm in ("evonorm_b0", "evonorm_s0", "frn"):  # the paper's block: the norm takes the ReLU after it
+        acts = lambda layer: getattr(layer, "v", getattr(layer, "tau", None)) is not None
+        block = body.res2[0]
+        assert type(block) is registration.NormActBasicBlock and acts(block.conv1.norm) and not acts(block.conv2.norm)
+        x = torch.randn(1, block.in_channels, 8, 8)
+        torch.testing.assert_close(block(x), torch.relu(block.conv2(block.conv1(x)) + x))
+        assert model.roi_heads.box_head.conv1.activation is None and acts(model.roi_heads.box_head.conv1.norm)
+        assert not any(acts(m) for m in model.backbone.modules() if isinstance(m, kind) and id(m) not in
+                       {id(n) for n in body.modules()})  # FPN: no activation
+    if norm == "cbn":
+        assert all(n._conv is not None for n in model.modules() if isinstance(n, kind))
+    if norm == "gn_ws":
+        assert all(parametrize.is_parametrized(conv, "weight") for _, conv, _, n in conv_norm_pairs(model)
+                   if isinstance(n, kind))
+    summary = train(compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"]), tmp_path / "run")
+    assert summary["engine"] == "detectron2" and summary["steps"] == 2
+    assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
 
 
 def test_registration_is_idempotent_and_keeps_detectron2_names():

@@ -102,7 +102,7 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
 
 @pytest.mark.parametrize("overrides,message", [
     (["batch=3"], "error: batch=3 does not divide per_device_batch=32: use batch in [1, 2, 4, 8, 16, 32]"),
-    (["norm.name=mabnx"], "error: unknown norm 'mabnx': choose one of bn, brn, gn, in, ln, mabn, syncbn"),
+    (["norm.name=mabnx"], "error: unknown norm 'mabnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, mabn, syncbn"),
     (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
     (["data.root=/no/fashion"], "error: Fashion-MNIST train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] not found in /no/fashion"),
     (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
@@ -87,14 +88,19 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
     def extra_repr(self):
         return f"{super().extra_repr()}, buffer_num={self.buffer_num}, burnin={self.burnin}, rho={self.rho}"
 
+    BUFFER_NAMES = ("past_mean", "past_second", "past_mean_offset", "past_second_offset", "past_dmean",
+                    "past_dsecond")
+
     def _allocate_buffer(self, patch_size: int, device=None):
-        """The past entries, oldest first: mean and second moment (k, C), their derivatives with
-        respect to the conv weight, (k, K) (the same for every channel) and (k, C, K), and the
-        weight they were taken at, (k, C, K); ``past_count`` of them (the newest) are real."""
+        """The past entries, oldest first: mean and second moment (k, C); their derivatives with
+        respect to the conv weight, (k, K) (the same for every channel) and (C, k, K); and the
+        derivatives dotted with the weight they were taken at, (k, C), so that a compensation is
+        ``dmu/dW . W - offset`` without keeping old weights. ``past_count`` of them (the newest)
+        are real."""
         k, c = self.buffer_num, self.num_features
         like = {"device": device if device is not None else self.running_mean.device, "dtype": self.running_mean.dtype}
-        for name, shape in (("past_mean", (k, c)), ("past_second", (k, c)), ("past_dmean", (k, patch_size)),
-                            ("past_dsecond", (k, c, patch_size)), ("past_weight", (k, c, patch_size))):
+        shapes = ((k, c), (k, c), (k, c), (k, c), (k, patch_size), (c, k, patch_size))
+        for name, shape in zip(self.BUFFER_NAMES, shapes):
             self.register_buffer(name, torch.zeros(shape, **like))
 
     def bind_conv(self, conv: nn.Conv2d) -> None:
@@ -110,12 +116,11 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
 
     def _capture(self, conv, args):
         if self.training:
-            self._captured = (args[0], conv.weight)
+            self._captured = (args[0], conv.weight, conv.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A BatchNorm2d checkpoint loads too (iteration 0, empty buffer)."""
-        for name in ("num_iterations", "past_count", "past_mean", "past_second", "past_dmean", "past_dsecond",
-                     "past_weight"):
+        for name in ("num_iterations", "past_count", *self.BUFFER_NAMES):
             state_dict.setdefault(prefix + name, getattr(self, name))
         self._burned_in = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -156,9 +161,10 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
         """Per group (G, C): the sums of the kept past entries' mean and second moment, and
         1 / the number of entries kept (the group's own included)."""
         k = self.buffer_num
-        moved = (weight - self.past_weight) * self.rho
-        means = torch.cat([self.past_mean + (moved * self.past_dmean[:, None]).sum(-1), mean])
-        seconds = torch.cat([self.past_second + (moved * self.past_dsecond).sum(-1), second])
+        moved_mean = (weight @ self.past_dmean.T).T - self.past_mean_offset  # dmu/dW . (W - W_old)
+        moved_second = torch.bmm(self.past_dsecond, weight.unsqueeze(-1))[..., 0].T - self.past_second_offset
+        means = torch.cat([self.past_mean + self.rho * moved_mean, mean])
+        seconds = torch.cat([self.past_second + self.rho * moved_second, second])
         real = torch.arange(k, device=mean.device) >= k - self.past_count
         kept = torch.cat([real.to(mean.dtype)[:, None].expand(k, mean.shape[1]),
                           torch.ones_like(mean)]) * (seconds >= means.square())
@@ -171,26 +177,45 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
 
     @torch.no_grad()
     def _push(self, captured, y, mean, second):
-        """Append the last min(k, G) groups' statistics, their derivatives and the weight."""
+        """Append the last min(k, G) groups' statistics and their derivatives."""
         k, groups = self.buffer_num, len(mean)
         kept = min(k, groups)
         if kept == 0:
             return
-        conv_input, weight = captured[0].detach(), captured[1].detach()
+        dtype = self.past_dsecond.dtype
+        conv_input, weight, bias = (None if t is None else t.detach().to(dtype) for t in captured)
         stride, padding, dilation, shape = self._conv
         size = len(y) // groups
         dmeans, dseconds = [], []
         for group in range(groups - kept, groups):
             rows = slice(group * size, (group + 1) * size)
-            inputs, outputs = (t[rows].to(self.past_dsecond.dtype) for t in (conv_input, y))
+            outputs = y[rows].to(dtype)
             positions = outputs.numel() // outputs.shape[1]
-            ones = outputs.new_full((size, 1, *outputs.shape[2:]), 1.0 / positions)
-            dmeans.append(conv2d_weight(inputs, (1, *shape[1:]), ones, stride, padding, dilation).flatten())
-            dseconds.append(conv2d_weight(inputs, shape, outputs * (2.0 / positions), stride, padding,
-                                          dilation).flatten(1))
-        new = {"past_mean": mean[-kept:], "past_second": second[-kept:], "past_dmean": torch.stack(dmeans),
-               "past_dsecond": torch.stack(dseconds), "past_weight": weight.flatten(1).expand(kept, -1, -1)}
+            dmeans.append(mean_patch(conv_input[rows], shape[2:], stride, padding, dilation, outputs.shape[2:]))
+            if shape[2:] == (1, 1) and padding == (0, 0) and shape[1] < shape[0]:
+                # 2 E[y x^T] = 2 (W E[x x^T] + b E[x]^T): cheaper than the weight gradient when in < out
+                pixels = conv_input[rows, :, ::stride[0], ::stride[1]].transpose(0, 1).reshape(shape[1], -1)
+                moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
+                dseconds.append(moment if bias is None else moment + 2 * bias[:, None] * dmeans[-1])
+            else:
+                dseconds.append(conv2d_weight(conv_input[rows], shape, outputs * (2.0 / positions), stride, padding,
+                                              dilation).flatten(1))
+        dmean, dsecond, flat = torch.stack(dmeans), torch.stack(dseconds, 1), weight.flatten(1)
+        new = {"past_mean": mean[-kept:], "past_second": second[-kept:], "past_mean_offset": (flat @ dmean.T).T,
+               "past_second_offset": torch.bmm(dsecond, flat.unsqueeze(-1))[..., 0].T, "past_dmean": dmean}
         for name, values in new.items():
             buffer = getattr(self, name)
-            buffer.copy_(torch.cat([buffer[kept:], values.to(buffer.dtype)]))
+            buffer.copy_(torch.cat([buffer[kept:], values.to(dtype)]))
+        self.past_dsecond.copy_(torch.cat([self.past_dsecond[:, kept:], dsecond], 1))
         self.past_count.copy_((self.past_count + kept).clamp(max=k))
+
+
+def mean_patch(x, kernel_size, stride, padding, dilation, output_size):
+    """d mean(y_c) / d W[c] of a conv (groups=1, zero padding): the input patch averaged over
+    samples and output positions, flattened as the weight's (in_channels, kh, kw)."""
+    total = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
+    rows, cols = output_size
+    patch = [total[:, i * dilation[0]: i * dilation[0] + stride[0] * (rows - 1) + 1: stride[0],
+                   j * dilation[1]: j * dilation[1] + stride[1] * (cols - 1) + 1: stride[1]].sum((1, 2))
+             for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    return torch.stack(patch, 1).flatten() / (len(x) * rows * cols)
