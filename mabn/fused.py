@@ -27,11 +27,24 @@ SHAPES = 64  # distinct input shapes compiled per process; new ones beyond go to
 _shapes = set()
 
 
+_chosen = None  # what a run chose for itself (choose_for_run); MABN_FUSED overrides it
+
+
 def mode() -> str:
     """``MABN_FUSED``: "0" (off), "dynamic" (a graph for the first input size, then ones dynamic in
     the sizes that change, for inputs whose size changes from batch to batch; ungrouped layers
-    only) or "1" (static shapes, the default)."""
-    return os.environ.get("MABN_FUSED", "1")
+    only) or "1" (static shapes, the default); without it, what ``choose_for_run`` chose."""
+    return os.environ.get("MABN_FUSED") or _chosen or "1"
+
+
+def choose_for_run(planned_steps: int, min_steps: int) -> str:
+    """Compile only where it pays: without ``MABN_FUSED``, a run of fewer than ``min_steps``
+    training steps keeps the eager kernels (compiling costs about 30 s on a cold cache, which
+    the compiled kernels save back only after about 2000 steps of the quick start's model);
+    returns the mode in force."""
+    global _chosen
+    _chosen = "1" if planned_steps >= min_steps else "0"
+    return mode()
 
 
 def enabled() -> bool:

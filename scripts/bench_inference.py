@@ -3,6 +3,11 @@ measured in one run (round-robin over the models, median time), beside the autho
 
     python scripts/bench_inference.py --out results/bench_inference_cpu.md
     python scripts/bench_inference.py --batch 1 --repeats 30       # a quick look
+    python scripts/bench_inference.py --runtime onnxruntime --batch 1 8 --out results/bench_inference_onnxruntime_cpu.md
+
+With ``--runtime onnxruntime`` each model goes through ``mabn.export.export_onnx`` (folded where
+foldable, validated against PyTorch) and is timed in ONNX Runtime, where deployment happens: the
+paper's norms and MABN's successors, at each ``--batch``.
 
 BN and MABN are trained-looking (random running statistics / EMA) and then folded with
 ``mabn.fold_norms``: both become a conv with a bias, so they should cost the same. GN, LN
@@ -26,11 +31,15 @@ from report import describe, machine, publish
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
 CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("bn (not folded)", "bn", False),
          ("mabn (not folded)", "mabn", False), ("gn", "gn", False), ("ln", "ln", False), ("in", "in", False)]
+# in ONNX Runtime: what a deployment exports (foldable norms folded), the successors included
+RUNTIME_CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("cbn folded", "cbn", True),
+                 ("gn", "gn", False), ("ln", "ln", False), ("in", "in", False), ("gn_ws", "gn_ws", False),
+                 ("evonorm_b0", "evonorm_b0", False), ("evonorm_s0", "evonorm_s0", False), ("frn", "frn", False)]
 
 
 @torch.no_grad()
 def build(norm: str, fold: bool, device) -> torch.nn.Module:
-    model = build_classifier("resnet50", 1000, 3, mabn.norm_layer(norm))
+    model = mabn.wire_norms(build_classifier("resnet50", 1000, 3, mabn.norm_layer(norm)))
     if norm == "mabn":
         mabn.centralize_weights(model)
     for module in model.modules():  # statistics as after training, not the initial 0 / 1
@@ -41,14 +50,73 @@ def build(norm: str, fold: bool, device) -> torch.nn.Module:
     return (mabn.fold_norms(model) if fold else model).to(device)
 
 
+def onnxruntime_table(args) -> str:
+    """Each RUNTIME_CASES model exported (``mabn.export.export_onnx``) and timed in ONNX Runtime,
+    round-robin, at each batch; ratios to folded BN in the same run."""
+    import tempfile
+
+    import onnxruntime
+
+    from mabn.export import export_onnx
+
+    cuda = args.device.startswith("cuda")
+    providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    rows = {label: {} for label, _, _ in RUNTIME_CASES}
+    folder = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    for batch in args.batch:
+        images = torch.randn(batch, 3, args.image_size, args.image_size)
+        sessions = {}
+        for label, norm, fold in RUNTIME_CASES:
+            path = folder / f"{norm}_{batch}.onnx"
+            export_onnx(build(norm, False, "cpu"), images, path, fold=fold)  # validated against PyTorch
+            sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        feed = images.numpy()
+        times = {label: [] for label in sessions}
+        for repeat in range(args.repeats + 1):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {session.get_inputs()[0].name: feed})
+                if repeat:  # the first run of each session is a warm-up
+                    times[label].append(time.perf_counter() - start)
+        for label, values in times.items():
+            rows[label][batch] = 1 / statistics.median(values)
+        paired = describe([b / m for b, m in zip(times["bn folded"], times["mabn folded"])])
+        rows.setdefault("_paired", {})[batch] = paired
+    paired = rows.pop("_paired")
+    head = " | ".join(f"batch {b}: iterations/s (ratio)" for b in args.batch)
+    lines = [f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
+             f"{args.image_size}, {machine(args.device)}, median of {args.repeats} runs per model, round-robin; each "
+             "model exported by `mabn.export.export_onnx` (foldable norms folded; outputs checked against PyTorch).",
+             "", f"Command: `python {' '.join(sys.argv)}`", "",
+             f"| norm | {head} | authors' iterations/s (ratio) |", "|---|" + "---|" * len(args.batch) + "---|"]
+    for label, speeds in rows.items():
+        cells = " | ".join(f"{speeds[b]:.2f} ({speeds[b] / rows['bn folded'][b]:.2f})" for b in args.batch)
+        authors = AUTHORS.get(label)
+        paper = f"{authors} ({authors / AUTHORS['bn folded']:.2f})" if authors else "-"
+        lines.append(f"| {label} | {cells} | {paper} |")
+    lines += [""] + [f"In ONNX Runtime at batch {b}, folded MABN runs at {p['mean']:.3f}x the speed of folded BN (95 % interval of the "
+                     f"per-round ratio {p['mean'] - p['ci95']:.3f}-{p['mean'] + p['ci95']:.3f}; the authors: 1.00)."
+                     for b, p in paired.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7, help="timed forward passes per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.runtime == "onnxruntime":
+        publish(onnxruntime_table(args), args.out)
+        return
+    if len(args.batch) > 1:
+        parser.error("the torch runtime takes one --batch")
+    args.batch = args.batch[0]
     device = torch.device(args.device)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     models = {label: build(norm, fold, device) for label, norm, fold in CASES}

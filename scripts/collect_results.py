@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from collections import defaultdict
@@ -70,6 +71,56 @@ def classification_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def study_cells(study_table: str) -> dict:
+    """(norm, batch) -> "mean ± half-width" from a study table (results/fashion_study.md)."""
+    lines = [line for line in study_table.splitlines() if line.startswith("| ")]
+    batches = [int(cell.split()[-1]) for cell in lines[0].strip("| ").split(" | ")[1:]]
+    cells = {}
+    for line in lines[1:]:
+        norm, *values = line.strip("| ").split(" | ")
+        if " ± " in values[0]:  # the study's own rows, not the paper's
+            cells.update({(norm, b): v for b, v in zip(batches, values)})
+    return cells
+
+
+CLAIM = re.compile(r"^- \*\*(?P<title>.+?)\*\* (?P<a>\w+)@(?P<ab>\d+) minus (?P<b>\w+)@(?P<bb>\d+): "
+                   r"(?P<diff>[-+][\d.]+) \[(?P<low>[-+][\d.]+), (?P<high>[-+][\d.]+)\].*?\*\*(?P<verdict>.+?)\*\*")
+
+
+def beside_the_study(summaries: list[dict], study: Path) -> str:
+    """The study's means for the quick runs' cells, and one line per claim of the study's report
+    whose cells the quick runs have: the quick difference beside the study's, agreeing or not."""
+    errors = defaultdict(list)
+    for s in summaries:
+        errors[s.get("label", s["norm"]), s["batch"]].append(s["top1_error"])
+    steps = max(s.get("steps", 0) for s in summaries)
+    seeds = len({s["seed"] for s in summaries})
+    cells = study_cells((study.parent / "fashion_study.md").read_text())
+    report = study.read_text()
+    study_seeds = len(re.search(r"seeds \[([\d, ]+)\]", report)[1].split(","))
+    lines = [f"The study ({study}: {study_seeds} seeds of its full recipe, mean ± 95 % half-width) for the same cells:",
+             "",
+             "| norm | batch | these runs | the study |", "|---|---|---|---|"]
+    lines += [f"| {norm} | {batch} | {sum(v) / len(v):.2f} | {cells.get((norm, batch), '-')} |"
+              for (norm, batch), v in sorted(errors.items())]
+    lines += ["", "The study's claims on these cells:", ""]
+    for match in map(CLAIM.match, report.splitlines()):
+        if not match or (match["a"], int(match["ab"])) not in errors or (match["b"], int(match["bb"])) not in errors:
+            continue
+        mean = lambda norm, batch: sum(errors[norm, int(batch)]) / len(errors[norm, int(batch)])  # noqa: E731
+        quick = mean(match["a"], match["ab"]) - mean(match["b"], match["bb"])
+        low, high = float(match["low"]), float(match["high"])
+        # the study's interval holds 0: agree when inside it; else: agree on the side of 0
+        agrees = low <= quick <= high if low <= 0 <= high else (quick > 0) == (float(match["diff"]) > 0)
+        line = (f"- {match['title']} {match['a']}@{match['ab']} minus {match['b']}@{match['bb']}: {quick:+.2f} here, "
+                f"{match['diff']} [{match['low']}, {match['high']}] in the study ({match['verdict']}): ")
+        lines.append(line + ("these runs agree." if agrees else
+                             f"these runs disagree: they are {seeds} seed(s) of {steps} steps against the study's "
+                             f"{study_seeds} seeds of its full length (run length); the study ({study}) is the "
+                             "evidence."))
+    return "\n".join(lines)
+
+
 def detection_table(summaries: list[dict]) -> str:
     keys = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
     lines = ["| start | norm | imgs/device | " + " | ".join(keys) + " | paper box/mask AP |",
@@ -109,12 +160,16 @@ def main(argv=None) -> str:
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, help="write a plot of error vs normalization batch (classification)")
     parser.add_argument("--title", help="a first line, e.g. the command that made the runs")
+    parser.add_argument("--study", type=Path, help="an evidence report (results/REPORT.md): its cells and claims "
+                                                   "beside these runs'")
     args = parser.parse_args(argv)
     summaries = load_summaries(args.root)
     if not summaries:
         sys.exit(f"error: no summary.json under {args.root}: run a training job first")
     detection = "box_AP" in summaries[0]
     text = detection_table(summaries) if detection else classification_table(summaries)
+    if args.study and not detection:
+        text += "\n\n" + beside_the_study(summaries, args.study)
     if args.title:
         text = f"{args.title}\n\n{text}"
     text += f"\n\nCommand: `` python scripts/collect_results.py {shlex.join(argv or sys.argv[1:])} ``"

@@ -64,3 +64,21 @@ def test_no_runs_is_a_one_line_error(tmp_path):
     result = collect(tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: no summary.json under {tmp_path}: run a training job first"
+
+
+def test_quick_runs_beside_the_study_cells_and_one_line_per_claim_on_their_cells(tmp_path):
+    for norm, batch, error in (("bn", 32, 12.0), ("bn", 2, 14.5), ("mabn", 32, 12.3), ("mabn", 2, 11.1)):
+        classification(tmp_path, norm, batch, 0, error)
+    result = collect(tmp_path, "--study", ROOT / "results" / "REPORT.md")
+    assert result.returncode == 0, result.stderr
+    study = (ROOT / "results" / "fashion_study.md").read_text()
+    bn32 = next(line for line in study.splitlines() if line.startswith("| bn |")).split(" | ")[1]
+    assert f"| bn | 32 | 12.00 | {bn32} |" in result.stdout  # the study's mean ± half-width beside
+    claims = [line for line in result.stdout.splitlines() if line.startswith("- ")]
+    cells = {"bn@2 minus bn@32", "mabn@2 minus bn@32", "mabn@2 minus mabn@32", "bn@2 minus mabn@2"}
+    assert {c for c in cells if any(c in line for line in claims)} == cells and len(claims) == len(cells)
+    verdict = {c: line for line in claims for c in cells if c in line}
+    assert verdict["bn@2 minus bn@32"].endswith("these runs agree.")  # +2.5 here, the study's interval above 0
+    assert verdict["mabn@2 minus bn@32"].endswith("these runs agree.")  # -0.9 here, the study's below 0
+    # -1.2 here, outside the study's interval around 0: the line says why and where the evidence is
+    assert "these runs disagree" in verdict["mabn@2 minus mabn@32"] and "(run length)" in verdict["mabn@2 minus mabn@32"]

@@ -1,6 +1,10 @@
 """The README's snippet runs, and CI runs the README's test command."""
 
 import re
+import subprocess
+
+import pytest
+import torch
 
 from hydra_configs import ROOT
 
@@ -23,3 +27,13 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests.strip() in ci
     assert setup_and_run.startswith("bash scripts/setup.sh && ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the check would run")
+def test_gpu_check_refuses_without_cuda_in_one_line_and_its_parts_are_in_the_readme():
+    result = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stdout == "" and result.stderr.strip().count("\n") == 0 and "no CUDA device" in result.stderr
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    for part in re.findall(r"^part (\w+) (\d+)", script, flags=re.M):
+        assert f"| {part[0]} |" in README, part

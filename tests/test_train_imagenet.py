@@ -70,6 +70,20 @@ def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
+def test_a_run_says_what_it_runs_its_time_estimate_its_result_and_where_the_summary_is(tmp_path, capsys):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "norm=mabn", "batch=2", "max_steps=30",
+                                            "model.options.widths=[8,8,8,8]"])
+    summary = train(cfg, tmp_path)
+    lines = capsys.readouterr().out.strip().splitlines()
+    start = next(line for line in lines if line.startswith("[imagenet]"))
+    assert "synthetic / small_resnet / norm mabn at normalization batch 2" in start and f"run folder {tmp_path}" in start
+    assert "steps 1-30, eager BN/BRN/MABN kernels" in start and "estimate follows after 25 steps" in start
+    estimate = next(line for line in lines if line.startswith("[estimate]"))
+    assert re.search(r"\d+ ms per step over steps 6-25 on this machine: about [\d.]+ min for the 5 steps left", estimate)
+    assert lines[-1] == f"[done] top1_error {summary['top1_error']:.2f}, top5_error {summary['top5_error']:.2f}; " \
+                        f"summary: {tmp_path / 'summary.json'}"
+
+
 @pytest.mark.parametrize("fused", ["0", "1"])
 def test_the_same_command_twice_gives_the_same_summary_and_weights(fused, tmp_path):
     # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU,

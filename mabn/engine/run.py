@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import fused
 from ..config import ConfigError, first_line, resolved
 from ..probes import BatchStatisticsProbe
 from ..schedules import scale_schedules
@@ -105,6 +107,7 @@ class TrainingRun:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.norm_schedule = scale_schedules(unwrap(self.model), self.total_steps,
                                              cfg.norm.get("schedule_reference_steps"))
+        self.kernels = fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
@@ -184,6 +187,7 @@ class TrainingRun:
         with tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                   desc=cfg.run_name, mininterval=5, dynamic_ncols=True) as progress:  # closed on errors too
             last_save = time.monotonic()
+            first_step, window_start = self.step, None
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start_batch)
@@ -196,6 +200,11 @@ class TrainingRun:
                     self.write_probe_records()
                     images_seen += self.per_device_batch * self.env.world_size
                     progress.update()
+                    if self.step - first_step == ESTIMATE_AFTER[0]:
+                        window_start = time.perf_counter()
+                    elif self.step - first_step == ESTIMATE_AFTER[1] and window_start is not None:
+                        announce_estimate(self.step, first_step, time.perf_counter() - window_start,
+                                          self.total_steps, self.env)
                     if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                         self.images_per_second = images_seen / (time.perf_counter() - tic)
                         logger.log({"train/loss": loss.item(), **{k: float(v) for k, v in extras.items()}, "train/lr": self.scheduler.get_last_lr()[0],
@@ -219,6 +228,49 @@ class TrainingRun:
         return metrics or self.evaluate()
 
 
+def announce_start(cfg, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None) -> None:
+    """One line saying what the run does, which norm kernels it uses (``mabn.fused`` mode), where
+    its folder is and when its time estimate comes (``estimate``: where else it comes from);
+    main process."""
+    if env.is_main:
+        label = cfg.norm.get("label", cfg.norm.name)
+        model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
+        per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
+        if estimate is None:
+            estimate = (f"a time estimate follows after {ESTIMATE_AFTER[1]} steps"
+                        if total_steps - step > ESTIMATE_AFTER[1] else "a short run")
+        print(f"[{cfg.task}] {cfg.data.name} / {model} / norm {label} at normalization batch "
+              f"{cfg.normalization_batch or 'all'} (per-device batch {per_device}, {env.world_size} "
+              f"process(es) on {env.device.type}): steps {step + 1}-{total_steps}, "
+              f"{KERNELS[fused.mode()]} BN/BRN/MABN kernels, run folder {run_dir}; {estimate}",
+              flush=True)
+
+
+KERNELS = {"0": "eager", "1": "compiled", "dynamic": "compiled (dynamic shapes)"}
+
+
+def announce_end(summary: dict, summary_path: Path, env) -> None:
+    """One line with the headline metrics and the summary's path (main process)."""
+    if env.is_main:
+        keys = [k for k in ("top1_error", "top5_error", "box_AP", "mask_AP") if isinstance(summary.get(k), float)]
+        print("[done] " + ", ".join(f"{k} {summary[k]:.2f}" for k in keys) + f"; summary: {summary_path}", flush=True)
+
+
+# (first, last) step of the window whose speed gives the time estimate: after the first steps,
+# which compile the kernels and warm the caches
+ESTIMATE_AFTER = (5, 25)
+
+
+def announce_estimate(step: int, first_step: int, seconds: float, total_steps: int, env) -> None:
+    """The measured speed over the estimate window and the time the rest of the run needs."""
+    if env.is_main:
+        per_step = seconds / (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0])
+        left = (total_steps - step) * per_step
+        print(f"\n[estimate] {per_step * 1000:.0f} ms per step over steps {first_step + ESTIMATE_AFTER[0] + 1}-{step} on this "
+              f"machine: about {left / 60:.1f} min for the {total_steps - step} steps left, evaluation aside",
+              flush=True)
+
+
 def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     """Run (or resume) a ``run_class`` run in ``run_dir``; write summary.json and return it."""
     run = run_class(cfg, run_dir)
@@ -232,6 +284,7 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     if resumed and run.env.is_main:
         print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
     preemption = Preemption()
+    announce_start(cfg, run.total_steps, run.step, run.env, run_dir)
     try:
         metrics = run.fit(logger, preemption)
         summary = {**run.summary(metrics), "images_per_second": run.images_per_second, "steps": run.step,
@@ -244,6 +297,7 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
         if run.env.is_main:
             ckpt.save_atomic(unwrap(run.model).state_dict(), run_dir / "model_final.pt")
             summary_path.write_text(json.dumps(summary, indent=2))
+        announce_end(summary, summary_path, run.env)
         return summary
     finally:
         preemption.restore()

@@ -63,7 +63,7 @@ from ...data.faults import SkipUnreadable  # noqa: E402
 from .. import checkpoint as ckpt  # noqa: E402
 from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
-from ..run import load_run_checkpoint, wandb_options  # noqa: E402
+from ..run import announce_end, announce_start, load_run_checkpoint, wandb_options  # noqa: E402
 from ..training import Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
 from .common import check_start  # noqa: E402
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
@@ -375,6 +375,7 @@ def train(cfg, run_dir) -> dict:
         run.preemption = preemption = Preemption()
         if resumed and env.is_main:
             print(f"resumed from step {run.step} of {run.total_steps} ({run.checkpoint_path})", flush=True)
+        announce_start(cfg, run.total_steps, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
         run.fit()
         metrics = run.evaluate()
         logger.log(metrics, run.step)
@@ -385,6 +386,7 @@ def train(cfg, run_dir) -> dict:
         if env.is_main:
             ckpt.save_atomic(unwrap(run.model).state_dict(), run_dir / "model_final.pt")
             summary_path.write_text(json.dumps(summary, indent=2))
+        announce_end(summary, summary_path, env)
         return summary
     finally:
         if preemption is not None:
