@@ -4,7 +4,8 @@
 # and relaunching skips finished runs and resumes the others:
 #   bash scripts/fashion_study.sh                       # two one-thread jobs side by side
 #   LAUNCHER=slurm bash scripts/fashion_study.sh        # on a cluster (configs/hydra/launcher)
-# then: python scripts/study_report.py. About 3.5 hours on 2 CPU cores (79 runs).
+# then: python scripts/study_report.py. About 3.5 hours on 2 CPU cores for the paper's norms (79 runs);
+# the successors (45 runs, the last block) about 2.5 hours more (estimated from those runs' time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -20,3 +21,10 @@ run experiment=fashion_study norm=bn,brn,mabn batch=16,8,4,1 seed=1,2    # 24: i
 # relaxation over 10x more steps, and not at all (BN with BRN's running-statistics rate)
 run experiment=fashion_study norm=brn batch=2 norm.schedule_reference_steps=60000 +norm.label=brn_ref60k
 run experiment=fashion_study norm=brn batch=2 norm.schedule_reference_steps=null +norm.label=brn_unscaled
+# MABN's successors on the same recipe, fixed before their runs and given no tuning the others
+# did not get (the group layers take 8 groups on the 16-channel layers, as GN above):
+run experiment=fashion_study norm=gn_ws norm.options.num_groups=8 batch=32            # 3: batch-independent
+run experiment=fashion_study norm=evonorm_s0 norm.options.groups=8 batch=32           # 3
+run experiment=fashion_study norm=frn batch=32                                        # 3
+run experiment=fashion_study norm=cbn,evonorm_b0 batch=32,2                           # 12: their curve's ends
+run experiment=fashion_study norm=cbn,evonorm_b0 batch=16,8,4,1                       # 24: the rest of it

@@ -22,9 +22,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from scipy import stats as scipy_stats
 
 from collect_results import PAPER_IMAGENET, load_summaries
+from mabn.studies.intervals import difference, fmt_diff, verdict
 from report import describe, publish
 
 BATCHES = (32, 16, 8, 4, 2, 1)
@@ -41,23 +41,8 @@ FORWARD, BACKWARD = ("mu", "sigma2"), ("g", "psi")
 
 
 # -- statistics ------------------------------------------------------------------------
-def difference(a: list[float], b: list[float]) -> dict:
-    """Mean of a minus mean of b with Welch's 95 % interval."""
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return {"diff": diff, "low": math.nan, "high": math.nan}
-    interval = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return {"diff": diff, "low": float(interval.low), "high": float(interval.high)}
-
-
 def fmt(d: dict) -> str:
     return f"{d['mean']:.2f} ± {d['ci95']:.2f}" if d["n"] > 1 else f"{d['mean']:.2f} (n=1)"
-
-
-def fmt_diff(d: dict) -> str:
-    if math.isnan(d["low"]):
-        return f"{d['diff']:+.2f} (one seed: no interval)"
-    return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
 
 
 # -- runs ------------------------------------------------------------------------------
@@ -243,18 +228,6 @@ def plot_probes(runs: dict[str, list[dict]], noise, path: Path) -> None:
 
 
 # -- claims ----------------------------------------------------------------------------
-def verdict(d: dict, expect: str) -> str:
-    """'supported' when the 95 % interval of a difference lies on the expected side of 0
-    (``expect`` "positive"), or contains 0 (``expect`` "zero"); else 'not supported' (for
-    "positive": within noise, or the opposite holds)."""
-    if math.isnan(d["low"]):
-        return "not testable (fewer than 2 seeds)"
-    if expect == "positive":
-        return "supported" if d["low"] > 0 else "not supported (the opposite holds)" if d["high"] < 0 \
-            else "not supported (within noise)"
-    return "supported (within noise)" if d["low"] <= 0 <= d["high"] else "not supported"
-
-
 def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
     """One markdown paragraph per claim of the paper, with this study's evidence."""
     get = lambda name, batch: errors(points, name, batch)  # noqa: E731

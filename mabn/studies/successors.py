@@ -1,0 +1,95 @@
+"""MABN's successors beside the Fashion-MNIST study: their top-1 errors by normalization batch
+and one verdict per claim of their papers that the study can test, each difference with Welch's
+95 % interval.
+
+The successors' runs come from their per-run summaries (kept in ``results/``); the study's own
+cells (bn, gn, mabn) from its table ``results/fashion_study.md`` (mean ± 95 % half-width over its
+seeds: its per-run values were not kept, so their standard deviations are recovered from the
+half-widths, ``intervals.difference_from_table``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .intervals import difference, difference_from_table, fmt_diff, half_width, verdict
+
+BATCHES = (32, 16, 8, 4, 2, 1)
+SUCCESSORS = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "gn_ws")
+# (claim, cell a, cell b, expected sign of a - b: "positive" or "zero"); a cell is (norm, batch)
+CLAIMS = [
+    ("GN+WS at 32 is within noise of BN at 32 (Qiao et al.: GN+WS 23.72 on ImageNet at any batch; "
+     "BN at 32 23.41 in the MABN paper)", ("gn_ws", 32), ("bn", 32), "zero"),
+    ("GN+WS is better than GN (Qiao et al.: 23.72 vs GN 24.1)", ("gn", 32), ("gn_ws", 32), "positive"),
+    ("CBN at 2 is within noise of BN at 32 (Yao et al.: CBN at small batch approaches BN at large batch)",
+     ("cbn", 2), ("bn", 32), "zero"),
+    ("CBN at 2 is better than BN at 2 (Yao et al.)", ("bn", 2), ("cbn", 2), "positive"),
+    ("CBN at 2 is within noise of MABN at 2 (no paper compares them)", ("cbn", 2), ("mabn", 2), "zero"),
+    ("EvoNorm-S0 is better than GN (Liu et al.: S0 ahead of the batch-independent baselines; unverified "
+     "figures)", ("gn", 32), ("evonorm_s0", 32), "positive"),
+    ("EvoNorm-B0 at 2 is better than BN at 2 (Liu et al.: B0 replaces BN-ReLU; no small-batch figure)",
+     ("bn", 2), ("evonorm_b0", 2), "positive"),
+    ("FRN is within noise of BN at 32 (ppwwyyxx's replication: 24.0 vs 23.6, step lr; 23.2 vs 23.0, "
+     "cosine)", ("frn", 32), ("bn", 32), "zero"),
+]
+
+
+def load_runs(folder: Path) -> dict:
+    """(norm label, normalization batch) -> top-1 errors of the summaries (``*.json``) in ``folder``."""
+    errors = defaultdict(list)
+    for path in sorted(folder.glob("*.json")):
+        summary = json.loads(path.read_text())
+        errors[summary.get("label") or summary["norm"], summary["batch"]].append(summary["top1_error"])
+    return dict(errors)
+
+
+def study_cells(table: str) -> dict:
+    """(norm, batch) -> (mean, half-width) of the study's rows in ``fashion_study.md``."""
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    batches = [int(cell.split()[-1]) for cell in rows[0][1:]]
+    cells = {}
+    for norm, *values in rows[1:]:
+        for batch, value in zip(batches, values):
+            if " ± " in value:  # the study's rows (the paper's table below has plain numbers)
+                mean, half = value.split(" ± ")
+                cells[norm, batch] = (float(mean), float(half))
+    return cells
+
+
+def cell_difference(runs: dict, study: dict, seeds: int, a, b) -> dict | None:
+    """a - b, from the runs where they have the cell, else from the study's table."""
+    if a in runs and b in runs:
+        return difference(runs[a], runs[b])
+    if a in runs and b in study:
+        return difference_from_table(runs[a], *study[b], seeds)
+    if b in runs and a in study:
+        d = difference_from_table(runs[b], *study[a], seeds)
+        return {"diff": -d["diff"], "low": -d["high"], "high": -d["low"]}
+    return None
+
+
+def report(runs: dict, study: dict, seeds: int) -> str:
+    """The successors' table and one line per claim whose cells exist (others are listed as pending)."""
+    def cell(values):
+        mean = sum(values) / len(values)
+        return f"{mean:.2f} ± {half_width(values):.2f}" if len(values) > 1 else f"{mean:.2f} (n=1)"
+
+    lines = ["Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe: mean ± 95 % "
+             "half-width over seeds (n = seeds where not 3).", "",
+             "| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+    for norm in SUCCESSORS:
+        if any((norm, b) in runs for b in BATCHES):
+            lines.append(f"| {norm} | " + " | ".join(cell(runs[norm, b]) if (norm, b) in runs else "-"
+                                                     for b in BATCHES) + " |")
+    lines += ["", "Claims (a difference is mean [Welch's 95 % interval], in top-1 error points; the study's "
+              "cells from its table):", ""]
+    for title, a, b, expect in CLAIMS:
+        d = cell_difference(runs, study, seeds, a, b)
+        name = f"{a[0]}@{a[1]} minus {b[0]}@{b[1]}"
+        if d is None:
+            lines.append(f"- **{title}.** {name}: pending (no runs yet).")
+        else:
+            lines.append(f"- **{title}.** {name}: {fmt_diff(d)} points: **{verdict(d, expect)}**.")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""mabn.studies on made-up inputs: Welch intervals from runs and from a table's mean ± half-width,
+verdicts, the successors' table and claims; and the committed successors' report regenerates
+unchanged from the committed run summaries."""
+
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+from scipy import stats
+
+from hydra_configs import ROOT
+from mabn.studies import intervals, successors
+
+
+def test_a_table_cell_gives_the_interval_its_runs_would():
+    a, b = [10.0, 11.0, 12.5], [12.0, 13.5, 12.7, 14.1]
+    mean_b = sum(b) / len(b)
+    from_runs = intervals.difference(a, b)
+    from_table = intervals.difference_from_table(a, mean_b, intervals.half_width(b), len(b))
+    for key in ("diff", "low", "high"):
+        assert from_table[key] == pytest.approx(from_runs[key], abs=1e-9)
+    assert intervals.std_from_half_width(stats.t.ppf(0.975, 3) * 2.0 / 2.0, 4) == pytest.approx(2.0)
+
+
+def test_verdicts_and_a_single_seed():
+    assert intervals.verdict({"diff": 1.0, "low": 0.2, "high": 1.8}, "positive") == "supported"
+    assert intervals.verdict({"diff": -1.0, "low": -1.8, "high": -0.2}, "positive") == \
+        "not supported (the opposite holds)"
+    assert intervals.verdict({"diff": 0.1, "low": -0.5, "high": 0.7}, "zero") == "supported (within noise)"
+    one = intervals.difference([1.0], [2.0, 3.0])
+    assert math.isnan(one["low"]) and intervals.verdict(one, "zero").startswith("not testable")
+
+
+STUDY = """| norm | batch 32 | batch 2 |
+|---|---|---|
+| bn | 11.00 ± 0.50 | 13.00 ± 0.40 |
+| gn | 13.00 ± 1.00 | 13.00 ± 1.00 |
+| mabn | 10.80 ± 0.50 | 10.70 ± 0.40 |
+
+| norm | batch 32 | batch 2 |
+|---|---|---|
+| bn | 23.41 | 35.22 |
+"""
+
+
+def test_successors_table_and_claims_from_runs_and_the_study_table():
+    cells = successors.study_cells(STUDY)
+    assert cells["bn", 2] == (13.0, 0.4) and ("bn", 1) not in cells and len(cells) == 6  # not the paper's rows
+    runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("frn", 32): [12.0]}
+    text = successors.report(runs, cells, seeds=3)
+    assert "| gn_ws | 11.10 ± 0.50 | - | - | - | - | - |" in text
+    assert "| frn | 12.00 (n=1) |" in text
+    lines = {line.split("** ")[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- **")}
+    assert len(lines) == len(successors.CLAIMS)
+    assert lines["gn_ws@32 minus bn@32"].endswith("**supported (within noise)**.")
+    assert lines["gn@32 minus gn_ws@32"].endswith("**supported**.")  # 13.0 vs 11.1
+    assert lines["bn@2 minus cbn@2"].endswith("**not supported (the opposite holds)**.")  # 13.0 vs 14.2
+    assert "not testable" in lines["frn@32 minus bn@32"]
+    assert lines["bn@2 minus evonorm_b0@2"].endswith("pending (no runs yet).")
+
+
+def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
+    committed = ROOT / "results" / "fashion_successors.md"
+    if not committed.is_file():
+        pytest.skip("no successors' report committed yet")
+    results = tmp_path / "results"  # a copy: the command writes its report where it reads
+    shutil.copytree(ROOT / "results" / "fashion_successor_runs", results / "fashion_successor_runs")
+    for name in ("fashion_study.md", "REPORT.md"):
+        shutil.copy(ROOT / "results" / name, results / name)
+    result = subprocess.run([sys.executable, "scripts/successors_report.py", "--results", str(results)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    generated = (results / "fashion_successors.md").read_text()
+    assert generated.replace(str(results), "results") == committed.read_text()
