@@ -13,7 +13,7 @@ from run_files import read_summary
 
 @pytest.mark.slow
 def test_fashion_mnist_mabn_degrades_less_than_bn_at_normalization_batch_2(tmp_path):
-    # the README's first command (experiment=fashion_comparison): 4 runs of 400 steps, ~10 min
+    # the README's first command (experiment=fashion_comparison): 4 runs of 400 steps, ~1-2 min
     result = subprocess.run([sys.executable, "train_imagenet.py", "-m", "experiment=fashion_comparison",
                              f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=3600)
@@ -23,4 +23,4 @@ def test_fashion_mnist_mabn_degrades_less_than_bn_at_normalization_batch_2(tmp_p
     bn_loss = error["bn", 2] - error["bn", 32]
     mabn_loss = error["mabn", 2] - error["mabn", 32]
     assert error["mabn", 2] < error["bn", 2], error
-    assert mabn_loss < bn_loss / 2, error  # measured: BN +13.5 points, MABN +2.5
+    assert mabn_loss < bn_loss / 2, error  # measured: BN +5.5 points, MABN -0.8
