@@ -73,11 +73,12 @@ def cell_difference(runs: dict, study: dict, seeds: int, a, b) -> dict | None:
 def report(runs: dict, study: dict, seeds: int) -> str:
     """The successors' table and one line per claim whose cells exist (others are listed as pending)."""
     def cell(values):
-        mean = sum(values) / len(values)
-        return f"{mean:.2f} ± {half_width(values):.2f}" if len(values) > 1 else f"{mean:.2f} (n=1)"
+        mean, n = sum(values) / len(values), len(values)
+        text = f"{mean:.2f} ± {half_width(values):.2f}" if n > 1 else f"{mean:.2f}"
+        return text if n == seeds else f"{text} (n={n})"
 
-    lines = ["Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe: mean ± 95 % "
-             "half-width over seeds (n = seeds where not 3).", "",
+    lines = [f"Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe: mean ± 95 % "
+             f"half-width over seeds (n = seeds where not {seeds}).", "",
              "| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
     for norm in SUCCESSORS:
         if any((norm, b) in runs for b in BATCHES):
