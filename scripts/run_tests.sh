@@ -13,4 +13,4 @@ if [ "$(id -u)" = 0 ]; then
 fi
 # Checkpoints of the training tests go to the temporary directory: a full disk fails them.
 echo "[run_tests] free disk: $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') in ${TMPDIR:-/tmp}"
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests listed: where CI time goes
