@@ -18,6 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from mabn.studies.tables import study_cells
 from report import publish
 
 # ImageNet ResNet-50 top-1 error by normalization batch (authors' README/figure). GN: the GN
@@ -71,18 +72,6 @@ def classification_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def study_cells(study_table: str) -> dict:
-    """(norm, batch) -> "mean ± half-width" from a study table (results/fashion_study.md)."""
-    lines = [line for line in study_table.splitlines() if line.startswith("| ")]
-    batches = [int(cell.split()[-1]) for cell in lines[0].strip("| ").split(" | ")[1:]]
-    cells = {}
-    for line in lines[1:]:
-        norm, *values = line.strip("| ").split(" | ")
-        if " ± " in values[0]:  # the study's own rows, not the paper's
-            cells.update({(norm, b): v for b, v in zip(batches, values)})
-    return cells
-
-
 CLAIM = re.compile(r"^- \*\*(?P<title>.+?)\*\* (?P<a>\w+)@(?P<ab>\d+) minus (?P<b>\w+)@(?P<bb>\d+): "
                    r"(?P<diff>[-+][\d.]+) \[(?P<low>[-+][\d.]+), (?P<high>[-+][\d.]+)\].*?\*\*(?P<verdict>.+?)\*\*")
 
@@ -101,7 +90,8 @@ def beside_the_study(summaries: list[dict], study: Path) -> str:
     lines = [f"The study ({study}: {study_seeds} seeds of its full recipe, mean ± 95 % half-width) for the same cells:",
              "",
              "| norm | batch | these runs | the study |", "|---|---|---|---|"]
-    lines += [f"| {norm} | {batch} | {sum(v) / len(v):.2f} | {cells.get((norm, batch), '-')} |"
+    lines += [f"| {norm} | {batch} | {sum(v) / len(v):.2f} | "
+              + ("{:.2f} ± {:.2f}".format(*cells[norm, batch]) if (norm, batch) in cells else "-") + " |"
               for (norm, batch), v in sorted(errors.items())]
     lines += ["", "The study's claims on these cells:", ""]
     for match in map(CLAIM.match, report.splitlines()):

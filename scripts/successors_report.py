@@ -13,7 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from mabn.studies.successors import SUCCESSORS, load_runs, report, study_cells
+from mabn.studies.successors import SUCCESSORS, load_runs, report
+from mabn.studies.tables import study_cells
 from report import publish
 
 

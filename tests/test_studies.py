@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from hydra_configs import ROOT
-from mabn.studies import intervals, successors
+from mabn.studies import intervals, successors, tables
 
 
 def test_a_table_cell_gives_the_interval_its_runs_would():
@@ -46,7 +46,7 @@ STUDY = """| norm | batch 32 | batch 2 |
 
 
 def test_successors_table_and_claims_from_runs_and_the_study_table():
-    cells = successors.study_cells(STUDY)
+    cells = tables.study_cells(STUDY)
     assert cells["bn", 2] == (13.0, 0.4) and ("bn", 1) not in cells and len(cells) == 6  # not the paper's rows
     runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("frn", 32): [12.0]}
     text = successors.report(runs, cells, seeds=3)

@@ -107,7 +107,7 @@ class TrainingRun:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.norm_schedule = scale_schedules(unwrap(self.model), self.total_steps,
                                              cfg.norm.get("schedule_reference_steps"))
-        self.kernels = fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))
+        fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(

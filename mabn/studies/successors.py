@@ -45,19 +45,6 @@ def load_runs(folder: Path) -> dict:
     return dict(errors)
 
 
-def study_cells(table: str) -> dict:
-    """(norm, batch) -> (mean, half-width) of the study's rows in ``fashion_study.md``."""
-    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
-    batches = [int(cell.split()[-1]) for cell in rows[0][1:]]
-    cells = {}
-    for norm, *values in rows[1:]:
-        for batch, value in zip(batches, values):
-            if " ± " in value:  # the study's rows (the paper's table below has plain numbers)
-                mean, half = value.split(" ± ")
-                cells[norm, batch] = (float(mean), float(half))
-    return cells
-
-
 def cell_difference(runs: dict, study: dict, seeds: int, a, b) -> dict | None:
     """a - b, from the runs where they have the cell, else from the study's table."""
     if a in runs and b in runs:
