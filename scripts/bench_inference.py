@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import mabn
-from mabn.models import build_classifier
+from mabn.export import build_model
 from report import describe, machine, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
@@ -39,9 +39,7 @@ RUNTIME_CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("cbn
 
 @torch.no_grad()
 def build(norm: str, fold: bool, device) -> torch.nn.Module:
-    model = mabn.wire_norms(build_classifier("resnet50", 1000, 3, mabn.norm_layer(norm)))
-    if norm == "mabn":
-        mabn.centralize_weights(model)
+    model = build_model("resnet50", norm)
     for module in model.modules():  # statistics as after training, not the initial 0 / 1
         for name in ("running_var", "ema_chi2"):
             if getattr(module, name, None) is not None:
@@ -63,15 +61,15 @@ def onnxruntime_table(args) -> str:
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    rows = {label: {} for label, _, _ in RUNTIME_CASES}
-    folder = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    rows, paired = {label: {} for label, _, _ in RUNTIME_CASES}, {}
     for batch in args.batch:
         images = torch.randn(batch, 3, args.image_size, args.image_size)
         sessions = {}
-        for label, norm, fold in RUNTIME_CASES:
-            path = folder / f"{norm}_{batch}.onnx"
-            export_onnx(build(norm, False, "cpu"), images, path, fold=fold)  # validated against PyTorch
-            sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="bench_onnx_") as folder:  # ~100 MB per ResNet-50 file
+            for label, norm, fold in RUNTIME_CASES:
+                path = Path(folder) / f"{norm}.onnx"
+                export_onnx(build(norm, False, "cpu"), images, path, fold=fold)  # validated against PyTorch
+                sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
         feed = images.numpy()
         times = {label: [] for label in sessions}
         for repeat in range(args.repeats + 1):
@@ -82,9 +80,7 @@ def onnxruntime_table(args) -> str:
                     times[label].append(time.perf_counter() - start)
         for label, values in times.items():
             rows[label][batch] = 1 / statistics.median(values)
-        paired = describe([b / m for b, m in zip(times["bn folded"], times["mabn folded"])])
-        rows.setdefault("_paired", {})[batch] = paired
-    paired = rows.pop("_paired")
+        paired[batch] = describe([b / m for b, m in zip(times["bn folded"], times["mabn folded"])])
     head = " | ".join(f"batch {b}: iterations/s (ratio)" for b in args.batch)
     lines = [f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
              f"{args.image_size}, {machine(args.device)}, median of {args.repeats} runs per model, round-robin; each "
