@@ -26,7 +26,7 @@ import torch
 
 import mabn
 from mabn.export import build_model
-from report import describe, machine, publish
+from mabn.studies.reporting import describe, machine, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
 CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("bn (not folded)", "bn", False),

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import mabn
-from report import machine, publish
+from mabn.studies.reporting import machine, publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),

@@ -23,7 +23,7 @@ from torch import nn
 import mabn
 from mabn.models import build_classifier
 from mabn.probes import BatchStatisticsProbe
-from report import machine, publish
+from mabn.studies.reporting import machine, publish
 
 
 def setup(mode: str):

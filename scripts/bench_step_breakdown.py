@@ -22,7 +22,7 @@ import mabn
 from mabn.data.fashion_mnist import FashionMNIST
 from mabn.engine.sampling import EpochSampler, SeededSamples
 from mabn.models import build_classifier
-from report import machine, publish
+from mabn.studies.reporting import machine, publish
 
 NORMS = [("bn@32", "bn", {}), ("bn@2", "bn", {"normalization_batch": 2}),
          ("brn@2", "brn", {"normalization_batch": 2}), ("gn (8 groups)", "gn", {"num_groups": 8}),

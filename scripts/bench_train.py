@@ -24,7 +24,7 @@ from torch import nn
 
 import mabn
 from mabn.models import build_classifier
-from report import machine, publish
+from mabn.studies.reporting import machine, publish
 
 # (label, norm name, options): the layers of the comparison at per-device batch 32
 CASES = [

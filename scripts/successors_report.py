@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mabn.studies.successors import SUCCESSORS, load_runs, report
 from mabn.studies.tables import study_cells
-from report import publish
+from mabn.studies.reporting import publish
 
 
 def keep_summaries(runs: Path, kept: Path) -> int:

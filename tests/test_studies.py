@@ -24,6 +24,23 @@ def test_a_table_cell_gives_the_interval_its_runs_would():
     assert intervals.std_from_half_width(stats.t.ppf(0.975, 3) * 2.0 / 2.0, 4) == pytest.approx(2.0)
 
 
+def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+    a = {0: 30.1, 1: 31.0, 2: 29.5, 3: 30.8, 4: 30.2, 7: 99.0}  # seed 7 has no partner: left out
+    b = {0: 29.0, 1: 30.2, 2: 28.9, 3: 29.5, 4: 29.6, 9: 0.0}
+    d = [a[s] - b[s] for s in range(5)]
+    mean, sd = sum(d) / 5, math.sqrt(sum((x - sum(d) / 5) ** 2 for x in d) / 4)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    paired = intervals.paired_difference(a, b)
+    assert paired["n"] == 5 and paired["diff"] == pytest.approx(mean)
+    assert (paired["low"], paired["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    # the seeds' shared part cancels: the paired interval is narrower than Welch's here
+    welch = intervals.difference([a[s] for s in range(5)], [b[s] for s in range(5)])
+    assert paired["high"] - paired["low"] < welch["high"] - welch["low"]
+    one = intervals.paired_difference({0: 1.0}, {0: 0.5, 1: 2.0})
+    assert one["n"] == 1 and one["diff"] == 0.5 and math.isnan(one["low"])
+    assert intervals.paired_difference({0: 1.0}, {1: 1.0})["n"] == 0
+
+
 def test_verdicts_and_a_single_seed():
     assert intervals.verdict({"diff": 1.0, "low": 0.2, "high": 1.8}, "positive") == "supported"
     assert intervals.verdict({"diff": -1.0, "low": -1.8, "high": -0.2}, "positive") == \

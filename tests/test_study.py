@@ -6,15 +6,16 @@ import math
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hydra_configs import ROOT, sweep_jobs
 from run_files import read_summary
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import study_report  # noqa: E402
-from report import describe  # noqa: E402
+from mabn.studies import classification
+from mabn.studies.intervals import difference, verdict
+from mabn.studies.reporting import describe
 
 
 def test_describe_gives_mean_sample_std_and_the_t_interval():
@@ -26,7 +27,7 @@ def test_describe_gives_mean_sample_std_and_the_t_interval():
 
 def test_difference_is_welchs_interval():
     a, b = [10.0, 12.0, 14.0], [1.0, 2.0, 3.0, 4.0]
-    d = study_report.difference(a, b)
+    d = difference(a, b)
     va, vb = statistics.variance(a) / 3, statistics.variance(b) / 4
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)  # Welch-Satterthwaite
     from scipy.stats import t
@@ -34,11 +35,11 @@ def test_difference_is_welchs_interval():
     half = t.ppf(0.975, df) * math.sqrt(va + vb)
     assert d["diff"] == pytest.approx(9.5)
     assert (d["low"], d["high"]) == pytest.approx((9.5 - half, 9.5 + half))
-    assert study_report.verdict(d, "positive") == "supported"
-    assert study_report.verdict(d, "zero") == "not supported"
-    assert study_report.verdict(study_report.difference([1.0, 2.0], [1.5, 1.6]), "zero").startswith("supported")
-    assert study_report.verdict(study_report.difference(b, a), "positive") == "not supported (the opposite holds)"
-    assert study_report.verdict(study_report.difference([1.0, 2.0], [1.5, 1.6]), "positive").endswith("(within noise)")
+    assert verdict(d, "positive") == "supported"
+    assert verdict(d, "zero") == "not supported"
+    assert verdict(difference([1.0, 2.0], [1.5, 1.6]), "zero").startswith("supported")
+    assert verdict(difference(b, a), "positive") == "not supported (the opposite holds)"
+    assert verdict(difference([1.0, 2.0], [1.5, 1.6]), "positive").endswith("(within noise)")
 
 
 def test_relative_noise_compares_each_group_with_the_whole_batch():
@@ -47,7 +48,7 @@ def test_relative_noise_compares_each_group_with_the_whole_batch():
         {"step": 5, "layer": "l", "stat": "g", "batch": 2, "values": [[1.0, -1.0], [3.0, 1.0]]},
         {"step": 1, "layer": "l", "stat": "g", "batch": 2, "values": [[9.0, 9.0]]},  # step 1 is left out
     ]
-    noise = study_report.relative_noise(records)
+    noise = classification.relative_noise(records)
     # deviations 0, 0, 2, 2 -> RMS sqrt(2); size of the statistic: RMS of (1, -1) = 1
     assert noise["g"][2] == [pytest.approx(math.sqrt(2))]
 
@@ -57,7 +58,7 @@ def test_the_study_grid_is_the_papers_and_the_ablation_switches_one_component_ea
     grid = {(j[2].split("=")[1], int(j[3].split("=")[1])) for j in jobs}
     assert grid == {(n, b) for n in ("bn", "brn", "mabn") for b in (1, 2, 4, 8, 16, 32)} and len(jobs) == 54
     ablation = sweep_jobs("train_imagenet", ["experiment=fashion_ablation"])
-    assert len(ablation) == 15 and {j[2] for j in ablation} == {f"norm={n}" for n in study_report.ABLATIONS if n != "mabn"}
+    assert len(ablation) == 15 and {j[2] for j in ablation} == {f"norm={n}" for n in classification.ABLATIONS if n != "mabn"}
 
 
 def train(*overrides):
@@ -109,4 +110,14 @@ def test_a_run_that_diverges_is_recorded_and_the_sweep_goes_on(tmp_path):
     for name in ("bn-b32-s0", "mabn-b32-s0"):
         assert (tmp_path / name / "diverged.txt").read_text().startswith("loss is"), name
         assert not (tmp_path / name / "summary.json").exists()
-    assert set(study_report.diverged_runs(tmp_path)) == {"bn-b32-s0", "mabn-b32-s0"}
+    assert set(classification.diverged_runs(tmp_path)) == {"bn-b32-s0", "mabn-b32-s0"}
+
+
+def test_a_diverged_runs_path_is_reported_relative_to_the_project(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "mabn-b2-s1"
+    run.mkdir(parents=True)
+    (run / "diverged.txt").write_text(f"loss is nan at step 4: the last good checkpoint is kept at {run}/checkpoint.pt\n")
+    monkeypatch.chdir(tmp_path)
+    reasons = classification.diverged_runs(Path("runs"))
+    assert reasons == {"mabn-b2-s1": "loss is nan at step 4: the last good checkpoint is kept at "
+                                     "runs/mabn-b2-s1/checkpoint.pt"}

@@ -1,5 +1,6 @@
-"""Differences of means with Welch's 95 % interval, from per-run values or from a table's
-mean ± half-width, and the verdict of a claim on them."""
+"""Differences of means with Welch's 95 % interval (from per-run values or from a table's
+mean ± half-width) or the paired 95 % interval (runs matched by seed), and the verdict of a
+claim on them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ def difference(a: list[float], b: list[float]) -> dict:
         return {"diff": diff, "low": math.nan, "high": math.nan}
     interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
     return {"diff": diff, "low": float(interval.low), "high": float(interval.high)}
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Mean over the seeds both have of a[seed] - b[seed], with the paired 95 % t-interval
+    (nan bounds with fewer than 2 pairs); ``n`` is the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return {"diff": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    diffs = [a[s] - b[s] for s in seeds]
+    diff = statistics.fmean(diffs)
+    if len(seeds) < 2:
+        return {"diff": diff, "low": math.nan, "high": math.nan, "n": 1}
+    interval = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(0.95)
+    return {"diff": diff, "low": float(interval.low), "high": float(interval.high), "n": len(seeds)}
 
 
 def half_width(values: list[float]) -> float:

@@ -1,8 +1,9 @@
-"""Shared by the benchmark and results scripts: where a benchmark ran, a mean with its
-interval, and printing a markdown report that is also written to ``--out``."""
+"""Shared by the benchmarks and the studies: where a benchmark ran, the runs' summaries, a
+mean with its interval, and printing a markdown report that is also written to a file."""
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -26,6 +27,11 @@ def describe(values: list[float]) -> dict:
     std = statistics.stdev(values) if n > 1 else math.nan
     half = scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "ci95": half}
+
+
+def load_summaries(root: Path) -> list[dict]:
+    """Every ``summary.json`` under ``root``, each with ``path``: its run folder."""
+    return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in sorted(root.rglob("summary.json"))]
 
 
 def publish(text: str, out: Path | None) -> None:
