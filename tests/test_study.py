@@ -3,6 +3,7 @@
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,13 @@ def test_a_tiny_study_and_its_report(tmp_path):
     assert "mabn@2: " in diagnostic and "mabn_unscaled" not in (results / "fashion_study.md").read_text()
     probes = [json.loads(line) for line in (runs / "bn-b32-s0" / "probes.jsonl").read_text().splitlines()]
     assert {r["step"] for r in probes} == {1, 3, 6}
+    # a fresh clone has no run folders: the runs kept in results/ regenerate every table unchanged
+    kept = sorted(p.name for p in (results / "fashion_study_runs").glob("*.json"))
+    assert kept == sorted(f"{p.name}.json" for p in runs.iterdir() if (p / "summary.json").is_file())
+    before = {name: (results / name).read_text() for name in ("REPORT.md", "fashion_probes.md", "fashion_ablation.md")}
+    shutil.rmtree(runs)
+    classification.write_report(runs, results)
+    assert {name: (results / name).read_text() for name in before} == before
 
 
 def test_a_run_that_diverges_is_recorded_and_the_sweep_goes_on(tmp_path):

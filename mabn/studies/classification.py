@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
-from .reporting import describe, load_summaries, publish
+from .reporting import describe, keep_runs, load_summaries, publish
 
 BATCHES = (32, 16, 8, 4, 2, 1)
 NORMS = ("bn", "brn", "gn", "mabn")
@@ -174,13 +174,20 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
+def noise_quartiles(records: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """{stat: {b: [first quartile, median, third quartile]}} of ``relative_noise``: the probe's
+    aggregates that the report needs, small enough to keep with the run's summary."""
+    return {stat: {b: list(quartiles(values)) for b, values in sorted(per_batch.items())}
+            for stat, per_batch in relative_noise(records).items()}
+
+
 def probe_table(noise) -> str:
     batches = sorted({b for per_batch in noise.values() for b in per_batch})
     lines = ["| statistic | " + " | ".join(f"b={b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
     for stat in FORWARD + BACKWARD:
         cells = []
         for b in batches:
-            low, mid, high = quartiles(noise[stat][b])
+            low, mid, high = noise[stat][b]
             cells.append(f"{mid:.2f} ({low:.2f}-{high:.2f})")
         lines.append(f"| {stat} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -212,7 +219,7 @@ def plot_probes(runs: dict[str, list[dict]], noise, path: Path) -> None:
     psi_axes.legend(fontsize=6, loc="lower right")
     for stat in FORWARD + BACKWARD:
         batches = sorted(noise[stat])
-        axes[1, 2].plot(batches, [statistics.median(noise[stat][b]) for b in batches], "o-", label=stat)
+        axes[1, 2].plot(batches, [noise[stat][b][1] for b in batches], "o-", label=stat)
     axes[1, 2].set_xscale("log", base=2)
     axes[1, 2].set_yscale("log")
     axes[1, 2].set_xlabel("normalization batch")
@@ -253,7 +260,7 @@ def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
                    + (f"Checked by running it: {checked}: **{'supported' if same else 'not supported'}**."
                       if gn_checks else "**Supported by construction** (no run at another batch yet)."))
     if noise:
-        median = {s: statistics.median(noise[s][2]) for s in FORWARD + BACKWARD if noise[s].get(2)}
+        median = {s: noise[s][2][1] for s in FORWARD + BACKWARD if 2 in noise.get(s, {})}
         if len(median) == 4:
             ok = min(median["g"], median["psi"]) > max(median["mu"], median["sigma2"])
             out.append("- **The backward statistics are noisier at small normalization batch than the forward ones.** "
@@ -268,9 +275,28 @@ def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
     return out
 
 
+PROBE_RUNS = ("bn-b32-s0", "bn-b2-s0", "mabn-b2-s0")  # the probe's plot; the noise table from the first
+
+
+def kept_runs(run_folders: Path, kept: Path) -> tuple[list[dict], dict[str, str], dict]:
+    """The finished runs' summaries, the diverged runs' reasons and the probe's noise quartiles,
+    from the run folders under ``run_folders`` (kept in ``kept``, one small JSON per run) and from
+    the runs kept there before: a fresh clone regenerates the reports from ``kept`` alone."""
+    found = {Path(s["path"]).name: s for s in load_summaries(run_folders)}
+    found |= {name: {"diverged": why} for name, why in diverged_runs(run_folders).items()}
+    if records := read_probes(run_folders / PROBE_RUNS[0]):
+        found[PROBE_RUNS[0]] = found.get(PROBE_RUNS[0], {}) | {"probe_noise": noise_quartiles(records)}
+    runs = keep_runs(found, kept)
+    noise = next((r["probe_noise"] for r in runs.values() if "probe_noise" in r), {})
+    noise = {stat: {int(b): q for b, q in per_batch.items()} for stat, per_batch in noise.items()}
+    diverged = {name: r["diverged"] for name, r in runs.items() if "diverged" in r}
+    return [r for r in runs.values() if "top1_error" in r], diverged, noise
+
+
 def write_report(run_folders: Path, results: Path) -> None:
-    """Every report of the study, from the summaries under ``run_folders``, into ``results``."""
-    summaries = load_summaries(run_folders)
+    """Every report of the study, from the runs under ``run_folders`` and those kept in
+    ``results``/fashion_study_runs, into ``results``."""
+    summaries, diverged, noise = kept_runs(run_folders, results / "fashion_study_runs")
     if not summaries:
         raise SystemExit(f"error: no summary.json under {run_folders}: run bash scripts/fashion_study.sh first")
     results.mkdir(parents=True, exist_ok=True)
@@ -279,20 +305,18 @@ def write_report(run_folders: Path, results: Path) -> None:
     publish("Top-1 error (%) on Fashion-MNIST by normalization batch: mean ± half-width of the 95 % "
             f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points), results / "fashion_study.md")
     plot_batches(points, results / "fashion_study.png")
-    diverged = diverged_runs(run_folders)
     publish("MABN ablation at normalization batch 2 (top-1 error %, mean ± 95 % half-width; difference to the "
             "full MABN with Welch's 95 % interval).\n\n" + ablation_table(points)
             + "".join(f"\n\nDiverged (not in the means): {name}: {why}" for name, why in diverged.items()),
             results / "fashion_ablation.md")
-    probe_runs = {name: read_probes(run_folders / name) for name in ("bn-b32-s0", "bn-b2-s0", "mabn-b2-s0")}
-    probe_runs = {k: v for k, v in probe_runs.items() if v}
-    noise = relative_noise(probe_runs.get("bn-b32-s0", []))
     if noise:
         publish("Relative noise of each batch statistic estimated from b samples (median and quartiles over "
                 "steps and 3 layers, 4 channels each; RMS deviation from the 32-sample value over its RMS), "
                 "from the BN run at normalization batch 32, seed 0:\n\n" + probe_table(noise),
                 results / "fashion_probes.md")
-        plot_probes(probe_runs, noise, results / "fashion_probes.png")
+        probe_runs = {name: records for name in PROBE_RUNS if (records := read_probes(run_folders / name))}
+        if probe_runs:  # the trajectories need the run folders; a fresh clone keeps the committed plot
+            plot_probes(probe_runs, noise, results / "fashion_probes.png")
     diagnostics = diagnostics_table(points, {label(s): s["norm"] for s in summaries})
     if diagnostics:
         publish("Diagnostic runs (top-1 error %, mean ± 95 % half-width; difference to the base norm with "
@@ -318,6 +342,9 @@ def write_report(run_folders: Path, results: Path) -> None:
     if noise:
         report += ["## Batch statistics (fashion_probes.md, fashion_probes.png)", "",
                    (results / "fashion_probes.md").read_text()]
+    successors = results / "fashion_successors.md"
+    if successors.is_file():
+        report += ["## MABN's successors on the same recipe (fashion_successors.md)", "", successors.read_text()]
     if inference_path.is_file():
         report += ["## Inference cost (bench_inference_cpu.md)", "", inference_path.read_text()]
     if runtime_path.is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .intervals import difference, fmt_diff, paired_difference, verdict
 from .papers import PAPER_COCO
-from .reporting import describe, load_summaries, publish
+from .reporting import describe, keep_runs, load_summaries, publish
 
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 ORDER = [("scratch", "bn", 1), ("scratch", "brn", 1), ("scratch", "gn", 1), ("scratch", "mabn", 1),
@@ -53,17 +53,11 @@ def eval_curve(run_dir: Path) -> dict:
 
 
 def kept_summaries(runs: Path, kept: Path) -> list[dict]:
-    """The finished runs under ``runs`` (with their AP curves) and those kept in ``kept``; each
-    finished run of ``runs`` is (re)written to ``kept``, named by its run folder. A run cut
-    short is left out."""
+    """The finished runs under ``runs`` (with their AP curves), kept in ``kept``, and the runs
+    kept there before. A run cut short is left out."""
     found = {Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))} for s in load_summaries(runs)
              if s["steps"] == s["config"]["schedule"]["max_iter"]}
-    for name, s in found.items():
-        kept.mkdir(parents=True, exist_ok=True)
-        (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in s.items() if k != "path"}, indent=2))
-    for path in sorted(kept.glob("*.json")):
-        found.setdefault(path.stem, json.loads(path.read_text()) | {"path": str(path)})
-    return list(found.values())
+    return list(keep_runs(found, kept).values())
 
 
 def group(summaries: list[dict], expected_steps: int | None) -> dict:

@@ -34,6 +34,19 @@ def load_summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in sorted(root.rglob("summary.json"))]
 
 
+def keep_runs(found: dict[str, dict], kept: Path) -> dict[str, dict]:
+    """Write each run of ``found`` (run folder name -> summary) to ``kept``/<name>.json, then
+    return those and every other run kept there, by name: a study spread over sessions or
+    machines (whose run folders are gone), or a fresh clone, still reports every run."""
+    for name, summary in found.items():
+        kept.mkdir(parents=True, exist_ok=True)
+        (kept / f"{name}.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "path"}, indent=2))
+    runs = dict(found)
+    for path in sorted(kept.glob("*.json")):
+        runs.setdefault(path.stem, json.loads(path.read_text()))
+    return dict(sorted(runs.items()))
+
+
 def publish(text: str, out: Path | None) -> None:
     print(text)
     if out:
