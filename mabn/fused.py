@@ -79,16 +79,18 @@ class Fused:
     """
 
     def __init__(self, fn):
-        self.fn = fn
-        self.static, self.dynamic = torch.compile(fn, dynamic=False), torch.compile(fn)
+        self.fn, self.compiled = fn, {}
 
     def __call__(self, *args):
         global _broken
+        dynamic = mode() == "dynamic"
+        if dynamic not in self.compiled:  # wrapped at the first call: importing mabn loads no compiler
+            self.compiled[dynamic] = torch.compile(self.fn) if dynamic else torch.compile(self.fn, dynamic=False)
         config = torch._dynamo.config
         limit = config.recompile_limit
         config.recompile_limit = max(limit, 4 * SHAPES)
         try:
-            return (self.dynamic if mode() == "dynamic" else self.static)(*args)
+            return self.compiled[dynamic](*args)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: eager kernels
             _broken = True
             first_line = str(error).splitlines()[0] if str(error) else ""
