@@ -47,6 +47,7 @@ from mabn.config import register_resolvers  # noqa: E402
 from mabn.convert import centralize_weights, conv_norm_pairs  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
+from mabn.wiring import wire_norms  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
 from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
@@ -112,6 +113,7 @@ class TorchvisionCase:
         self.model = build_maskrcnn(num_classes(dataset.coco), norm_layer_from_config(cfg.norm), cfg.detector.backbone,
                                     None, cfg.data.min_size, cfg.data.max_size, cfg.detector.channels,
                                     cfg.detector.fc_channels, **torchvision_options(cfg.detector))
+        wire_norms(self.model)  # as mabn.engine.training.prepare_model: CBN reads its conv's weight
         if cfg.norm.get("centralize_weights", False):
             centralize_weights(self.model)
         self.device = torch.device(cfg.device)

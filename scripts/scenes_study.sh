@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The detection study (configs/experiment/scenes_study.yaml), headline runs first; every step
-# resumes a run cut short and skips a finished one, so relaunching the script continues it:
+# The detection study (configs/experiment/scenes_study.yaml): Mask R-CNN from scratch at one
+# process x 2 images with BN, BRN, GN, MABN and the successors CBN, GN+WS and EvoNorm-S0, 5 seeds
+# each, paired by seed (seed k: the same initialization and data order for every norm); then the
+# 2 processes x 2 images pairs (SyncBN vs MABN, from scratch and fine-tuned), 3 seeds each.
+# Seed by seed, so every finished seed completes the pairs. Every step resumes a run cut short and
+# skips a finished one, so relaunching the script continues it:
 #   bash scripts/scenes_study.sh                        # two one-thread jobs side by side
 #   LAUNCHER=slurm bash scripts/scenes_study.sh         # the one-process runs on a cluster
+#   SEEDS="0 1" bash scripts/scenes_study.sh            # the first seeds only
 # After each step scripts/scenes_report.py updates results/scenes_study.md/.png and keeps each
 # finished run's summary in results/scenes_study_runs/; a run kept there is skipped, so the study
-# also continues in a fresh clone. About 5 hours on 2 CPU cores (16 detection runs, 2
-# classifier runs) when the machine is quiet.
+# also continues in a fresh clone. About 13 minutes per one-process run on 2 CPU cores (two side by
+# side), so about 8 hours for the 35 one-process runs; 3 more for the pairs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=runs/scenes_study
 KEPT=results/scenes_study_runs
 PRETRAINED=runs/scenes_pretrain/fashion_mnist-resnet18
+NORMS=(bn brn gn mabn cbn gn_ws evonorm_s0)
 kept() { [ -f "$KEPT/$1.json" ]; }
 report() { "$PYTHON" scripts/scenes_report.py > /dev/null || echo "warning: the report failed; the study goes on" >&2; }
-coco() {  # one seed of the one-process runs not kept yet: BN, BRN, GN, MABN at 1 process x 2 images
+coco() {  # one seed of the one-process runs not kept yet, at 1 process x 2 images
     local seed=$1 norm missing=()
-    for norm in bn brn gn mabn; do
+    for norm in "${NORMS[@]}"; do
         kept "$norm-b2-scratch-s$seed" || missing+=("$norm")
     done
     [ ${#missing[@]} -gt 0 ] || return 0
@@ -35,20 +41,20 @@ two() {  # 2 processes x 2 images (gloo on CPU, one thread each), as the paper's
     report
 }
 
-coco 0
-two syncbn 0 scratch                          # SyncBN over 2 processes x 2 images
-coco 1                                        # their second seed
-two syncbn 1 scratch
-two mabn 0 scratch                            # MABN at 2 x 2 too: the fair match for SyncBN
-two mabn 1 scratch
+for seed in ${SEEDS:-0 1 2 3 4}; do
+    coco "$seed"
+done
+for seed in 0 1 2; do
+    two syncbn "$seed" scratch                # SyncBN over 2 processes x 2 images
+    two mabn "$seed" scratch                  # MABN at 2 x 2 too: the fair match for SyncBN
+done
 # the fine-tuning pair: Fashion-MNIST classifiers with their own norm, then detection from them
-if ! (kept mabn-2x2-finetune-s0 && kept syncbn-2x2-finetune-s0 && kept mabn-2x2-finetune-s1 \
-      && kept syncbn-2x2-finetune-s1); then
+if ! (for seed in 0 1 2; do kept "mabn-2x2-finetune-s$seed" && kept "syncbn-2x2-finetune-s$seed" || exit 1; done); then
     "$PYTHON" train_imagenet.py experiment=scenes_pretrain norm=bn batch=32 &
     "$PYTHON" train_imagenet.py experiment=scenes_pretrain norm=mabn batch=2 &
     wait
 fi
-for seed in 0 1; do
+for seed in 0 1 2; do
     two mabn "$seed" finetune weights="$PRETRAINED/mabn-b2-s0/model_final.pt"
     two syncbn "$seed" finetune weights="$PRETRAINED/bn-b32-s0/model_final.pt"
 done

@@ -9,10 +9,12 @@ from hydra_configs import ROOT, compose_config, sweep_jobs
 from mabn.studies.detection import write_report
 
 
-def test_the_grid_is_every_one_process_norm_at_2_images_with_2_seeds():
+def test_the_grid_is_every_one_process_norm_at_2_images_with_5_seeds():
     jobs = sweep_jobs("train_coco", ["experiment=scenes_study"])
-    assert sorted((j[2], j[1]) for j in jobs) == sorted(
-        (f"norm={n}", f"seed={s}") for n in ("bn", "brn", "gn", "mabn") for s in (0, 1))
+    norms = ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0")
+    assert sorted((j[2], j[1]) for j in jobs) == sorted((f"norm={n}", f"seed={s}") for n in norms for s in range(5))
+    script = (ROOT / "scripts" / "scenes_study.sh").read_text()
+    assert f"NORMS=({' '.join(norms)})" in script  # the script runs the same grid, seed by seed
     cfg = compose_config("train_coco", ["experiment=scenes_study", "norm=mabn"])
     assert (cfg.batch, cfg.start, cfg.detector.name, cfg.data.name) == (2, "scratch", "r18_fpn_small", "fashion_scenes")
     assert cfg.optim.base_lr * cfg.batch / cfg.optim.reference_batch == pytest.approx(0.01)
@@ -70,8 +72,33 @@ def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path)
     assert (tmp_path / "results" / "scenes_study.md").read_text() == text
 
 
-def test_the_committed_report_regenerates_unchanged_from_the_kept_runs(tmp_path):
-    """A fresh clone has no run folders: the kept summaries alone give the committed report."""
-    shutil.copytree(ROOT / "results" / "scenes_study_runs", tmp_path / "scenes_study_runs")
+@pytest.mark.parametrize("folder", ["scenes_study_2000it", "."])
+def test_the_committed_report_regenerates_unchanged_from_the_kept_runs(folder, tmp_path):
+    """A fresh clone has no run folders: the kept summaries alone give the committed report (the
+    first study, 2000 iterations, in its own folder; the current one in results/)."""
+    committed = ROOT / "results" / folder
+    if not (committed / "scenes_study_runs").is_dir():
+        pytest.skip(f"no detection runs kept in {committed} yet")
+    shutil.copytree(committed / "scenes_study_runs", tmp_path / "scenes_study_runs")
     write_report(tmp_path / "no_run_folders", tmp_path)
-    assert (tmp_path / "scenes_study.md").read_text() == (ROOT / "results" / "scenes_study.md").read_text()
+    assert (tmp_path / "scenes_study.md").read_text() == (committed / "scenes_study.md").read_text()
+
+
+def test_seed_k_gives_every_norm_of_the_study_the_same_initial_weights():
+    """The pairing by seed: every conv and fc starts from the same values whatever the norm (the
+    data order depends on the seed alone: mabn.engine.sampling)."""
+    import torch
+
+    from mabn.detection.torchvision_maskrcnn import build_maskrcnn
+    from mabn.engine.training import norm_layer_from_config
+
+    weights = {}
+    for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0", "syncbn"):
+        cfg = compose_config("train_coco", ["experiment=scenes_study", f"norm={norm}"])
+        torch.manual_seed(3)
+        model = build_maskrcnn(3, norm_layer_from_config(cfg.norm), cfg.detector.backbone, None, 128, 128,
+                               cfg.detector.channels, cfg.detector.fc_channels)
+        weights[norm] = {name: p.detach() for name, p in model.named_parameters() if p.dim() > 1}
+    for norm, own in weights.items():
+        assert own.keys() == weights["bn"].keys(), norm
+        assert all(torch.equal(own[name], weights["bn"][name]) for name in own), norm
