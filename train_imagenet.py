@@ -18,11 +18,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_imagenet")
 def main(cfg):
-    from mabn.engine.classification import train
-
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        check_numbers(cfg)
+        check_numbers(cfg)  # before torch and the layers load: bad numbers fail at once
+        from mabn.engine.classification import train
+
         return train(cfg, run_dir)
     except FloatingPointError as error:  # a diverged run is a result of a sweep: the others go on
         Path(run_dir, "diverged.txt").write_text(f"{error}\n")

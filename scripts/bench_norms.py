@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import mabn
+import mabn.fused
 from mabn.studies.reporting import machine, publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
