@@ -278,14 +278,14 @@ def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
 PROBE_RUNS = ("bn-b32-s0", "bn-b2-s0", "mabn-b2-s0")  # the probe's plot; the noise table from the first
 
 
-def kept_runs(run_folders: Path, kept: Path) -> tuple[list[dict], dict[str, str], dict]:
+def kept_runs(run_folders: Path, kept: Path, probe_records: list[dict]) -> tuple[list[dict], dict[str, str], dict]:
     """The finished runs' summaries, the diverged runs' reasons and the probe's noise quartiles,
     from the run folders under ``run_folders`` (kept in ``kept``, one small JSON per run) and from
     the runs kept there before: a fresh clone regenerates the reports from ``kept`` alone."""
     found = {Path(s["path"]).name: s for s in load_summaries(run_folders)}
     found |= {name: {"diverged": why} for name, why in diverged_runs(run_folders).items()}
-    if records := read_probes(run_folders / PROBE_RUNS[0]):
-        found[PROBE_RUNS[0]] = found.get(PROBE_RUNS[0], {}) | {"probe_noise": noise_quartiles(records)}
+    if probe_records:  # the probe records of PROBE_RUNS[0]
+        found[PROBE_RUNS[0]] = found.get(PROBE_RUNS[0], {}) | {"probe_noise": noise_quartiles(probe_records)}
     runs = keep_runs(found, kept)
     noise = next((r["probe_noise"] for r in runs.values() if "probe_noise" in r), {})
     noise = {stat: {int(b): q for b, q in per_batch.items()} for stat, per_batch in noise.items()}
@@ -296,7 +296,9 @@ def kept_runs(run_folders: Path, kept: Path) -> tuple[list[dict], dict[str, str]
 def write_report(run_folders: Path, results: Path) -> None:
     """Every report of the study, from the runs under ``run_folders`` and those kept in
     ``results``/fashion_study_runs, into ``results``."""
-    summaries, diverged, noise = kept_runs(run_folders, results / "fashion_study_runs")
+    probe_runs = {name: records for name in PROBE_RUNS if (records := read_probes(run_folders / name))}
+    summaries, diverged, noise = kept_runs(run_folders, results / "fashion_study_runs",
+                                           probe_runs.get(PROBE_RUNS[0], []))
     if not summaries:
         raise SystemExit(f"error: no summary.json under {run_folders}: run bash scripts/fashion_study.sh first")
     results.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,6 @@ def write_report(run_folders: Path, results: Path) -> None:
                 "steps and 3 layers, 4 channels each; RMS deviation from the 32-sample value over its RMS), "
                 "from the BN run at normalization batch 32, seed 0:\n\n" + probe_table(noise),
                 results / "fashion_probes.md")
-        probe_runs = {name: records for name in PROBE_RUNS if (records := read_probes(run_folders / name))}
         if probe_runs:  # the trajectories need the run folders; a fresh clone keeps the committed plot
             plot_probes(probe_runs, noise, results / "fashion_probes.png")
     diagnostics = diagnostics_table(points, {label(s): s["norm"] for s in summaries})
