@@ -9,25 +9,19 @@ results/fashion_successors.md (their table and one verdict per claim, mabn.studi
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from mabn.studies.successors import SUCCESSORS, load_runs, report
 from mabn.studies.tables import study_cells
-from mabn.studies.reporting import publish
+from mabn.studies.reporting import keep_runs, load_summaries, publish
 
 
 def keep_summaries(runs: Path, kept: Path) -> int:
-    """Copy the successors' summary.json files under ``runs`` to ``kept``/<run name>.json."""
-    kept.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for path in sorted(runs.rglob("summary.json")):
-        summary = json.loads(path.read_text())
-        if summary["norm"] in SUCCESSORS:
-            (kept / f"{path.parent.name}.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            count += 1
-    return count
+    """Keep the summaries of the successors' runs under ``runs`` in ``kept``/<run name>.json."""
+    found = {Path(s["path"]).name: s for s in load_summaries(runs) if s["norm"] in SUCCESSORS}
+    keep_runs(found, kept)
+    return len(found)
 
 
 def main(argv=None) -> None:
