@@ -45,7 +45,11 @@ def for_inference(model: nn.Module, fold: bool = True) -> nn.Module:
     """A copy of ``model`` in eval mode with its norms folded into their convs (where foldable:
     BN, BRN, MABN, CBN) and every weight parametrization (centralization, standardization)
     baked into a plain weight."""
-    model = copy.deepcopy(model).eval()
+    return _bake(copy.deepcopy(model).eval(), fold)
+
+
+def _bake(model: nn.Module, fold: bool) -> nn.Module:
+    """``for_inference`` in place, on an eval-mode model."""
     if fold:
         fold_norms(model)
     for module in model.modules():
@@ -79,7 +83,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fold:
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         expected = _flat_outputs(model(example))
-        deployed = for_inference(model, fold)
+        deployed = _bake(model, fold)  # the copy, once its eval-mode outputs are taken
         try:
             torch.onnx.export(deployed, (example,), path, dynamo=True, verbose=False)
         except Exception as error:  # the exporter's messages run to pages: keep the first line

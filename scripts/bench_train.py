@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import mabn
+from mabn.export import build_model
 from mabn.models import build_classifier
 from mabn.studies.reporting import machine, publish
 
@@ -48,10 +48,7 @@ CASES = [
 
 
 def build(model_name, norm, options, device, channels_last):
-    model = mabn.wire_norms(build_classifier(model_name, 1000, 3, mabn.norm_layer(norm, **options)))
-    if norm == "mabn":
-        mabn.centralize_weights(model)
-    model.to(device).train()
+    model = build_model(model_name, norm, **options).to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
