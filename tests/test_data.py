@@ -327,6 +327,27 @@ def test_scenes_are_deterministic_and_cached(scenes, tmp_path):
 
 
 @needs_debian
+def test_a_reader_beside_a_second_generator_never_sees_a_half_written_scene(scenes, tmp_path):
+    """Jobs side by side on a fresh data root both generate; the first to finish starts reading
+    while the other still writes the same files."""
+    import threading
+
+    shutil.copytree(scenes.parent.parent, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "annotations" / scenes.name).unlink()  # the second job did not find the first's json
+    images = sorted((tmp_path / "val").glob("*.png"))
+    writer = threading.Thread(target=generate_fashion_scenes, args=(tmp_path,), kwargs=SCENES)
+    writer.start()
+    reads = 0
+    while writer.is_alive() or not reads:
+        for path in images:
+            with Image.open(path) as image:
+                image.load()
+            reads += 1
+    writer.join()
+    assert not list((tmp_path / "val").glob("*.tmp")) and (tmp_path / "annotations" / scenes.name).is_file()
+
+
+@needs_debian
 def test_scenes_masks_match_boxes_areas_and_pixels(scenes):
     data = json.loads(scenes.read_text())
     assert [c["id"] for c in data["categories"]] == list(range(1, 11))

@@ -77,6 +77,13 @@ def _write_json_atomic(data: dict, path: Path) -> None:
     os.replace(f.name, path)
 
 
+def _save_png_atomic(image: Image.Image, path: Path) -> None:
+    """Jobs side by side may generate the same scenes: a reader never sees a half-written file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        image.save(f, format="PNG")
+    os.replace(f.name, path)
+
+
 def generate_fashion_scenes(
     out_dir: str | Path,
     split: str = "train",
@@ -116,7 +123,7 @@ def generate_fashion_scenes(
         rng = np.random.default_rng([seed, SPLITS.index(split), i])
         canvas, owner, item_labels = _compose(rng, images, labels, canvas_size, items_per_image)
         file_name = f"{i:06d}.png"
-        Image.fromarray(canvas, "RGB").save(image_dir / file_name)
+        _save_png_atomic(Image.fromarray(canvas, "RGB"), image_dir / file_name)
         coco_images.append({"id": i + 1, "file_name": file_name, "width": canvas_size, "height": canvas_size})
         coco_annotations += _annotations(owner, item_labels, i + 1, len(coco_annotations) + 1)
     _write_json_atomic({
