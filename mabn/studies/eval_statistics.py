@@ -1,0 +1,81 @@
+"""Which running statistics should a trained model evaluate with? Re-estimate them from
+training images with a chosen estimator and measure the error each one gives: a diagnosis of
+a norm that trains well and evaluates badly (REPORT.md: CBN at normalization batch 2).
+
+Estimators, per channel of every norm that evaluates with ``running_mean``/``running_var``
+(BN, BRN, CBN, SyncBN): the mean of the layer's input over all the images; for the variance,
+``group=None`` the population's (biased, over all the images at once), ``group=b`` the mean
+over consecutive groups of b images of each group's variance (unbiased with ``unbiased``):
+what an exponential average of a norm's per-group variances estimates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..norms.batch_norm import _GroupedBatchStats
+
+RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, _GroupedBatchStats)
+
+
+def reestimate(model: nn.Module, images: torch.Tensor, group: int | None = None, unbiased: bool = True) -> int:
+    """Set the running statistics of every such norm of ``model`` from ``images`` (one eval-mode
+    forward: each layer sees its input normalized by the statistics already re-estimated
+    upstream). Returns the number of layers set."""
+    if group is not None and len(images) % group:
+        raise ValueError(f"{len(images)} images do not split into groups of {group}: use a multiple of {group}")
+
+    def set_statistics(layer, args):
+        x = args[0].float().transpose(0, 1).flatten(2) if group else args[0].float().transpose(0, 1).flatten(1)
+        if group:  # (C, N, HW) -> (C, groups, group * HW)
+            x = x.reshape(x.shape[0], -1, group * x.shape[2])
+            var = x.var(-1, correction=int(unbiased)).mean(1)
+        else:
+            var = x.var(-1, correction=0)
+        layer.running_mean.copy_(x.flatten(1).mean(1))
+        layer.running_var.copy_(var)
+
+    layers = [m for m in model.modules() if isinstance(m, RUNNING_STAT_NORMS) and m.running_var is not None]
+    hooks = [layer.register_forward_pre_hook(set_statistics) for layer in layers]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return len(layers)
+
+
+@torch.no_grad()
+def top1_error(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    """Top-1 error (%) of the eval-mode model in fp32 (as a run evaluates on CPU)."""
+    model.eval()
+    wrong = 0
+    for start in range(0, len(images), batch):
+        wrong += (model(images[start:start + batch]).argmax(1) != labels[start:start + batch]).sum().item()
+    return 100 * wrong / len(images)
+
+
+def load_run(run_dir: Path):
+    """(model with the run's final weights, its summary) of a classification run folder."""
+    from omegaconf import OmegaConf
+
+    from ..convert import centralize_weights
+    from ..engine.training import norm_layer_from_config
+    from ..models import build_classifier
+    from ..wiring import wire_norms
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = OmegaConf.create(summary["config"])
+    if cfg.data.name != "fashion_mnist":
+        raise ValueError(f"{run_dir}: data {cfg.data.name!r}; this check reads Fashion-MNIST runs")
+    model = wire_norms(build_classifier(cfg.model.name, 10, 1, norm_layer_from_config(cfg.norm), **cfg.model.options))
+    if cfg.norm.get("centralize_weights", False):
+        centralize_weights(model)
+    model.load_state_dict(torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True))
+    return model, summary
