@@ -1,7 +1,10 @@
-"""The detection study: its grid and recipe, and its report on made-up run summaries."""
+"""The detection study: its grid and recipe, its report on made-up run summaries, and a tiny
+version of the study run end to end."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +105,34 @@ def test_seed_k_gives_every_norm_of_the_study_the_same_initial_weights():
     for norm, own in weights.items():
         assert own.keys() == weights["bn"].keys(), norm
         assert all(torch.equal(own[name], weights["bn"][name]) for name in own), norm
+
+
+@pytest.mark.multiprocess
+def test_a_tiny_detection_study_and_its_report(tmp_path):
+    """The study's config, two jobs side by side on one fresh data root, 4 iterations: the report
+    pairs the seeds, gives each run's AP curve and regenerates from its kept runs alone."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    tiny = [f"data.root={tmp_path / 'scenes'}", "data.train_images=8", "data.val_images=4", "schedule.max_iter=4",
+            "schedule.steps=[2,3]", "schedule.warmup_iters=1", "eval_every_steps=2", "detector.rpn_pre_nms_test=50",
+            "detector.detections_per_image=10", f"hydra.sweep.dir={runs}"]
+    for command in (["train_coco.py", "-m", "hydra/launcher=local_parallel", "experiment=scenes_study",
+                     "norm=bn,mabn", "seed=0,1", *tiny],
+                    ["scripts/scenes_report.py", str(runs), "--results", str(results)]):
+        result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    text = (results / "scenes_study.md").read_text()
+    lines = text.splitlines()
+    for norm in ("bn", "mabn"):
+        summaries = [json.loads((runs / f"{norm}-b2-scratch-s{seed}" / "summary.json").read_text()) for seed in (0, 1)]
+        assert all(s["steps"] == 4 and s["world_size"] == 1 for s in summaries)
+        assert any(line.startswith(f"| scratch | {norm} | 1 x 2 | 2 | ") for line in lines), norm
+        curve = next(line for line in lines if line.startswith(f"| scratch | {norm} | 1 x 2 | ") and line.count("|") < 12)
+        assert len([cell for cell in curve.split("|")[4:-1] if cell.strip() != "-"]) == 2, curve  # AP at 2 and 4
+    mabn_vs_bn = next(line for line in lines if line.startswith("- **MABN is better than BN from scratch"))
+    assert "2 pairs" in mabn_vs_bn and "box AP paired" in mabn_vs_bn
+    assert (results / "scenes_study.png").stat().st_size > 0
+    assert sorted(p.stem for p in (results / "scenes_study_runs").glob("*.json")) == sorted(
+        f"{n}-b2-scratch-s{s}" for n in ("bn", "mabn") for s in (0, 1))
+    shutil.rmtree(runs)
+    write_report(runs, results)
+    assert (results / "scenes_study.md").read_text() == text
