@@ -76,6 +76,15 @@ def test_successors_table_and_claims_from_runs_and_the_study_table():
     assert lines["bn@2 minus cbn@2"].endswith("**not supported (the opposite holds)**.")  # 13.0 vs 14.2
     assert "not testable" in lines["frn@32 minus bn@32"]
     assert lines["bn@2 minus evonorm_b0@2"].endswith("pending (no runs yet).")
+    assert "Diagnostic runs" not in text
+
+
+def test_a_diagnostic_run_is_compared_with_its_norm_and_the_studys_cell():
+    runs = {("cbn", 2): [14.0, 14.4, 14.2], ("cbn_k0", 2): [13.0, 13.2, 12.8]}
+    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)
+    (line,) = [line for line in text.splitlines() if "cbn_k0@2" in line]
+    assert "cbn_k0@2: 13.00 ± 0.50;" in line
+    assert "minus cbn@2 -1.20 [" in line and "minus bn@2 +0.00 [" in line
 
 
 def test_the_committed_successors_report_regenerates_unchanged(tmp_path):

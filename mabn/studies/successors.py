@@ -34,6 +34,11 @@ CLAIMS = [
     ("FRN is within noise of BN at 32 (ppwwyyxx's replication: 24.0 vs 23.6, step lr; 23.2 vs 23.0, "
      "cosine)", ("frn", 32), ("bn", 32), "zero"),
 ]
+# diagnostic runs (their own norm.label, not the study's recipe): (cell, what it changes, cells to compare with)
+DIAGNOSTICS = [
+    (("cbn_k0", 2), "CBN without its window (buffer_num=0: BN with the biased variance, eps outside the root, "
+     "gamma starting at 1)", [("cbn", 2), ("bn", 2)]),
+]
 
 
 def load_runs(folder: Path) -> dict:
@@ -80,4 +85,11 @@ def report(runs: dict, study: dict, seeds: int) -> str:
             lines.append(f"- **{title}.** {name}: pending (no runs yet).")
         else:
             lines.append(f"- **{title}.** {name}: {fmt_diff(d)} points: **{verdict(d, expect)}**.")
+    diagnostics = [(a, text, others) for a, text, others in DIAGNOSTICS if a in runs]
+    if diagnostics:
+        lines += ["", "Diagnostic runs (a difference is mean [Welch's 95 % interval], in top-1 error points):", ""]
+    for a, text, others in diagnostics:
+        compared = [f"minus {b[0]}@{b[1]} {fmt_diff(d)}" for b in others
+                    if (d := cell_difference(runs, study, seeds, a, b)) is not None]
+        lines.append(f"- **{text}.** {a[0]}@{a[1]}: {cell(runs[a])}; " + "; ".join(compared) + ".")
     return "\n".join(lines)
