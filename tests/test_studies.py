@@ -2,6 +2,7 @@
 verdicts, the successors' table and claims; and the committed successors' report regenerates
 unchanged from the committed run summaries."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from scipy import stats
 
 from hydra_configs import ROOT
-from mabn.studies import intervals, successors, tables
+from mabn.studies import classification, intervals, successors, tables
 
 
 def test_a_table_cell_gives_the_interval_its_runs_would():
@@ -100,3 +101,12 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
     assert result.returncode == 0, result.stderr
     generated = (results / "fashion_successors.md").read_text()
     assert generated.replace(str(results), "results") == committed.read_text()
+
+
+def test_the_classification_report_leaves_the_successors_runs_to_their_own_report(tmp_path):
+    for name, norm in (("bn-b2-s0", "bn"), ("cbn-b2-s0", "cbn"), ("cbn_k0-b2-s0", "cbn")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps({"norm": norm, "top1_error": 12.0}))
+    summaries, diverged, noise = classification.kept_runs(tmp_path / "runs", tmp_path / "kept", [])
+    assert [s["norm"] for s in summaries] == ["bn"] and not diverged and not noise
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["bn-b2-s0.json"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
 from .reporting import describe, keep_runs, load_summaries, publish
+from .successors import SUCCESSORS
 
 BATCHES = (32, 16, 8, 4, 2, 1)
 NORMS = ("bn", "brn", "gn", "mabn")
@@ -281,8 +282,9 @@ PROBE_RUNS = ("bn-b32-s0", "bn-b2-s0", "mabn-b2-s0")  # the probe's plot; the no
 def kept_runs(run_folders: Path, kept: Path, probe_records: list[dict]) -> tuple[list[dict], dict[str, str], dict]:
     """The finished runs' summaries, the diverged runs' reasons and the probe's noise quartiles,
     from the run folders under ``run_folders`` (kept in ``kept``, one small JSON per run) and from
-    the runs kept there before: a fresh clone regenerates the reports from ``kept`` alone."""
-    found = {Path(s["path"]).name: s for s in load_summaries(run_folders)}
+    the runs kept there before: a fresh clone regenerates the reports from ``kept`` alone. The
+    successors' runs in the same folder belong to their own report (``successors``)."""
+    found = {Path(s["path"]).name: s for s in load_summaries(run_folders) if s["norm"] not in SUCCESSORS}
     found |= {name: {"diverged": why} for name, why in diverged_runs(run_folders).items()}
     if probe_records:  # the probe records of PROBE_RUNS[0]
         found[PROBE_RUNS[0]] = found.get(PROBE_RUNS[0], {}) | {"probe_noise": noise_quartiles(probe_records)}
