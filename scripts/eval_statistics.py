@@ -22,8 +22,8 @@ from mabn.studies.eval_statistics import load_run, reestimate, top1_error
 from mabn.studies.reporting import publish
 
 
-def images_of(dataset, count: int):
-    samples = dataset.__getitems__(list(range(count)))
+def images_of(dataset, indices: list[int]):
+    samples = dataset.__getitems__(indices)
     return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
 
 
@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     train, val = FashionMNIST(train=True, augment=True), FashionMNIST(train=False)
     order = torch.randperm(len(train))[:args.images].tolist()
-    estimation = torch.stack([image for image, _ in train.__getitems__(order)])
-    val_images, val_labels = images_of(val, len(val))
+    estimation, _ = images_of(train, order)
+    val_images, val_labels = images_of(val, list(range(len(val))))
     lines = ["| run | normalization batch | summary | own running statistics | all images at once | "
              "groups of b | groups of (k + 1) b (CBN's window) |", "|---|---|---|---|---|---|---|"]
     runs = sorted((load_run(run_dir) + (run_dir,) for run_dir in args.runs),
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         for group, unbiased in estimators:
             reestimate(model, estimation, group, unbiased)
             errors.append(top1_error(model, val_images, val_labels))
-        cells = [f"{e:.2f}" for e in errors] + ["-"] * (5 - len(errors) - 1)
+        cells = [f"{e:.2f}" for e in errors] + ["-"] * (4 - len(errors))  # no window column but for CBN
         lines.append(f"| {run_dir.name} | {b} | {summary['top1_error']:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr)
     publish("Top-1 error (%) on the Fashion-MNIST test set of trained runs, evaluated with their own running "

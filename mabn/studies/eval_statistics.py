@@ -30,14 +30,11 @@ def reestimate(model: nn.Module, images: torch.Tensor, group: int | None = None,
         raise ValueError(f"{len(images)} images do not split into groups of {group}: use a multiple of {group}")
 
     def set_statistics(layer, args):
-        x = args[0].float().transpose(0, 1).flatten(2) if group else args[0].float().transpose(0, 1).flatten(1)
-        if group:  # (C, N, HW) -> (C, groups, group * HW)
-            x = x.reshape(x.shape[0], -1, group * x.shape[2])
-            var = x.var(-1, correction=int(unbiased)).mean(1)
-        else:
-            var = x.var(-1, correction=0)
-        layer.running_mean.copy_(x.flatten(1).mean(1))
-        layer.running_var.copy_(var)
+        x = args[0].float()
+        size = group or len(x)  # (C, groups, size * HW): all the images as one group when group is None
+        x = x.transpose(0, 1).reshape(x.shape[1], len(x) // size, size * x[0, 0].numel())
+        layer.running_mean.copy_(x.mean((1, 2)))
+        layer.running_var.copy_(x.var(-1, correction=int(unbiased and group is not None)).mean(1))
 
     layers = [m for m in model.modules() if isinstance(m, RUNNING_STAT_NORMS) and m.running_var is not None]
     hooks = [layer.register_forward_pre_hook(set_statistics) for layer in layers]
