@@ -80,6 +80,13 @@ def test_successors_table_and_claims_from_runs_and_the_study_table():
     assert "Diagnostic runs" not in text
 
 
+def test_the_successors_plot_draws_the_studys_norms_and_the_successors_with_runs(tmp_path):
+    runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("cbn", 32): [12.0, 12.2, 11.9]}
+    labels = successors.plot(runs, tables.study_cells(STUDY), tmp_path / "curve.png")
+    assert labels == ["bn (study)", "gn (study)", "mabn (study)", "cbn", "gn_ws"]
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_diagnostic_run_is_compared_with_its_norm_and_the_studys_cell():
     runs = {("cbn", 2): [14.0, 14.4, 14.2], ("cbn_k0", 2): [13.0, 13.2, 12.8]}
     text = successors.report(runs, tables.study_cells(STUDY), seeds=3)
@@ -101,6 +108,7 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
     assert result.returncode == 0, result.stderr
     generated = (results / "fashion_successors.md").read_text()
     assert generated.replace(str(results), "results") == committed.read_text()
+    assert (results / "fashion_successors.png").is_file()
 
 
 def test_the_classification_report_leaves_the_successors_runs_to_their_own_report(tmp_path):

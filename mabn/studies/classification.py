@@ -347,7 +347,7 @@ def write_report(run_folders: Path, results: Path) -> None:
                    (results / "fashion_probes.md").read_text()]
     successors = results / "fashion_successors.md"
     if successors.is_file():
-        report += ["## MABN's successors on the same recipe (fashion_successors.md)", "", successors.read_text()]
+        report += ["## MABN's successors on the same recipe (fashion_successors.md, fashion_successors.png)", "", successors.read_text()]
     if inference_path.is_file():
         report += ["## Inference cost (bench_inference_cpu.md)", "", inference_path.read_text()]
     if runtime_path.is_file():

@@ -62,17 +62,15 @@ def load_run(run_dir: Path):
     """(model with the run's final weights, its summary) of a classification run folder."""
     from omegaconf import OmegaConf
 
-    from ..convert import centralize_weights
-    from ..engine.training import norm_layer_from_config
+    from ..engine.distributed import Distributed
+    from ..engine.training import norm_layer_from_config, prepare_model
     from ..models import build_classifier
-    from ..wiring import wire_norms
 
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = OmegaConf.create(summary["config"])
     if cfg.data.name != "fashion_mnist":
         raise ValueError(f"{run_dir}: data {cfg.data.name!r}; this check reads Fashion-MNIST runs")
-    model = wire_norms(build_classifier(cfg.model.name, 10, 1, norm_layer_from_config(cfg.norm), **cfg.model.options))
-    if cfg.norm.get("centralize_weights", False):
-        centralize_weights(model)
+    model = build_classifier(cfg.model.name, 10, 1, norm_layer_from_config(cfg.norm), **cfg.model.options)
+    model = prepare_model(model, cfg.norm, Distributed(0, 1, 0, torch.device("cpu")))
     model.load_state_dict(torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True))
     return model, summary

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .intervals import difference, difference_from_table, fmt_diff, half_width, verdict
+from .reporting import describe
 
 BATCHES = (32, 16, 8, 4, 2, 1)
 SUCCESSORS = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "gn_ws")
@@ -93,3 +94,36 @@ def report(runs: dict, study: dict, seeds: int) -> str:
                     if (d := cell_difference(runs, study, seeds, a, b)) is not None]
         lines.append(f"- **{text}.** {a[0]}@{a[1]}: {cell(runs[a])}; " + "; ".join(compared) + ".")
     return "\n".join(lines)
+
+
+def plot(runs: dict, study: dict, path: Path) -> list[str]:
+    """Top-1 error by normalization batch: the study's norms (dashed, from its table) and the
+    successors (solid, from their runs), each point mean and 95 % interval; a norm run at one
+    batch only is one point. Returns the legend's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for index, norm in enumerate(sorted({n for n, _ in study})):
+        batches = [b for b in BATCHES if (norm, b) in study]
+        axes.errorbar(batches, [study[norm, b][0] for b in batches], yerr=[study[norm, b][1] for b in batches],
+                      fmt="o--", capsize=3, alpha=0.6, color=f"C{index}", label=f"{norm} (study)")
+    for index, norm in enumerate(SUCCESSORS, start=5):
+        batches = [b for b in BATCHES if (norm, b) in runs]
+        if batches:
+            described = [describe(runs[norm, b]) for b in batches]
+            axes.errorbar(batches, [d["mean"] for d in described], yerr=[d["ci95"] for d in described],
+                          fmt="s-", capsize=3, color=f"C{index}", label=norm)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(BATCHES, [str(b) for b in BATCHES])
+    axes.invert_xaxis()
+    axes.set_xlabel("normalization batch")
+    axes.set_ylabel("top-1 error (%)")
+    axes.set_title("Fashion-MNIST, the study's recipe: mean, 95 % interval over seeds", fontsize=10)
+    axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return axes.get_legend_handles_labels()[1]
