@@ -3,12 +3,14 @@
 # process x 2 images with BN, BRN, GN, MABN and the successors CBN, GN+WS and EvoNorm-S0, 5 seeds
 # each, paired by seed (seed k: the same initialization and data order for every norm); then the
 # 2 processes x 2 images pairs (SyncBN vs MABN, from scratch and fine-tuned), 3 seeds each.
-# Seed by seed, so every finished seed completes the pairs. Every step resumes a run cut short and
-# skips a finished one, so relaunching the script continues it:
-#   bash scripts/scenes_study.sh                        # two one-thread jobs side by side
-#   LAUNCHER=slurm bash scripts/scenes_study.sh         # the one-process runs on a cluster
+# Seed by seed, so every finished seed completes the pairs; on this machine two one-thread runs
+# at a time from one queue across seeds (7 norms per seed would leave a core idle at the end of
+# every seed in a per-seed multirun). Every step resumes a run cut short and skips a finished one,
+# so relaunching the script continues it:
+#   bash scripts/scenes_study.sh                        # two one-thread runs side by side
+#   LAUNCHER=slurm bash scripts/scenes_study.sh         # the one-process runs on a cluster, seed by seed
 #   SEEDS="0 1" bash scripts/scenes_study.sh            # the first seeds only
-# After each step scripts/scenes_report.py updates results/scenes_study.md/.png and keeps each
+# After each run scripts/scenes_report.py updates results/scenes_study.md/.png and keeps each
 # finished run's summary in results/scenes_study_runs/; a run kept there is skipped, so the study
 # also continues in a fresh clone. Measured on 2 CPU cores, two runs side by side: about 0.5 s per
 # iteration each with nothing else running, so about 40 minutes per BN run (CBN 1.5x, GN+WS 1.3x)
@@ -17,21 +19,41 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-OUT=runs/scenes_study
-KEPT=results/scenes_study_runs
+OUT=${OUT:-runs/scenes_study}
+KEPT=${KEPT:-results/scenes_study_runs}
 PRETRAINED=runs/scenes_pretrain/fashion_mnist-resnet18
 NORMS=(bn brn gn mabn cbn gn_ws evonorm_s0)
 kept() { [ -f "$KEPT/$1.json" ]; }
-report() { "$PYTHON" scripts/scenes_report.py > /dev/null || echo "warning: the report failed; the study goes on" >&2; }
-coco() {  # one seed of the one-process runs not kept yet, at 1 process x 2 images
-    local seed=$1 norm missing=()
-    for norm in "${NORMS[@]}"; do
-        kept "$norm-b2-scratch-s$seed" || missing+=("$norm")
-    done
-    [ ${#missing[@]} -gt 0 ] || return 0
-    "$PYTHON" train_coco.py -m "hydra/launcher=${LAUNCHER:-local_parallel}" experiment=scenes_study seed="$seed" \
-        norm="$(IFS=,; echo "${missing[*]}")"
+report() {  # one report at a time (two runs may finish together)
+    mkdir -p "$OUT" && flock "$OUT/.report.lock" "$PYTHON" scripts/scenes_report.py > /dev/null \
+        || echo "warning: the report failed; the study goes on" >&2
+}
+missing() {  # the norms of one seed not kept yet, as norm,norm,...
+    local norm out=()
+    for norm in "${NORMS[@]}"; do kept "$norm-b2-scratch-s$1" || out+=("$norm"); done
+    (IFS=,; echo "${out[*]}")
+}
+one() {  # one run at 1 process x 2 images, one thread; a failed run is reported and left to resume
+    "$PYTHON" train_coco.py experiment=scenes_study seed="$1" norm="$2" "hydra.run.dir=$OUT/\${run_name}" \
+        || echo "warning: $2-b2-scratch-s$1 failed; relaunch the script to resume it" >&2
     report
+}
+scratch() {  # every seed's one-process runs: two at a time here, or seed by seed on a cluster
+    local seed norm
+    for seed in ${SEEDS:-0 1 2 3 4}; do
+        norm=$(missing "$seed")
+        [ -n "$norm" ] || continue
+        if [ -n "${LAUNCHER:-}" ]; then
+            "$PYTHON" train_coco.py -m "hydra/launcher=$LAUNCHER" experiment=scenes_study seed="$seed" norm="$norm"
+            report
+            continue
+        fi
+        for norm in ${norm//,/ }; do
+            while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
+            one "$seed" "$norm" &
+        done
+    done
+    wait
 }
 two() {  # 2 processes x 2 images (gloo on CPU, one thread each), as the paper's 8 GPUs x 2 images
     local norm=$1 seed=$2 start=$3
@@ -43,9 +65,7 @@ two() {  # 2 processes x 2 images (gloo on CPU, one thread each), as the paper's
     report
 }
 
-for seed in ${SEEDS:-0 1 2 3 4}; do
-    coco "$seed"
-done
+scratch
 for seed in 0 1 2; do
     two syncbn "$seed" scratch                # SyncBN over 2 processes x 2 images
     two mabn "$seed" scratch                  # MABN at 2 x 2 too: the fair match for SyncBN

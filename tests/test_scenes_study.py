@@ -24,6 +24,43 @@ def test_the_grid_is_every_one_process_norm_at_2_images_with_5_seeds():
     assert cfg.norm.options.sma_window == 16 and cfg.norm.schedule_reference_steps == 180000
 
 
+def test_the_study_script_queues_the_runs_not_kept_two_at_a_time_across_seeds(tmp_path):
+    """With a stand-in for Python: kept runs are skipped, the rest start in seed order, never more
+    than two at once, and the next seed starts while the last run of a seed (made long) still goes."""
+    log, kept = tmp_path / "log", tmp_path / "kept"
+    kept.mkdir()
+    for name in ("bn-b2-scratch-s0", "gn-b2-scratch-s1", "mabn-2x2-scratch-s0"):
+        (kept / f"{name}.json").write_text("{}")
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/bin/bash
+case "$*" in *scenes_report*|*train_imagenet*) exit 0;; esac
+echo "start $*" >> {log}
+case "$*" in *"seed=0 norm=evonorm_s0"*) sleep 1.5;; *) sleep 0.2;; esac
+echo "end $*" >> {log}
+""")
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "SEEDS": "0 1", "KEPT": str(kept), "OUT": str(tmp_path / "runs")}
+    subprocess.run(["bash", str(ROOT / "scripts" / "scenes_study.sh")], env=env, check=True, timeout=120)
+    events = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    scratch = [args for kind, args in events if kind == "start" and "torch.distributed.run" not in args]
+    expected = [f"seed={seed} norm={norm}" for seed in (0, 1) for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws",
+                "evonorm_s0") if f"{norm}-b2-scratch-s{seed}" not in ("bn-b2-scratch-s0", "gn-b2-scratch-s1")]
+    started = [" ".join(a for a in args.split() if a.startswith(("seed=", "norm="))) for args in scratch]
+    assert sorted(started) == sorted(expected)
+    # in the queue's order, up to the order in which two runs launched together write their line
+    assert all(abs(started.index(run) - i) <= 1 for i, run in enumerate(expected)), started
+    running, most = 0, 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 2
+    first_of_seed_1 = next(i for i, (kind, args) in enumerate(events) if kind == "start" and "seed=1" in args)
+    last_of_seed_0 = max(i for i, (kind, args) in enumerate(events) if kind == "end" and "seed=0" in args)
+    assert first_of_seed_1 < last_of_seed_0  # no core idles at the end of seed 0
+    pairs = [args for kind, args in events if kind == "start" and "torch.distributed.run" in args]
+    assert len(pairs) == 3 * 4 - 1  # 2x2 pairs: SyncBN and MABN, scratch and fine-tuned, 3 seeds, one kept
+
+
 def test_the_default_run_and_the_papers_runs_keep_their_own_solvers():
     default = compose_config("train_coco")
     paper = compose_config("train_coco", ["experiment=paper_coco_scratch", "data.root=/coco"])
