@@ -1,4 +1,5 @@
-"""Iteration schedules of the norms (BRN's relaxation, MABN's warm-ups) for runs of any length.
+"""Iteration schedules of the norms (BRN's relaxation, MABN's warm-ups, CBN's burn-in) for runs
+of any length.
 
 The counts in the configs are the paper's, written for its ImageNet runs of
 ``PAPER_STEPS`` = 120 epochs x 5000 iterations. A run that sets
@@ -7,9 +8,15 @@ steps": every count is then multiplied by ``total_steps / N`` (rounded, at least
 was at least 1), so each phase keeps its fraction of the run. Left at null (the default, and
 every paper experiment), the counts are used exactly as written. Per-iteration rates (EMA
 momenta) are not scaled: they belong to the noise of one normalization batch, not to the run.
+
+A count given as a fraction of the run instead (``norm.run_fractions``, e.g. CBN's burn-in,
+which its authors give in epochs of the schedule: 8 of 12) is set to that fraction of the run's
+steps, whatever the reference.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -25,14 +32,22 @@ def scaled_count(count: int, total_steps: int, reference_steps: int) -> int:
     return max(1, round(count * total_steps / reference_steps))
 
 
-def scale_schedules(model: nn.Module, total_steps: int, reference_steps: int | None) -> dict:
-    """Rescale, in place, the ``schedule_options`` of every norm layer of ``model`` (no-op
-    for ``reference_steps=None``); returns {layer class: {option: count}} as used."""
+def scale_schedules(model: nn.Module, total_steps: int, reference_steps: int | None,
+                    fractions: Mapping[str, float] | None = None) -> dict:
+    """Set, in place, the ``schedule_options`` of every norm layer of ``model``: one named in
+    ``fractions`` to that fraction of ``total_steps`` (rounded); the others rescaled from a run of
+    ``reference_steps`` (kept for None). Returns {layer class: {option: count}} as used."""
+    fractions = dict(fractions or {})
+    for name, fraction in fractions.items():
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"norm.run_fractions.{name}={fraction} is not a fraction of the run: give a number in [0, 1]")
     used = {}
     for module in model.modules():
         options = getattr(module, "schedule_options", ())
         for name in options:
-            if reference_steps is not None:
+            if name in fractions:
+                setattr(module, name, round(fractions[name] * total_steps))
+            elif reference_steps is not None:
                 setattr(module, name, scaled_count(getattr(module, name), total_steps, reference_steps))
         if options:
             used[type(module).__name__] = {name: getattr(module, name) for name in options}

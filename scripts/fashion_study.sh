@@ -28,7 +28,7 @@ run experiment=fashion_study norm=evonorm_s0 norm.options.groups=8 batch=32     
 run experiment=fashion_study norm=frn batch=32                                        # 3
 run experiment=fashion_study norm=cbn,evonorm_b0 batch=32,2                           # 12: their curve's ends
 run experiment=fashion_study norm=cbn,evonorm_b0 batch=16,8,4,1                       # 24: the rest of it
-# 3: why CBN at 2 trails BN at 2 (a diagnosis, not the study's recipe; its evaluation statistics
+# 3: why CBN at 2 with its window open from iteration 9 trailed BN at 2 (label cbn_burnin8it; a diagnosis, not the study's recipe; its evaluation statistics
 # are ruled out by scripts/eval_statistics.py): the same layer without its window (buffer_num=0,
 # i.e. BN with the biased variance, eps outside the root, gamma starting at 1)
 run experiment=fashion_study norm=cbn batch=2 norm.options.buffer_num=0 +norm.label=cbn_k0

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from mabn import BatchRenorm2d, MABN2d
+from hydra_configs import compose_config
+from mabn import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
+from mabn.engine.training import norm_layer_from_config
 from mabn.schedules import PAPER_STEPS, scale_schedules, scaled_count
 from reference_norms import ReferenceBRN
 
@@ -54,3 +56,24 @@ def test_scaled_brn_relaxes_r_and_d_over_the_scaled_iterations():
         if iteration == 49:
             assert float(r_max) == 1.0 and float(d_max) == 0.0  # plain BN until iteration 50
     assert float(layer.limits()[0]) == 3.0 and float(layer.limits()[1]) == 5.0
+
+
+def test_a_run_fraction_sets_its_option_to_that_share_of_the_run_whatever_the_reference():
+    """CBN's burn-in is given as a fraction of the run (its authors' 8 of 12 epochs), so it
+    starts the window at the same point of every run; the counts of the other layers still scale."""
+    for reference in (None, PAPER_STEPS, 180000):
+        net = nn.Sequential(nn.Conv2d(2, 4, 1), CrossIterationBatchNorm2d(4), MABN2d(4))
+        used = scale_schedules(net, 4000, reference, {"burnin": 0.6667})
+        assert used["CrossIterationBatchNorm2d"] == {"burnin": 2667}
+        assert net[1].burnin == 2667
+    assert scale_schedules(model(), 6000, PAPER_STEPS, {"burnin": 0.5}) == scale_schedules(model(), 6000, PAPER_STEPS)
+    with pytest.raises(ValueError, match=r"norm.run_fractions.burnin=8 is not a fraction of the run: give a number in \[0, 1\]"):
+        scale_schedules(model(), 6000, None, {"burnin": 8})
+
+
+def test_the_cbn_config_starts_its_window_after_two_thirds_of_any_run():
+    cfg = compose_config("train_imagenet", ["norm=cbn", "batch=2"])
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), norm_layer_from_config(cfg.norm)(4))
+    for steps in (600, 4000):
+        scale_schedules(net, steps, cfg.norm.get("schedule_reference_steps"), cfg.norm.run_fractions)
+        assert net[1].burnin == round(steps * 2 / 3)

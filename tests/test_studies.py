@@ -93,6 +93,16 @@ def test_a_diagnostic_run_is_compared_with_its_norm_and_the_studys_cell():
     (line,) = [line for line in text.splitlines() if "cbn_k0@2" in line]
     assert "cbn_k0@2: 13.00 ± 0.50;" in line
     assert "minus cbn@2 -1.20 [" in line and "minus bn@2 +0.00 [" in line
+    assert "| cbn_k0 (diagnostic) | - | - | - | - | 13.00 ± 0.50 | - |" in text.splitlines()  # its own row
+
+
+def test_the_earlier_cbn_runs_are_a_diagnostic_beside_cbn_and_its_windowless_run():
+    runs = {("cbn", 2): [13.0, 13.2, 12.8], ("cbn_k0", 2): [13.0, 13.2, 12.8], ("cbn_burnin8it", 2): [25.0, 26.0, 27.0]}
+    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)
+    (line,) = [line for line in text.splitlines() if "cbn_burnin8it@2" in line]
+    assert "window open from iteration 9" in line and "minus cbn@2 +13.00 [" in line and "minus cbn_k0@2 +13.00 [" in line
+    rows = [row.split(" |")[0] for row in text.splitlines() if row.startswith("| cbn")]
+    assert rows == ["| cbn", "| cbn_k0 (diagnostic)", "| cbn_burnin8it (diagnostic)"]
 
 
 def test_the_committed_successors_report_regenerates_unchanged(tmp_path):

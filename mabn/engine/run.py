@@ -106,7 +106,7 @@ class TrainingRun:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.norm_schedule = scale_schedules(unwrap(self.model), self.total_steps,
-                                             cfg.norm.get("schedule_reference_steps"))
+                                             cfg.norm.get("schedule_reference_steps"), cfg.norm.get("run_fractions"))
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule

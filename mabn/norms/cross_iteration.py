@@ -66,9 +66,15 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
     computed only for the groups that stay in the buffer, where the authors call
     ``autograd.grad`` twice per layer and step. The layer needs its conv: ``bind_conv`` (done by
     ``mabn.wire_norms`` for every model of the suite) records the conv's input and weight at
-    each forward. Defaults are the authors' shipped configs (``buffer_num=3, burnin=8,
-    rho=1``); gamma starts at 1 (their ConvModule's init, not the layer's uniform draw).
+    each forward. Defaults are the numbers of the authors' shipped configs (``buffer_num=3,
+    burnin=8, rho=1``), but their ``burnin`` counts epochs (their tools/train.py multiplies it by
+    the iterations per epoch: the window starts after 8 of the 1x schedule's 12 epochs), where
+    this layer's counts iterations: the suite's runs set it to 8/12 of the run
+    (configs/norm/cbn.yaml, ``run_fractions``; mabn/schedules.py). gamma starts at 1 (their
+    ConvModule's init, not the layer's uniform draw).
     """
+
+    schedule_options = ("burnin",)
 
     def __init__(self, num_features, normalization_batch=None, buffer_num=3, burnin=8, rho=1.0, eps=1e-5,
                  momentum=0.1, device=None, dtype=None):

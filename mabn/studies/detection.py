@@ -17,10 +17,12 @@ from pathlib import Path
 from .intervals import difference, fmt_diff, paired_difference, verdict
 from .papers import PAPER_COCO
 from .reporting import describe, keep_runs, load_summaries, publish
+from .successors import CBN_EARLY_WINDOW
 
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 ORDER = [("scratch", "bn", 1), ("scratch", "brn", 1), ("scratch", "gn", 1), ("scratch", "mabn", 1),
          ("scratch", "cbn", 1), ("scratch", "gn_ws", 1), ("scratch", "evonorm_s0", 1), ("scratch", "mabn", 2), ("scratch", "syncbn", 2), ("finetune", "mabn", 2), ("finetune", "syncbn", 2)]
+DIAGNOSTICS = {"cbn_burnin8it": CBN_EARLY_WINDOW}  # label -> what it is (runs kept, in no claim)
 CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, the other, expectation
     ("BRN is better than BN from scratch (paper: 34.07 vs 32.38 box AP)", ("scratch", "brn", 1),
      ("scratch", "bn", 1), "positive"),
@@ -152,7 +154,7 @@ def recipe(summary: dict) -> str:
             f"{c['data']['canvas_size']} px), {c['batch']} images per process, {c['schedule']['max_iter']} "
             f"iterations (lr x0.1 at {list(c['schedule']['steps'])}), lr {c['optim']['base_lr']} per "
             f"{c['optim']['reference_batch']} images, BRN's and MABN's schedules scaled from "
-            f"{c['norm'].get('schedule_reference_steps')} iterations")
+            f"{c['norm'].get('schedule_reference_steps')} iterations, CBN's burn-in a fraction of the run")
 
 
 def scaled_schedules(summaries: list[dict]) -> str:
@@ -187,6 +189,8 @@ def write_report(run_folders: Path, results: Path) -> str:
         "Mask R-CNN R50-FPN 2x: a different scale, for the direction of each comparison only.", "",
         "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.", "",
         table(runs), "", *curve_table(runs), "![box and mask AP](scenes_study.png)", "",
+        *(f"Diagnostic row {label}: {text}; in no claim.\n" for label, text in DIAGNOSTICS.items()
+          if any(key[1] == label for key in runs)),
         "## The claims, one by one", "",
         "Differences in AP points: the paired 95 % interval over the seeds both cells ran (the verdict), "
         "Welch's beside it; 'within noise' means the interval holds 0.", "",

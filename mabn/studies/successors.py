@@ -35,11 +35,17 @@ CLAIMS = [
     ("FRN is within noise of BN at 32 (ppwwyyxx's replication: 24.0 vs 23.6, step lr; 23.2 vs 23.0, "
      "cosine)", ("frn", 32), ("bn", 32), "zero"),
 ]
+# the CBN runs made before 2026-12-04 (label cbn_burnin8it), kept in both studies as a diagnostic
+CBN_EARLY_WINDOW = ("CBN with its window open from iteration 9 (burnin=8 read as iterations, the suite's setting "
+                    "until 2026-12-04; the authors' 8 counts epochs of 12, so their window opens for the last "
+                    "third of training)")
 # diagnostic runs (their own norm.label, not the study's recipe): (cell, what it changes, cells to compare with)
 DIAGNOSTICS = [
     (("cbn_k0", 2), "CBN without its window (buffer_num=0: BN with the biased variance, eps outside the root, "
      "gamma starting at 1)", [("cbn", 2), ("bn", 2)]),
+    (("cbn_burnin8it", 2), CBN_EARLY_WINDOW, [("cbn", 2), ("cbn_k0", 2), ("bn", 2)]),
 ]
+DIAGNOSTIC_ROWS = tuple(dict.fromkeys(cell[0] for cell, _, _ in DIAGNOSTICS))
 
 
 def load_runs(folder: Path) -> dict:
@@ -73,9 +79,10 @@ def report(runs: dict, study: dict, seeds: int) -> str:
     lines = [f"Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe: mean ± 95 % "
              f"half-width over seeds (n = seeds where not {seeds}).", "",
              "| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
-    for norm in SUCCESSORS:
+    for norm in SUCCESSORS + DIAGNOSTIC_ROWS:
         if any((norm, b) in runs for b in BATCHES):
-            lines.append(f"| {norm} | " + " | ".join(cell(runs[norm, b]) if (norm, b) in runs else "-"
+            name = norm if norm in SUCCESSORS else f"{norm} (diagnostic)"
+            lines.append(f"| {name} | " + " | ".join(cell(runs[norm, b]) if (norm, b) in runs else "-"
                                                      for b in BATCHES) + " |")
     lines += ["", "Claims (a difference is mean [Welch's 95 % interval], in top-1 error points; the study's "
               "cells from its table):", ""]
