@@ -114,6 +114,8 @@ def test_successor_names_build_wire_and_train_through_train_coco(norm, scenes, t
     summary = train(compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"]), tmp_path / "run")
     assert summary["engine"] == "detectron2" and summary["steps"] == 2
     assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
+    if norm == "cbn":  # burn-in for 8/12 of the run's steps, as the torchvision engine
+        assert summary["norm_schedule"] == {"CrossIterationBatchNorm2d": {"burnin": 1}} and summary["label"] == "cbn"
 
 
 def test_registration_is_idempotent_and_keeps_detectron2_names():

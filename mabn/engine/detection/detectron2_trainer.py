@@ -19,6 +19,9 @@ Choices, and where they differ from detectron2's defaults:
   types it knows, i.e. not this suite's).
 - lr schedule: detectron2's warm-up + multi-step over the full ``schedule``; ``max_steps``
   stops early without compressing it (as the torchvision engine).
+- norm schedules: BRN's and MABN's counts scaled by ``norm.schedule_reference_steps`` and CBN's
+  burn-in set from ``norm.run_fractions``, over the full schedule (mabn/schedules.py, as the
+  torchvision engine).
 - input: RGB with torchvision's ImageNet mean/std, so the ImageNet weights of
   train_imagenet.py fine-tune as they were trained; ResNet strides in the 3x3 conv.
 - resume: model, optimizer, lr schedule, AMP scaler, iteration and RNG states are restored and
@@ -63,6 +66,7 @@ from ...data.faults import SkipUnreadable  # noqa: E402
 from .. import checkpoint as ckpt  # noqa: E402
 from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
+from ...schedules import scale_schedules  # noqa: E402
 from ..run import announce_end, announce_start, load_run_checkpoint, wandb_options  # noqa: E402
 from ..training import Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
 from .common import check_start  # noqa: E402
@@ -269,6 +273,8 @@ class Detectron2Run:
                               f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set")
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
+        self.norm_schedule = scale_schedules(self.model, self.total_steps, cfg.norm.get("schedule_reference_steps"),
+                                             cfg.norm.get("run_fractions"))
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step)
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
@@ -348,7 +354,8 @@ class Detectron2Run:
         cfg = self.cfg
         return {**{k.removeprefix("eval/"): v for k, v in metrics.items()}, "start": cfg.start,
                 "engine": "detectron2", "images_per_second": self.images_per_second, "steps": self.step,
-                "world_size": self.env.world_size, "norm": cfg.norm.name, "batch": cfg.batch, "seed": cfg.seed}
+                "world_size": self.env.world_size, "norm": cfg.norm.name, "label": cfg.norm.get("label", cfg.norm.name),
+                "batch": cfg.batch, "seed": cfg.seed, "norm_schedule": self.norm_schedule}
 
 
 def _local_world_size(world_size: int) -> int:
