@@ -52,3 +52,9 @@ def scale_schedules(model: nn.Module, total_steps: int, reference_steps: int | N
         if options:
             used[type(module).__name__] = {name: getattr(module, name) for name in options}
     return used
+
+
+def schedule_norms(model: nn.Module, total_steps: int, norm_cfg: Mapping) -> dict:
+    """``scale_schedules`` with a run's norm config (``cfg.norm``: its ``schedule_reference_steps``
+    and ``run_fractions``)."""
+    return scale_schedules(model, total_steps, norm_cfg.get("schedule_reference_steps"), norm_cfg.get("run_fractions"))

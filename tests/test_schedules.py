@@ -8,7 +8,7 @@ from torch import nn
 from hydra_configs import compose_config
 from mabn import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
 from mabn.engine.training import norm_layer_from_config
-from mabn.schedules import PAPER_STEPS, scale_schedules, scaled_count
+from mabn.schedules import PAPER_STEPS, scale_schedules, scaled_count, schedule_norms
 from reference_norms import ReferenceBRN
 
 
@@ -75,5 +75,5 @@ def test_the_cbn_config_starts_its_window_after_two_thirds_of_any_run():
     cfg = compose_config("train_imagenet", ["norm=cbn", "batch=2"])
     net = nn.Sequential(nn.Conv2d(2, 4, 3), norm_layer_from_config(cfg.norm)(4))
     for steps in (600, 4000):
-        scale_schedules(net, steps, cfg.norm.get("schedule_reference_steps"), cfg.norm.run_fractions)
+        assert schedule_norms(net, steps, cfg.norm) == {"CrossIterationBatchNorm2d": {"burnin": round(steps * 2 / 3)}}
         assert net[1].burnin == round(steps * 2 / 3)

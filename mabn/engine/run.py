@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import fused
 from ..config import ConfigError, first_line, resolved
 from ..probes import BatchStatisticsProbe
-from ..schedules import scale_schedules
+from ..schedules import schedule_norms
 from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
 from .loggers import RunLogger
@@ -105,8 +105,7 @@ class TrainingRun:
         self.total_steps, milestones, warmup = self.schedule()
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.norm_schedule = scale_schedules(unwrap(self.model), self.total_steps,
-                                             cfg.norm.get("schedule_reference_steps"), cfg.norm.get("run_fractions"))
+        self.norm_schedule = schedule_norms(unwrap(self.model), self.total_steps, cfg.norm)
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
@@ -228,12 +227,23 @@ class TrainingRun:
         return metrics or self.evaluate()
 
 
+def norm_label(cfg) -> str:
+    """The norm's name in reports: a variant's ``norm.label`` (mabn_no_wc, ...) or ``norm.name``."""
+    return cfg.norm.get("label", cfg.norm.name)
+
+
+def summary_keys(cfg, world_size: int, norm_schedule: dict) -> dict:
+    """The fields a run's summary is grouped and paired by in the study reports."""
+    return {"world_size": world_size, "norm": cfg.norm.name, "label": norm_label(cfg), "batch": cfg.batch,
+            "seed": cfg.seed, "norm_schedule": norm_schedule}
+
+
 def announce_start(cfg, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None) -> None:
     """One line saying what the run does, which norm kernels it uses (``mabn.fused`` mode), where
     its folder is and when its time estimate comes (``estimate``: where else it comes from);
     main process."""
     if env.is_main:
-        label = cfg.norm.get("label", cfg.norm.name)
+        label = norm_label(cfg)
         model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
         per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
         if estimate is None:
@@ -288,9 +298,7 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     try:
         metrics = run.fit(logger, preemption)
         summary = {**run.summary(metrics), "images_per_second": run.images_per_second, "steps": run.step,
-                   "world_size": run.env.world_size, "norm": cfg.norm.name,
-                   "label": cfg.norm.get("label", cfg.norm.name), "batch": cfg.batch, "seed": cfg.seed,
-                   "norm_schedule": run.norm_schedule}
+                   **summary_keys(cfg, run.env.world_size, run.norm_schedule)}
         logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
         summary["config"] = resolved(cfg)

@@ -66,8 +66,8 @@ from ...data.faults import SkipUnreadable  # noqa: E402
 from .. import checkpoint as ckpt  # noqa: E402
 from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
-from ...schedules import scale_schedules  # noqa: E402
-from ..run import announce_end, announce_start, load_run_checkpoint, wandb_options  # noqa: E402
+from ...schedules import schedule_norms  # noqa: E402
+from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options  # noqa: E402
 from ..training import Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
 from .common import check_start  # noqa: E402
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
@@ -273,8 +273,7 @@ class Detectron2Run:
                               f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set")
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
-        self.norm_schedule = scale_schedules(self.model, self.total_steps, cfg.norm.get("schedule_reference_steps"),
-                                             cfg.norm.get("run_fractions"))
+        self.norm_schedule = schedule_norms(self.model, self.total_steps, cfg.norm)
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step)
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
@@ -354,8 +353,7 @@ class Detectron2Run:
         cfg = self.cfg
         return {**{k.removeprefix("eval/"): v for k, v in metrics.items()}, "start": cfg.start,
                 "engine": "detectron2", "images_per_second": self.images_per_second, "steps": self.step,
-                "world_size": self.env.world_size, "norm": cfg.norm.name, "label": cfg.norm.get("label", cfg.norm.name),
-                "batch": cfg.batch, "seed": cfg.seed, "norm_schedule": self.norm_schedule}
+                **summary_keys(cfg, self.env.world_size, self.norm_schedule)}
 
 
 def _local_world_size(world_size: int) -> int:
