@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST evidence study (configs/experiment/fashion_study.yaml), in the order that
 # gives the report's main claims first; every step is a Hydra multirun into runs/fashion_study,
-# and relaunching skips finished runs and resumes the others:
+# and relaunching skips finished runs (those kept in results/, also in a fresh clone) and resumes
+# the others:
 #   bash scripts/fashion_study.sh                       # two one-thread jobs side by side
 #   LAUNCHER=slurm bash scripts/fashion_study.sh        # on a cluster (configs/hydra/launcher)
 # then: python scripts/study_report.py. About 3.5 hours on 2 CPU cores for the paper's norms (79 runs);
@@ -9,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-run() { "$PYTHON" train_imagenet.py -m "hydra/launcher=${LAUNCHER:-local_parallel}" "$@"; }
+KEPT=results/fashion_study_runs  # the paper's norms; the successors' block below keeps its own
+run() { "$PYTHON" train_imagenet.py -m "hydra/launcher=${LAUNCHER:-local_parallel}" kept_runs="$KEPT" "$@"; }
 
 run experiment=fashion_study norm=bn,brn,mabn batch=32,2                 # 18 runs: the headline
 run experiment=fashion_study norm=gn norm.options.num_groups=8 batch=32  # 3: GN (16-channel layers: 8 groups)
@@ -23,6 +25,7 @@ run experiment=fashion_study norm=brn batch=2 norm.schedule_reference_steps=6000
 run experiment=fashion_study norm=brn batch=2 norm.schedule_reference_steps=null +norm.label=brn_unscaled
 # MABN's successors on the same recipe, fixed before their runs and given no tuning the others
 # did not get (the group layers take 8 groups on the 16-channel layers, as GN above):
+KEPT=results/fashion_successor_runs
 run experiment=fashion_study norm=gn_ws norm.options.num_groups=8 batch=32            # 3: batch-independent
 run experiment=fashion_study norm=evonorm_s0 norm.options.groups=8 batch=32           # 3
 run experiment=fashion_study norm=frn batch=32                                        # 3

@@ -178,6 +178,19 @@ def test_unknown_norm_group_lists_the_available_ones(tmp_path):
     assert all(f"\t{name}" in result.stderr for name in group_options("norm"))
 
 
+def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(tmp_path):
+    """A study relaunched in a fresh clone (its run folders gone) skips the runs kept in results/."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "bn-b2-s0.json").write_text('{"top1_error": 12.5}')
+    result = cli("-m", *SYNTHETIC, "max_steps=2", "norm=bn", "batch=2", "seed=0,1", f"kept_runs={kept}",
+                 f"hydra.sweep.dir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"[skip] bn-b2-s0: kept in {kept / 'bn-b2-s0.json'}" in result.stdout
+    assert not (tmp_path / "runs" / "bn-b2-s0" / "summary.json").exists()
+    assert (tmp_path / "runs" / "bn-b2-s1" / "summary.json").is_file()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=8", "checkpoint_every_minutes=0", "max_steps=6"])
     run = ClassificationRun(cfg, tmp_path)
