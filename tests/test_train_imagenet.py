@@ -189,6 +189,10 @@ def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(tmp_
     assert f"[skip] bn-b2-s0: kept in {kept / 'bn-b2-s0.json'}" in result.stdout
     assert not (tmp_path / "runs" / "bn-b2-s0" / "summary.json").exists()
     assert (tmp_path / "runs" / "bn-b2-s1" / "summary.json").is_file()
+    # where the summaries are kept does not change what a run computes: its checkpoint still resumes
+    again = cli(*SYNTHETIC, "max_steps=2", "norm=bn", "batch=2", "seed=1", f"kept_runs={tmp_path / 'elsewhere'}",
+                f"hydra.run.dir={tmp_path / 'runs' / 'bn-b2-s1'}")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

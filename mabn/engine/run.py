@@ -28,7 +28,8 @@ from .training import (Preemption, build_sgd, check_finite, check_finite_weights
                        prepare_model, unwrap)
 
 # config keys a resumed run may change (they do not change what is computed)
-OPERATIONAL_KEYS = ("debug", "workers", "threads", "log_every_steps", "checkpoint_every_minutes", "logger", "device")
+OPERATIONAL_KEYS = ("debug", "workers", "threads", "log_every_steps", "checkpoint_every_minutes", "logger", "device",
+                    "kept_runs")
 
 
 def run_identity(config: dict) -> dict:
