@@ -2,7 +2,8 @@
 
 Config: configs/train_coco.yaml (groups norm/, engine/, detector/, data/, optim/, schedule/,
 logger/, experiment/). ``engine=torchvision`` (default) or ``engine=detectron2`` (installed
-from source). Relaunching the same command resumes from the run directory's checkpoint.
+from source). Relaunching the same command resumes from the run directory's checkpoint; with
+``kept_runs=<folder>`` a run whose summary a study kept there (``<run_name>.json``) is skipped.
 """
 
 import os
@@ -11,7 +12,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from mabn.config import ConfigError, check_numbers, register_resolvers
+from mabn.config import ConfigError, check_numbers, kept_summary, register_resolvers
 
 register_resolvers()
 # Image sizes and RoI counts change from batch to batch: the norms' compiled kernels
@@ -21,6 +22,8 @@ os.environ.setdefault("MABN_FUSED", "dynamic")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_coco")
 def main(cfg):
+    if (kept := kept_summary(cfg)) is not None:
+        return kept
     try:
         check_numbers(cfg)
         if cfg.engine.name == "detectron2":

@@ -5,7 +5,6 @@ Relaunching the same command resumes from the run directory's checkpoint; with
 ``kept_runs=<folder>`` a run whose summary a study kept there (``<run_name>.json``) is skipped.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from mabn.config import ConfigError, check_numbers, register_resolvers
+from mabn.config import ConfigError, check_numbers, kept_summary, register_resolvers
 
 register_resolvers()
 
@@ -21,10 +20,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_imagenet")
 def main(cfg):
     run_dir = HydraConfig.get().runtime.output_dir
-    kept = Path(cfg.kept_runs, f"{cfg.run_name}.json") if cfg.kept_runs else None
-    if kept and kept.is_file():  # finished in an earlier session, on another machine or in a clone
-        print(f"[skip] {cfg.run_name}: kept in {kept}")
-        return json.loads(kept.read_text())
+    if (kept := kept_summary(cfg)) is not None:
+        return kept
     try:
         check_numbers(cfg)  # before torch and the layers load: bad numbers fail at once
         from mabn.engine.classification import train

@@ -3,6 +3,9 @@ input fails at once with one line that names the fix."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -37,6 +40,17 @@ def check_normalization_batch(cfg: DictConfig, per_device_batch: int, key: str =
         divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
         raise ConfigError(f"batch={batch} does not divide {key}={per_device_batch}: use batch in "
                           f"{divisors} or change {key}")
+
+
+def kept_summary(cfg: DictConfig) -> dict | None:
+    """The summary a study kept for this run (``kept_runs``/<run_name>.json, as
+    ``mabn.studies.reporting.keep_runs`` writes it), or None: a run finished in an earlier
+    session, on another machine or in a clone is not run again."""
+    kept = Path(cfg.kept_runs, f"{cfg.run_name}.json") if cfg.get("kept_runs") else None
+    if kept is None or not kept.is_file():
+        return None
+    print(f"[skip] {cfg.run_name}: kept in {kept}")
+    return json.loads(kept.read_text())
 
 
 def resolved(cfg: DictConfig) -> dict:

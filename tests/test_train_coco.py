@@ -145,6 +145,18 @@ def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
     assert all(read_summary(tmp_path / f"{norm}-b2-scratch-s0")["steps"] == 2 for norm in ("bn", "mabn"))
 
 
+def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(scenes, tmp_path):
+    """A detection study relaunched in a fresh clone skips the runs kept in results/."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "bn-b2-scratch-s0.json").write_text('{"box_AP": 30.0}')
+    result = cli("-m", *scenes, "norm=bn,gn", "max_steps=1", f"kept_runs={kept}", f"hydra.sweep.dir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"[skip] bn-b2-scratch-s0: kept in {kept / 'bn-b2-scratch-s0.json'}" in result.stdout
+    assert not (tmp_path / "runs" / "bn-b2-scratch-s0" / "summary.json").exists()
+    assert read_summary(tmp_path / "runs" / "gn-b2-scratch-s0")["steps"] == 1
+
+
 def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_rois(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision",
