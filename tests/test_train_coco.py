@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RPNHead
 
@@ -16,6 +17,7 @@ from hydra_configs import ROOT, base_norms, compose_config, experiments_of, grou
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import torchvision_engine
 from mabn.engine.detection.torchvision_engine import DetectionRun, train
+from mabn.studies.eval_statistics import detection_backbone_input, load_detection_checkpoint
 from run_files import assert_same_run, read_metrics, read_summary
 from torchrun import torchrun
 
@@ -194,3 +196,24 @@ def test_bad_input_fails_with_one_line(on_scenes, overrides, message, scenes, tm
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_detection_checkpoint_evaluates_as_its_run_then_with_re_estimated_statistics(scenes, tmp_path):
+    """scripts/detection_eval_statistics.py: the checkpoint's weights and step, then the run's own
+    evaluation in its first column."""
+    summary = train(compose_config("train_coco", [*scenes, "norm=bn", "max_steps=2"]), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    run = load_detection_checkpoint(checkpoint, tmp_path / "scratch")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    assert run.step == 2 and all(torch.equal(v, saved[k]) for k, v in run.model.state_dict().items())
+    assert detection_backbone_input(run, 4).shape[:2] == (4, 3)
+    out = tmp_path / "eval_statistics.md"
+    result = subprocess.run([sys.executable, "scripts/detection_eval_statistics.py", str(checkpoint),
+                             "--images", "4", "--groups", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = out.read_text().splitlines()[-1].split(" | ")
+    assert row[1:3] == ["2", f"{summary['box_AP']:.2f} / {summary['mask_AP']:.2f}"] and len(row) == 5
+    bad = subprocess.run([sys.executable, "scripts/detection_eval_statistics.py", "x.pt", "--images", "6", "--groups", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "each must divide --images 6" in bad.stderr

@@ -74,3 +74,31 @@ def load_run(run_dir: Path):
     model = prepare_model(model, cfg.norm, Distributed(0, 1, 0, torch.device("cpu")))
     model.load_state_dict(torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True))
     return model, summary
+
+
+def load_detection_checkpoint(checkpoint: Path, scratch: Path):
+    """A torchvision-engine DetectionRun (in the folder ``scratch``) holding the weights of a
+    detection run's ``checkpoint.pt``, at any step: evaluate it with ``run.evaluate()``."""
+    from omegaconf import OmegaConf
+
+    from ..engine.detection.torchvision_engine import DetectionRun
+    from ..engine.training import unwrap
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = OmegaConf.create(state["config"])
+    if cfg.engine.name != "torchvision":
+        raise ValueError(f"{checkpoint}: engine {cfg.engine.name!r}; this check reads torchvision-engine runs")
+    run = DetectionRun(cfg, scratch)
+    unwrap(run.model).load_state_dict(state["model"])
+    run.step = state["step"]
+    return run
+
+
+def detection_backbone_input(run, images: int, seed: int = 0) -> torch.Tensor:
+    """``images`` training images of a DetectionRun (a fixed draw, augmented as in training),
+    resized, normalized and batched as the model's backbone sees them."""
+    from ..engine.training import unwrap
+
+    order = torch.randperm(len(run.train_set), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    with torch.no_grad():
+        return unwrap(run.model).transform([run.train_set[i][0] for i in order])[0].tensors
