@@ -80,6 +80,19 @@ def test_successors_table_and_claims_from_runs_and_the_study_table():
     assert "Diagnostic runs" not in text
 
 
+def test_a_study_cell_with_kept_runs_is_compared_run_by_run_not_from_its_table(tmp_path):
+    (tmp_path / "bn-b32-s0.json").write_text(json.dumps({"norm": "bn", "batch": 32, "top1_error": 12.0}))
+    (tmp_path / "bn-b32-s1.json").write_text(json.dumps({"norm": "bn", "batch": 32, "top1_error": 12.6}))
+    (tmp_path / "bn-b1-s0.json").write_text(json.dumps({"diverged": "loss is nan at step 9"}))
+    study_runs = successors.load_runs(tmp_path)
+    assert study_runs == {("bn", 32): [12.0, 12.6]}
+    runs = {("gn_ws", 32): [11.1, 11.3, 10.9], **study_runs}
+    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)  # the table's bn@32 is 11.00 ± 0.50
+    (line,) = [line for line in text.splitlines() if "gn_ws@32 minus bn@32" in line]
+    assert intervals.fmt_diff(intervals.difference([11.1, 11.3, 10.9], [12.0, 12.6])) in line
+    assert "| bn |" not in text  # the study's norms have their rows in its own table
+
+
 def test_the_successors_plot_draws_the_studys_norms_and_the_successors_with_runs(tmp_path):
     runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("cbn", 32): [12.0, 12.2, 11.9]}
     labels = successors.plot(runs, tables.study_cells(STUDY), tmp_path / "curve.png")
@@ -110,7 +123,9 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
     if not committed.is_file():
         pytest.skip("no successors' report committed yet")
     results = tmp_path / "results"  # a copy: the command writes its report where it reads
-    shutil.copytree(ROOT / "results" / "fashion_successor_runs", results / "fashion_successor_runs")
+    for kept in ("fashion_successor_runs", "fashion_study_runs"):
+        if (ROOT / "results" / kept).is_dir():
+            shutil.copytree(ROOT / "results" / kept, results / kept)
     for name in ("fashion_study.md", "REPORT.md"):
         shutil.copy(ROOT / "results" / name, results / name)
     result = subprocess.run([sys.executable, "scripts/successors_report.py", "--results", str(results)], cwd=ROOT,
@@ -128,3 +143,22 @@ def test_the_classification_report_leaves_the_successors_runs_to_their_own_repor
     summaries, diverged, noise = classification.kept_runs(tmp_path / "runs", tmp_path / "kept", [])
     assert [s["norm"] for s in summaries] == ["bn"] and not diverged and not noise
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["bn-b2-s0.json"]
+
+
+def test_the_classification_report_also_writes_the_successors_report_beside_its_new_table(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for name, norm, batch, error in (("bn-b32-s0", "bn", 32, 11.0), ("bn-b32-s1", "bn", 32, 11.4),
+                                     ("mabn-b2-s0", "mabn", 2, 10.9), ("mabn-b2-s1", "mabn", 2, 10.5)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"norm": norm, "label": norm, "batch": batch,
+                                                              "seed": int(name[-1]), "top1_error": error}))
+    (results / "fashion_successor_runs").mkdir(parents=True)
+    for seed, error in enumerate((11.9, 12.1)):
+        (results / "fashion_successor_runs" / f"gn_ws-b32-s{seed}.json").write_text(json.dumps(
+            {"norm": "gn_ws", "label": "gn_ws", "batch": 32, "seed": seed, "top1_error": error}))
+    classification.write_report(runs, results)
+    text = (results / "fashion_successors.md").read_text()
+    (line,) = [line for line in text.splitlines() if "gn_ws@32 minus bn@32" in line]
+    assert intervals.fmt_diff(intervals.difference([11.9, 12.1], [11.0, 11.4])) in line
+    assert (results / "fashion_successors.png").is_file()
+    assert "## MABN's successors" in (results / "REPORT.md").read_text()

@@ -20,6 +20,7 @@ from pathlib import Path
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
 from .reporting import describe, keep_runs, load_summaries, publish
+from . import successors
 from .successors import SUCCESSORS
 
 BATCHES = (32, 16, 8, 4, 2, 1)
@@ -309,6 +310,8 @@ def write_report(run_folders: Path, results: Path) -> None:
     publish("Top-1 error (%) on Fashion-MNIST by normalization batch: mean ± half-width of the 95 % "
             f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points), results / "fashion_study.md")
     plot_batches(points, results / "fashion_study.png")
+    if (results / "fashion_successor_runs").is_dir():  # the successors beside the new table
+        successors.write_report(results, len(seeds))
     publish("MABN ablation at normalization batch 2 (top-1 error %, mean ± 95 % half-width; difference to the "
             "full MABN with Welch's 95 % interval).\n\n" + ablation_table(points)
             + "".join(f"\n\nDiverged (not in the means): {name}: {why}" for name, why in diverged.items()),
@@ -345,9 +348,10 @@ def write_report(run_folders: Path, results: Path) -> None:
     if noise:
         report += ["## Batch statistics (fashion_probes.md, fashion_probes.png)", "",
                    (results / "fashion_probes.md").read_text()]
-    successors = results / "fashion_successors.md"
-    if successors.is_file():
-        report += ["## MABN's successors on the same recipe (fashion_successors.md, fashion_successors.png)", "", successors.read_text()]
+    successors_md = results / "fashion_successors.md"
+    if successors_md.is_file():
+        report += ["## MABN's successors on the same recipe (fashion_successors.md, fashion_successors.png)", "",
+                   successors_md.read_text()]
     if inference_path.is_file():
         report += ["## Inference cost (bench_inference_cpu.md)", "", inference_path.read_text()]
     if runtime_path.is_file():
