@@ -4,6 +4,7 @@ unchanged from the committed run summaries."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,16 @@ def test_the_classification_report_also_writes_the_successors_report_beside_its_
     assert intervals.fmt_diff(intervals.difference([11.9, 12.1], [11.0, 11.4])) in line
     assert (results / "fashion_successors.png").is_file()
     assert "## MABN's successors" in (results / "REPORT.md").read_text()
+
+
+def test_the_committed_classification_report_regenerates_unchanged_from_its_kept_runs(tmp_path):
+    if not (ROOT / "results" / "fashion_study_runs").is_dir():
+        pytest.skip("the study's runs are not kept yet")
+    results = tmp_path / "results"  # a copy: the command writes its reports where it reads
+    shutil.copytree(ROOT / "results", results)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_report.py"), "runs/fashion_study", "--results", str(results)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("REPORT.md", "fashion_study.md", "fashion_ablation.md", "fashion_probes.md", "fashion_successors.md"):
+        generated = (results / name).read_text().replace(str(results), "results")
+        assert generated == (ROOT / "results" / name).read_text(), name
