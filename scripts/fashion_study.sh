@@ -5,7 +5,7 @@
 # the others:
 #   bash scripts/fashion_study.sh                       # two one-thread jobs side by side
 #   LAUNCHER=slurm bash scripts/fashion_study.sh        # on a cluster (configs/hydra/launcher)
-# then: python scripts/study_report.py. About 3.5 hours on 2 CPU cores for the paper's norms (79 runs);
+# then: python scripts/study_report.py. 1 h 34 min on 2 CPU cores for the paper's norms (79 runs, 2026-12-04);
 # the successors (45 runs, the last block) about 2.5 hours more (estimated from those runs' time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
