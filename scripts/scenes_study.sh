@@ -13,8 +13,8 @@
 # After each run scripts/scenes_report.py updates results/scenes_study.md/.png and keeps each
 # finished run's summary in results/scenes_study_runs/; a run kept there is skipped, so the study
 # also continues in a fresh clone. Measured on 2 CPU cores, two runs side by side with nothing else
-# running: 30-37 minutes per run (CBN about 50), so about 10 hours for the 35 one-process runs; 3
-# more for the pairs. Beside the test loop (scripts/repeat_tests.sh) a BN or BRN run took 69-77 minutes.
+# running: 30-37 minutes per run (CBN about 50), so about 10 hours for the 35 one-process runs;
+# about 9 more for the 12 pair runs (44 minutes each, both cores). Beside the test loop (scripts/repeat_tests.sh) a BN or BRN run took 69-77 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

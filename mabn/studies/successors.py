@@ -56,7 +56,7 @@ def load_runs(folder: Path) -> dict:
     for path in sorted(folder.glob("*.json")):
         summary = json.loads(path.read_text())
         if "top1_error" in summary:
-                errors[summary.get("label") or summary["norm"], summary["batch"]].append(summary["top1_error"])
+            errors[summary.get("label") or summary["norm"], summary["batch"]].append(summary["top1_error"])
     return dict(errors)
 
 
