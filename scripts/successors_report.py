@@ -10,7 +10,6 @@ and its plot results/fashion_successors.png:
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from mabn.studies.reporting import keep_runs, load_summaries
@@ -32,8 +31,7 @@ def main(argv=None) -> None:
     kept = args.results / "fashion_successor_runs"
     if args.runs:
         print(f"kept {keep_summaries(args.runs, kept)} run summaries in {kept}")
-    seeds = len(re.search(r"seeds \[([\d, ]+)\]", (args.results / "REPORT.md").read_text())[1].split(","))
-    write_report(args.results, seeds)
+    write_report(args.results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
-"""mabn.studies on made-up inputs: Welch intervals from runs and from a table's mean ± half-width,
-verdicts, the successors' table and claims; and the committed successors' report regenerates
-unchanged from the committed run summaries."""
+"""mabn.studies on made-up inputs: Welch and paired intervals, verdicts, the successors' table and
+claims; and the committed successors' report regenerates unchanged from the committed run summaries."""
 
 import json
 import math
@@ -10,20 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from scipy import stats
 
 from hydra_configs import ROOT
 from mabn.studies import classification, intervals, successors, tables
-
-
-def test_a_table_cell_gives_the_interval_its_runs_would():
-    a, b = [10.0, 11.0, 12.5], [12.0, 13.5, 12.7, 14.1]
-    mean_b = sum(b) / len(b)
-    from_runs = intervals.difference(a, b)
-    from_table = intervals.difference_from_table(a, mean_b, intervals.half_width(b), len(b))
-    for key in ("diff", "low", "high"):
-        assert from_table[key] == pytest.approx(from_runs[key], abs=1e-9)
-    assert intervals.std_from_half_width(stats.t.ppf(0.975, 3) * 2.0 / 2.0, 4) == pytest.approx(2.0)
 
 
 def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
@@ -64,11 +52,19 @@ STUDY = """| norm | batch 32 | batch 2 |
 """
 
 
-def test_successors_table_and_claims_from_runs_and_the_study_table():
+# the study's kept runs, as load_runs gives them (their means are the table's above)
+STUDY_RUNS = {("bn", 32): [10.8, 11.0, 11.2], ("bn", 2): [12.8, 13.0, 13.2], ("gn", 32): [12.6, 13.0, 13.4],
+              ("mabn", 2): [10.5, 10.7, 10.9]}
+
+
+def test_the_study_table_cells_are_its_rows_not_the_papers():
     cells = tables.study_cells(STUDY)
-    assert cells["bn", 2] == (13.0, 0.4) and ("bn", 1) not in cells and len(cells) == 6  # not the paper's rows
-    runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("frn", 32): [12.0]}
-    text = successors.report(runs, cells, seeds=3)
+    assert cells["bn", 2] == (13.0, 0.4) and ("bn", 1) not in cells and len(cells) == 6
+
+
+def test_successors_table_and_claims_from_the_runs():
+    runs = {("gn_ws", 32): [11.1, 11.3, 10.9], ("cbn", 2): [14.0, 14.4, 14.2], ("frn", 32): [12.0], **STUDY_RUNS}
+    text = successors.report(runs, seeds=3)
     assert "| gn_ws | 11.10 ± 0.50 | - | - | - | - | - |" in text
     assert "| frn | 12.00 (n=1) |" in text
     lines = {line.split("** ")[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- **")}
@@ -81,17 +77,19 @@ def test_successors_table_and_claims_from_runs_and_the_study_table():
     assert "Diagnostic runs" not in text
 
 
-def test_a_study_cell_with_kept_runs_is_compared_run_by_run_not_from_its_table(tmp_path):
+def test_a_study_cell_is_compared_run_by_run_and_a_claim_without_runs_is_pending(tmp_path):
     (tmp_path / "bn-b32-s0.json").write_text(json.dumps({"norm": "bn", "batch": 32, "top1_error": 12.0}))
     (tmp_path / "bn-b32-s1.json").write_text(json.dumps({"norm": "bn", "batch": 32, "top1_error": 12.6}))
     (tmp_path / "bn-b1-s0.json").write_text(json.dumps({"diverged": "loss is nan at step 9"}))
     study_runs = successors.load_runs(tmp_path)
     assert study_runs == {("bn", 32): [12.0, 12.6]}
     runs = {("gn_ws", 32): [11.1, 11.3, 10.9], **study_runs}
-    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)  # the table's bn@32 is 11.00 ± 0.50
-    (line,) = [line for line in text.splitlines() if "gn_ws@32 minus bn@32" in line]
+    lines = successors.report(runs, seeds=3).splitlines()
+    (line,) = [line for line in lines if "gn_ws@32 minus bn@32" in line]
     assert intervals.fmt_diff(intervals.difference([11.1, 11.3, 10.9], [12.0, 12.6])) in line
-    assert "| bn |" not in text  # the study's norms have their rows in its own table
+    (line,) = [line for line in lines if "gn@32 minus gn_ws@32" in line]  # no gn runs
+    assert line.endswith("pending (no runs yet).")
+    assert not any(line.startswith("| bn |") for line in lines)  # the study's norms have their rows in its own table
 
 
 def test_the_successors_plot_draws_the_studys_norms_and_the_successors_with_runs(tmp_path):
@@ -103,7 +101,7 @@ def test_the_successors_plot_draws_the_studys_norms_and_the_successors_with_runs
 
 def test_a_diagnostic_run_is_compared_with_its_norm_and_the_studys_cell():
     runs = {("cbn", 2): [14.0, 14.4, 14.2], ("cbn_k0", 2): [13.0, 13.2, 12.8]}
-    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)
+    text = successors.report(runs | STUDY_RUNS, seeds=3)
     (line,) = [line for line in text.splitlines() if "cbn_k0@2" in line]
     assert "cbn_k0@2: 13.00 ± 0.50;" in line
     assert "minus cbn@2 -1.20 [" in line and "minus bn@2 +0.00 [" in line
@@ -112,7 +110,7 @@ def test_a_diagnostic_run_is_compared_with_its_norm_and_the_studys_cell():
 
 def test_the_earlier_cbn_runs_are_a_diagnostic_beside_cbn_and_its_windowless_run():
     runs = {("cbn", 2): [13.0, 13.2, 12.8], ("cbn_k0", 2): [13.0, 13.2, 12.8], ("cbn_burnin8it", 2): [25.0, 26.0, 27.0]}
-    text = successors.report(runs, tables.study_cells(STUDY), seeds=3)
+    text = successors.report(runs | STUDY_RUNS, seeds=3)
     (line,) = [line for line in text.splitlines() if "cbn_burnin8it@2" in line]
     assert "window open from iteration 9" in line and "minus cbn@2 +13.00 [" in line and "minus cbn_k0@2 +13.00 [" in line
     rows = [row.split(" |")[0] for row in text.splitlines() if row.startswith("| cbn")]
@@ -127,8 +125,7 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
     for kept in ("fashion_successor_runs", "fashion_study_runs"):
         if (ROOT / "results" / kept).is_dir():
             shutil.copytree(ROOT / "results" / kept, results / kept)
-    for name in ("fashion_study.md", "REPORT.md"):
-        shutil.copy(ROOT / "results" / name, results / name)
+    shutil.copy(ROOT / "results" / "fashion_study.md", results / "fashion_study.md")
     result = subprocess.run([sys.executable, "scripts/successors_report.py", "--results", str(results)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

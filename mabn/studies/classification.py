@@ -311,7 +311,7 @@ def write_report(run_folders: Path, results: Path) -> None:
             f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points), results / "fashion_study.md")
     plot_batches(points, results / "fashion_study.png")
     if (results / "fashion_successor_runs").is_dir():  # the successors beside the new table
-        successors.write_report(results, len(seeds))
+        successors.write_report(results)
     publish("MABN ablation at normalization batch 2 (top-1 error %, mean ± 95 % half-width; difference to the "
             "full MABN with Welch's 95 % interval).\n\n" + ablation_table(points)
             + "".join(f"\n\nDiverged (not in the means): {name}: {why}" for name, why in diverged.items()),

@@ -1,5 +1,4 @@
-"""Differences of means with Welch's 95 % interval (from per-run values or from a table's
-mean ± half-width) or the paired 95 % interval (runs matched by seed), and the verdict of a
+"""Differences of means with Welch's 95 % interval or the paired 95 % interval (runs matched by seed), and the verdict of a
 claim on them."""
 
 from __future__ import annotations
@@ -36,23 +35,6 @@ def paired_difference(a: dict, b: dict) -> dict:
 def half_width(values: list[float]) -> float:
     """The 95 % t half-width of the mean of ``values`` (2 or more)."""
     return stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def std_from_half_width(half_width: float, n: int) -> float:
-    """The sample standard deviation behind a 95 % t half-width over n values."""
-    return half_width * math.sqrt(n) / stats.t.ppf(0.975, n - 1)
-
-
-def difference_from_table(a: list[float], mean_b: float, half_width_b: float, n_b: int) -> dict:
-    """Mean of a minus a table's cell (mean ± 95 % half-width over n_b runs), Welch's interval;
-    for studies whose per-run values were not kept, only their table."""
-    diff = statistics.fmean(a) - mean_b
-    if len(a) < 2 or n_b < 2:
-        return {"diff": diff, "low": math.nan, "high": math.nan}
-    sa, sb = statistics.stdev(a) ** 2 / len(a), std_from_half_width(half_width_b, n_b) ** 2 / n_b
-    dof = (sa + sb) ** 2 / (sa ** 2 / (len(a) - 1) + sb ** 2 / (n_b - 1))
-    half = stats.t.ppf(0.975, dof) * math.sqrt(sa + sb)
-    return {"diff": diff, "low": diff - half, "high": diff + half}
 
 
 def verdict(d: dict, expect: str) -> str:
