@@ -134,6 +134,11 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
     assert (results / "fashion_successors.png").is_file()
 
 
+def test_the_successors_report_without_kept_runs_says_which_command_makes_them(tmp_path):
+    with pytest.raises(SystemExit, match="no run summaries in .*study_report.py runs/fashion_study first"):
+        successors.write_report(tmp_path)
+
+
 def test_the_classification_report_leaves_the_successors_runs_to_their_own_report(tmp_path):
     for name, norm in (("bn-b2-s0", "bn"), ("cbn-b2-s0", "cbn"), ("cbn_k0-b2-s0", "cbn")):
         (tmp_path / "runs" / name).mkdir(parents=True)

@@ -1,5 +1,5 @@
-"""Differences of means with Welch's 95 % interval or the paired 95 % interval (runs matched by seed), and the verdict of a
-claim on them."""
+"""Differences of means with Welch's 95 % interval or the paired 95 % interval (runs matched by
+seed), and the verdict of a claim on them."""
 
 from __future__ import annotations
 
