@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
 from .loggers import RunLogger
 from .sampling import EpochSampler, SeededSamples
-from .training import (Preemption, build_sgd, check_finite, check_finite_weights, lr_factor,
+from .training import (CheckpointTimer, Preemption, build_sgd, check_finite, check_finite_weights, lr_factor,
                        prepare_model, unwrap)
 
 # config keys a resumed run may change (they do not change what is computed)
@@ -186,7 +186,7 @@ class TrainingRun:
         metrics = {}
         with tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
                   desc=cfg.run_name, mininterval=5, dynamic_ncols=True) as progress:  # closed on errors too
-            last_save = time.monotonic()
+            checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
             first_step, window_start = self.step, None
             while self.step < self.total_steps:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
@@ -219,10 +219,10 @@ class TrainingRun:
                         metrics = self.evaluate()
                         logger.log(metrics, self.step)
                         self.save()
-                        last_save = time.monotonic()
-                    elif time.monotonic() - last_save > 60 * cfg.checkpoint_every_minutes:
+                        checkpoints.reset()
+                    elif checkpoints.due(self.env.device):
                         self.save()
-                        last_save = time.monotonic()
+                        checkpoints.reset()
                     if self.step == self.total_steps:
                         break
         return metrics or self.evaluate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import signal
+import time
 
 import torch
 from torch import nn
@@ -68,6 +69,23 @@ def lr_factor(step: int, total_steps: int, schedule: str, milestones=(), gamma: 
     if step < warmup_steps:
         factor *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
     return factor
+
+
+class CheckpointTimer:
+    """A checkpoint every ``minutes`` of wall time, decided once for all processes: by its own
+    clock one process may find it due a step before another, and its save's barrier would then
+    meet the other's gradient all-reduce (a hang)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60 * minutes
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self, device) -> bool:
+        flag = torch.tensor([float(time.monotonic() - self.last > self.seconds)], device=device)
+        return bool(all_reduce_max(flag).item())
 
 
 class Preemption:

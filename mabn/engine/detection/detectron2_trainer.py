@@ -68,7 +68,7 @@ from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
 from ...schedules import schedule_norms  # noqa: E402
 from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options  # noqa: E402
-from ..training import Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
+from ..training import CheckpointTimer, Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
 from .common import check_start  # noqa: E402
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
 from .detectron2_weights import load_backbone_weights  # noqa: E402
@@ -219,7 +219,7 @@ class RunHook(HookBase):
 
     def before_train(self):
         self.start_iter, self.started, self.excluded = self.trainer.start_iter, time.perf_counter(), 0.0
-        self.last_save = time.monotonic()
+        self.checkpoints = CheckpointTimer(self.run.cfg.checkpoint_every_minutes)
 
     def after_step(self):
         run, cfg = self.run, self.run.cfg
@@ -241,10 +241,10 @@ class RunHook(HookBase):
         if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done != self.trainer.max_iter:
             run.logger.log(run.evaluate(), done)
             run.save(done)
-            self.last_save = time.monotonic()
-        elif time.monotonic() - self.last_save > 60 * cfg.checkpoint_every_minutes:
+            self.checkpoints.reset()
+        elif self.checkpoints.due(run.env.device):
             run.save(done)
-            self.last_save = time.monotonic()
+            self.checkpoints.reset()
         self.excluded += time.perf_counter() - tic
 
     def after_train(self):
