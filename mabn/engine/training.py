@@ -71,6 +71,11 @@ def lr_factor(step: int, total_steps: int, schedule: str, milestones=(), gamma: 
     return factor
 
 
+def any_process(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any process: one decision, taken by every process at the same step."""
+    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
+
+
 class CheckpointTimer:
     """A checkpoint every ``minutes`` of wall time, decided once for all processes: by its own
     clock one process may find it due a step before another, and its save's barrier would then
@@ -84,8 +89,7 @@ class CheckpointTimer:
         self.last = time.monotonic()
 
     def due(self, device) -> bool:
-        flag = torch.tensor([float(time.monotonic() - self.last > self.seconds)], device=device)
-        return bool(all_reduce_max(flag).item())
+        return any_process(time.monotonic() - self.last > self.seconds, device)
 
 
 class Preemption:
@@ -111,8 +115,7 @@ class Preemption:
 
     def requested(self, device) -> bool:
         """Whether any process got a signal (they must all stop at the same step)."""
-        flag = torch.tensor([float(self.signum is not None)], device=device)
-        return bool(all_reduce_max(flag).item())
+        return any_process(self.signum is not None, device)
 
     def stop(self):
         """Exit after the checkpoint is saved, handing the signal to the previous handler."""
