@@ -239,7 +239,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
     saved = []
     trainer = Trainer(model, iter(lambda: [{}], None), torch.optim.SGD(model.parameters(), lr=0.1), False, "cpu",
                       tmp_path / "checkpoint.pt")
-    trainer.register_hooks([RunHook(SimpleNamespace(save=saved.append))])
+    trainer.register_hooks([RunHook(SimpleNamespace(save=saved.append, cfg=SimpleNamespace(checkpoint_every_minutes=10)))])
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0: stopped before updating the weights; "
                                                  r"the last good checkpoint is kept at .*checkpoint\.pt"):
         trainer.train(0, 2)

@@ -293,20 +293,3 @@ def test_a_checkpoint_that_is_more_than_tensors_is_refused_with_one_line(tmp_pat
     torch.save({"model": Payload()}, tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError, match=r"checkpoint.pt holds more than tensors and plain Python values, so it is not loaded"):
         train(cfg, tmp_path)
-
-
-def test_a_checkpoint_is_due_on_every_process_when_one_process_finds_it_due(monkeypatch):
-    """The time-based checkpoint is one decision for all processes (a save on one process only
-    left its barrier facing the others' gradient all-reduce: a hang)."""
-    from mabn.engine import training
-    clock = [100.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
-    timer = training.CheckpointTimer(minutes=2)
-    assert not timer.due("cpu")
-    clock[0] += 121
-    assert timer.due("cpu")
-    timer.reset()
-    assert not timer.due("cpu")
-    other_process_due = torch.tensor([1.0])  # another process's clock has passed the interval
-    monkeypatch.setattr(training, "all_reduce_max", lambda flag: torch.maximum(flag, other_process_due))
-    assert timer.due("cpu")

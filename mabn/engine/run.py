@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
 from .loggers import RunLogger
 from .sampling import EpochSampler, SeededSamples
-from .training import (CheckpointTimer, Preemption, build_sgd, check_finite, check_finite_weights, lr_factor,
+from .training import (CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, lr_factor,
                        prepare_model, unwrap)
 
 # config keys a resumed run may change (they do not change what is computed)
@@ -212,7 +212,8 @@ class TrainingRun:
                         progress.set_postfix(loss=f"{loss.item():.3f}")
                     if cfg.debug.preempt_at_step == self.step:
                         preemption.signum = signal.SIGTERM
-                    if preemption.requested(self.env.device):
+                    stop, save = between_steps(preemption, checkpoints, self.env.device)
+                    if stop:
                         self.save()
                         preemption.stop()
                     if self.step == self.total_steps or self.evaluation_due():
@@ -220,7 +221,7 @@ class TrainingRun:
                         logger.log(metrics, self.step)
                         self.save()
                         checkpoints.reset()
-                    elif checkpoints.due(self.env.device):
+                    elif save:
                         self.save()
                         checkpoints.reset()
                     if self.step == self.total_steps:

@@ -71,15 +71,9 @@ def lr_factor(step: int, total_steps: int, schedule: str, milestones=(), gamma: 
     return factor
 
 
-def any_process(flag: bool, device) -> bool:
-    """Whether ``flag`` holds on any process: one decision, taken by every process at the same step."""
-    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
-
-
 class CheckpointTimer:
-    """A checkpoint every ``minutes`` of wall time, decided once for all processes: by its own
-    clock one process may find it due a step before another, and its save's barrier would then
-    meet the other's gradient all-reduce (a hang)."""
+    """A checkpoint every ``minutes`` of wall time, by this process's clock (``between_steps``
+    makes it one decision for all processes)."""
 
     def __init__(self, minutes: float):
         self.seconds = 60 * minutes
@@ -88,8 +82,8 @@ class CheckpointTimer:
     def reset(self) -> None:
         self.last = time.monotonic()
 
-    def due(self, device) -> bool:
-        return any_process(time.monotonic() - self.last > self.seconds, device)
+    def expired(self) -> bool:
+        return time.monotonic() - self.last > self.seconds
 
 
 class Preemption:
@@ -113,10 +107,6 @@ class Preemption:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def requested(self, device) -> bool:
-        """Whether any process got a signal (they must all stop at the same step)."""
-        return any_process(self.signum is not None, device)
-
     def stop(self):
         """Exit after the checkpoint is saved, handing the signal to the previous handler."""
         signum = self.signum or signal.SIGTERM
@@ -130,6 +120,16 @@ class Preemption:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def between_steps(preemption: Preemption, checkpoints: CheckpointTimer, device) -> tuple[bool, bool]:
+    """(stop, save): whether any process got a preemption signal, and whether any process's
+    checkpoint interval has passed, in one all-reduce. Every process stops or saves at the same
+    step: a save on one process only (its clock a step ahead) would meet the others' gradient
+    all-reduce at its barrier, a hang."""
+    flags = torch.tensor([float(preemption.signum is not None), float(checkpoints.expired())], device=device)
+    stop, save = all_reduce_max(flags).tolist()
+    return bool(stop), bool(save)
 
 
 def check_finite(loss: torch.Tensor, step: int, checkpoint) -> None:

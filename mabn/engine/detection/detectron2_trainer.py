@@ -68,7 +68,7 @@ from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
 from ..loggers import RunLogger  # noqa: E402
 from ...schedules import schedule_norms  # noqa: E402
 from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options  # noqa: E402
-from ..training import CheckpointTimer, Preemption, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
+from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
 from .common import check_start  # noqa: E402
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
 from .detectron2_weights import load_backbone_weights  # noqa: E402
@@ -234,7 +234,8 @@ class RunHook(HookBase):
                             "train/images_per_second": run.images_per_second}, done)
         if cfg.debug.preempt_at_step == done:
             run.preemption.signum = signal.SIGTERM
-        if run.preemption.requested(run.env.device):
+        stop, save = between_steps(run.preemption, self.checkpoints, run.env.device)
+        if stop:
             run.save(done)
             run.preemption.stop()
         tic = time.perf_counter()
@@ -242,7 +243,7 @@ class RunHook(HookBase):
             run.logger.log(run.evaluate(), done)
             run.save(done)
             self.checkpoints.reset()
-        elif self.checkpoints.due(run.env.device):
+        elif save:
             run.save(done)
             self.checkpoints.reset()
         self.excluded += time.perf_counter() - tic
