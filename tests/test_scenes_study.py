@@ -2,9 +2,11 @@
 version of the study run end to end."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,6 +112,27 @@ def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path)
     shutil.rmtree(runs)  # the run folders are gone (another session, another machine): the kept runs report
     write_report(runs, tmp_path / "results")
     assert (tmp_path / "results" / "scenes_study.md").read_text() == text
+
+
+def test_the_report_names_the_fine_tuned_runs_classifiers_and_keeps_their_summaries(tmp_path):
+    runs, classifiers = tmp_path / "runs", tmp_path / "pretrain"
+    for norm, batch, error in (("mabn", 2, 14.91), ("bn", 32, 13.68)):
+        (classifiers / f"{norm}-b{batch}-s0").mkdir(parents=True)
+        (classifiers / f"{norm}-b{batch}-s0" / "summary.json").write_text(
+            json.dumps({"top1_error": error, "steps": 1875, "norm": norm, "batch": batch}))
+    for norm, pretrained in (("mabn", "mabn-b2-s0"), ("syncbn", "bn-b32-s0")):
+        run = runs / f"{norm}-finetune"
+        run.mkdir(parents=True)
+        finetuned = summary(norm, "finetune", 0, 30.0, 26.0, world_size=2)
+        finetuned["config"] = {**finetuned["config"], "weights": str(classifiers / pretrained / "model_final.pt")}
+        (run / "summary.json").write_text(json.dumps(finetuned))
+    later = time.time() + 60  # this classifier was replaced after the run: not the one it started from
+    os.utime(classifiers / "mabn-b2-s0" / "summary.json", (later, later))
+    text = write_report(runs, tmp_path / "results")
+    assert "(configs/experiment/scenes_pretrain.yaml; bn-b32-s0: 13.68 % top-1 error after 1875 steps)" in text
+    shutil.rmtree(runs)
+    shutil.rmtree(classifiers)  # a fresh clone: the classifiers' summaries are kept in results/
+    assert write_report(runs, tmp_path / "results") == text
 
 
 @pytest.mark.parametrize("folder", ["scenes_study_2000it", "."])

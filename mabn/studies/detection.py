@@ -62,6 +62,28 @@ def kept_summaries(runs: Path, kept: Path) -> list[dict]:
     return list(keep_runs(found, kept).values())
 
 
+def kept_pretraining(summaries: list[dict], kept: Path) -> dict[str, dict]:
+    """The classification runs the fine-tuned runs start from (the folder of their ``weights``),
+    by run name: kept in ``kept`` from the run folders found now (a classifier older than the
+    run), read back from there after. Runs kept before are not matched again: their ``weights``
+    path may hold a newer classifier by now."""
+    found = {}
+    for s in summaries:
+        weights = s["config"].get("weights")
+        if not weights or "path" not in s:
+            continue
+        classifier = Path(weights).parent / "summary.json"
+        if classifier.is_file() and classifier.stat().st_mtime <= (Path(s["path"]) / "summary.json").stat().st_mtime:
+            found[classifier.parent.name] = json.loads(classifier.read_text())
+    return keep_runs(found, kept)
+
+
+def pretraining(classifiers: dict[str, dict]) -> str:
+    """The fine-tuned runs' starting classifiers and their test error, as a clause."""
+    return "".join(f"; {name}: {s['top1_error']:.2f} % top-1 error after {s['steps']} steps"
+                   for name, s in classifiers.items())
+
+
 def group(summaries: list[dict], expected_steps: int | None) -> dict:
     """(start, norm, processes) -> list of finished runs' summaries (a run cut short is left out)."""
     runs = defaultdict(list)
@@ -171,6 +193,7 @@ def write_report(run_folders: Path, results: Path) -> str:
     """Keep the finished runs under ``run_folders`` in ``results``/scenes_study_runs, then write
     ``scenes_study.md`` and ``scenes_study.png`` from every kept run; returns the markdown."""
     summaries = kept_summaries(run_folders, results / "scenes_study_runs")
+    classifiers = kept_pretraining(summaries, results / "scenes_study_runs" / "pretraining")
     if not summaries:
         raise SystemExit(f"error: no finished runs under {run_folders}: run bash scripts/scenes_study.sh first")
     steps = summaries[0]["config"]["schedule"]["max_iter"]
@@ -184,9 +207,10 @@ def write_report(run_folders: Path, results: Path) -> str:
         "BN, BRN, GN, MABN and the successors run one process x 2 images; SyncBN, and MABN beside it, "
         "2 processes x 2 images (gloo; 4 images per iteration at twice the lr, linear scaling, as the paper's "
         "8 GPUs x 2), so each claim compares runs of one size. Fine-tuning starts from Fashion-MNIST ResNet-18 "
-        "classifiers trained with the run's own norm (configs/experiment/scenes_pretrain.yaml). Cells: "
-        "mean ± half-width of the 95 % t-interval over seeds (range). The paper's numbers are COCO "
-        "Mask R-CNN R50-FPN 2x: a different scale, for the direction of each comparison only.", "",
+        "classifiers trained with the run's own norm (configs/experiment/scenes_pretrain.yaml"
+        f"{pretraining(classifiers)}). Cells: mean ± half-width of the 95 % t-interval over seeds (range). "
+        "The paper's numbers are COCO Mask R-CNN R50-FPN 2x: a different scale, for the direction of each "
+        "comparison only.", "",
         "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.", "",
         table(runs), "", *curve_table(runs), "![box and mask AP](scenes_study.png)", "",
         *(f"Diagnostic row {label}: {text}; in no claim.\n" for label, text in DIAGNOSTICS.items()
