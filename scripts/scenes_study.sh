@@ -14,7 +14,7 @@
 # finished run's summary in results/scenes_study_runs/; a run kept there is skipped, so the study
 # also continues in a fresh clone. Measured on 2 CPU cores, two runs side by side with nothing else
 # running: 30-37 minutes per run (CBN about 50), so about 10 hours for the 35 one-process runs;
-# 7-10 more for the 12 pair runs (2 processes on both cores: SyncBN 39-54 minutes, MABN 32-44, by machine;
+# 7-10 more for the 12 pair runs (2 processes on both cores: SyncBN 38-54 minutes, MABN 30-44, by machine;
 # before the fine-tuned ones, the two classifiers side by side: 4.5 and 6.2 minutes). Beside the test loop (scripts/repeat_tests.sh) a BN or BRN run took 69-77 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
