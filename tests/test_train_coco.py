@@ -109,17 +109,19 @@ def test_norm_placement_and_weight_centralization_follow_the_paper(scenes, tmp_p
     assert all(norm.normalization_batch is None and norm.sma_window == 16 for _, norm in pairs)
 
 
-def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path):
-    # the compiled norm kernels, as train_coco.py runs them (the eager ones: test_fault_injection.py)
-    overrides = [*scenes, "norm=mabn", "max_steps=6", "seed=1"]
+@pytest.mark.parametrize("norm,steps,stop_at", [("mabn", 6, 3), ("cbn", 8, 6)])
+def test_exact_resume_with_the_torchvision_engine(scenes, tmp_path, norm, steps, stop_at):
+    # the compiled norm kernels, as train_coco.py runs them (the eager ones: test_fault_injection.py);
+    # CBN's window opens after 2/3 of the run (iteration 6 of 8), so it resumes with one entry in it
+    overrides = [*scenes, f"norm={norm}", f"max_steps={steps}", "seed=1"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     env = {**os.environ, "MABN_FUSED": "dynamic"}
     assert cli(*overrides, f"hydra.run.dir={straight}", env=env).returncode == 0
-    first = cli(*overrides, f"hydra.run.dir={interrupted}", "debug.preempt_at_step=3", env=env)
+    first = cli(*overrides, f"hydra.run.dir={interrupted}", f"debug.preempt_at_step={stop_at}", env=env)
     assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr
     second = cli(*overrides, f"hydra.run.dir={interrupted}", env=env)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed from step 3 of 6" in second.stdout
+    assert f"resumed from step {stop_at} of {steps}" in second.stdout
     assert_same_run(straight, interrupted, AP_KEYS)
 
 
