@@ -7,8 +7,18 @@ import importlib
 
 _HOMES = {
     ".convert": ("centralize_weights", "convert_model", "fold_norms"),
-    ".norms": ("BatchNorm2d", "BatchRenorm2d", "CrossIterationBatchNorm2d", "EvoNormB0", "GroupNorm", "GroupNormWS",
-               "InstanceNorm2d", "LayerNorm2d", "MABN2d", "SyncBatchNorm"),
+    ".norms": (
+        "BatchNorm2d",
+        "BatchRenorm2d",
+        "CrossIterationBatchNorm2d",
+        "EvoNormB0",
+        "GroupNorm",
+        "GroupNormWS",
+        "InstanceNorm2d",
+        "LayerNorm2d",
+        "MABN2d",
+        "SyncBatchNorm",
+    ),
     ".registry": ("NORMS", "build_norm", "norm_layer", "register_norm"),
     ".wiring": ("wire_norms",),
 }

@@ -21,8 +21,10 @@ def first_line(error: BaseException, limit: int = 160) -> str:
 
 def _divide(numerator: int, denominator: int) -> int:
     if denominator <= 0 or numerator % denominator:
-        raise ConfigError(f"{numerator} is not divisible by {denominator}: choose batch among the divisors "
-                          f"of norm.simulated_batch={numerator}")
+        raise ConfigError(
+            f"{numerator} is not divisible by {denominator}: choose batch among the divisors "
+            f"of norm.simulated_batch={numerator}"
+        )
     return numerator // denominator
 
 
@@ -38,8 +40,9 @@ def check_normalization_batch(cfg: DictConfig, per_device_batch: int, key: str =
     batch = cfg.batch
     if batch < 1 or per_device_batch % batch:
         divisors = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0]
-        raise ConfigError(f"batch={batch} does not divide {key}={per_device_batch}: use batch in "
-                          f"{divisors} or change {key}")
+        raise ConfigError(
+            f"batch={batch} does not divide {key}={per_device_batch}: use batch in {divisors} or change {key}"
+        )
 
 
 def kept_summary(cfg: DictConfig) -> dict | None:
@@ -60,14 +63,41 @@ def resolved(cfg: DictConfig) -> dict:
 
 # numeric keys checked before anything is built: (key, lower bound, bound included)
 NUMERIC_KEYS = [
-    *((key, 0, False) for key in (
-        "batch", "per_device_batch", "epochs", "max_steps", "eval_every_epochs", "eval_every_steps",
-        "log_every_steps", "threads", "optim.base_lr", "optim.reference_batch",
-        "norm.simulated_batch", "norm.schedule_reference_steps", "schedule.max_iter", "probe.layers",
-        "probe.channels")),
-    *((key, 0, True) for key in (
-        "workers", "seed", "checkpoint_every_minutes", "optim.momentum", "optim.weight_decay", "optim.label_smoothing", "probe.every",
-        "optim.schedule.warmup_epochs", "schedule.warmup_iters", "data.max_bad_fraction")),
+    *(
+        (key, 0, False)
+        for key in (
+            "batch",
+            "per_device_batch",
+            "epochs",
+            "max_steps",
+            "eval_every_epochs",
+            "eval_every_steps",
+            "log_every_steps",
+            "threads",
+            "optim.base_lr",
+            "optim.reference_batch",
+            "norm.simulated_batch",
+            "norm.schedule_reference_steps",
+            "schedule.max_iter",
+            "probe.layers",
+            "probe.channels",
+        )
+    ),
+    *(
+        (key, 0, True)
+        for key in (
+            "workers",
+            "seed",
+            "checkpoint_every_minutes",
+            "optim.momentum",
+            "optim.weight_decay",
+            "optim.label_smoothing",
+            "probe.every",
+            "optim.schedule.warmup_epochs",
+            "schedule.warmup_iters",
+            "data.max_bad_fraction",
+        )
+    ),
 ]
 
 

@@ -110,7 +110,8 @@ def centralize_weights(model: nn.Module) -> nn.Module:
 def is_centralized(conv: nn.Module) -> bool:
     """Whether ``conv.weight`` is centralized by ``centralize_weights``."""
     return parametrize.is_parametrized(conv, "weight") and any(
-        isinstance(p, Centralize) for p in conv.parametrizations.weight)
+        isinstance(p, Centralize) for p in conv.parametrizations.weight
+    )
 
 
 def inference_affine(norm: nn.Module):
@@ -132,7 +133,7 @@ def fold_norms(model: nn.Module) -> nn.Module:
     """Fold every BN/BRN/MABN that a conv feeds into that conv, in place: the conv gets the
     eval-mode affine in its weight and bias, the norm becomes ``nn.Identity``. Only valid for
     inference (call on an eval-mode model); outputs equal the unfolded eval-mode model."""
-    for conv_name, conv, norm_name, norm in conv_norm_pairs(model):
+    for _, conv, norm_name, norm in conv_norm_pairs(model):
         affine = inference_affine(norm)
         if affine is None:
             continue

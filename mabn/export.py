@@ -38,7 +38,10 @@ class ExportResult:
 
     def summary(self) -> str:
         ops = ", ".join(f"{op} {count}" for op, count in sorted(self.op_counts.items()))
-        return f"{self.path}: onnx.checker passed; ONNX Runtime vs PyTorch max abs diff {self.max_abs_diff:.2e}; ops: {ops}"
+        return (
+            f"{self.path}: onnx.checker passed; ONNX Runtime vs PyTorch max abs diff {self.max_abs_diff:.2e}; "
+            f"ops: {ops}"
+        )
 
 
 def for_inference(model: nn.Module, fold: bool = True) -> nn.Module:
@@ -68,8 +71,10 @@ def _flat_outputs(outputs) -> list[torch.Tensor]:
 def check_exportable(model: nn.Module) -> None:
     """Refuse, in one line, what the exporter cannot take as a whole."""
     if any(hasattr(model, name) for name in ("roi_heads", "rpn", "proposal_generator")):
-        raise ExportError(f"{type(model).__name__} is a whole detector (data-dependent proposals): export its "
-                          "backbone, e.g. export_onnx(model.backbone, images)")
+        raise ExportError(
+            f"{type(model).__name__} is a whole detector (data-dependent proposals): export its "
+            "backbone, e.g. export_onnx(model.backbone, images)"
+        )
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fold: bool = True) -> ExportResult:
@@ -100,8 +105,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, fold:
         value = torch.from_numpy(value)
         worst = max(worst, (value - reference).abs().max().item())
         if not torch.allclose(value, reference, rtol=RTOL, atol=ATOL):
-            raise ExportError(f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.2e} "
-                              f"(tolerance {ATOL} + {RTOL} x |output|)")
+            raise ExportError(
+                f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.2e} "
+                f"(tolerance {ATOL} + {RTOL} x |output|)"
+            )
     return ExportResult(path, worst, op_counts(exported))
 
 

@@ -91,12 +91,15 @@ class Fused:
         config.recompile_limit = max(limit, 4 * SHAPES)
         try:
             return self.compiled[dynamic](*args)
-        except Exception as error:  # noqa: BLE001 - any failure to compile means: eager kernels
+        except Exception as error:
             _broken = True
             first_line = str(error).splitlines()[0] if str(error) else ""
-            warnings.warn(f"mabn: inductor could not compile the fused norms ({type(error).__name__}: "
-                          f"{first_line}); using the eager kernels. Set MABN_FUSED=0 to skip the attempt.",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"mabn: inductor could not compile the fused norms ({type(error).__name__}: "
+                f"{first_line}); using the eager kernels. Set MABN_FUSED=0 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return self.fn(*args)
         finally:
             config.recompile_limit = limit

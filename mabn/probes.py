@@ -27,30 +27,38 @@ from .norms import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
 from .norms.norm_act import NORM_ACT_LAYERS
 
 # every per-channel norm of the suite: the probe records its input's and gradient's statistics
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, BatchRenorm2d, MABN2d, CrossIterationBatchNorm2d,
-              *NORM_ACT_LAYERS)
+NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    BatchRenorm2d,
+    MABN2d,
+    CrossIterationBatchNorm2d,
+    *NORM_ACT_LAYERS,
+)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the model's normalization layers with a per-channel weight."""
-    return [(name, m) for name, m in model.named_modules()
-            if (isinstance(m, NORM_TYPES) or hasattr(m, "normalization_batch"))
-            and getattr(m, "weight", None) is not None]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if (isinstance(m, NORM_TYPES) or hasattr(m, "normalization_batch")) and getattr(m, "weight", None) is not None
+    ]
 
 
-def group_statistics(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, batch: int,
-                     eps: float = 1e-5) -> dict[str, torch.Tensor]:
+def group_statistics(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, batch: int, eps: float = 1e-5
+) -> dict[str, torch.Tensor]:
     """mu, sigma2, g, psi of each group of ``batch`` consecutive samples: (groups, channels)."""
     n, c = x.shape[:2]
     groups = n // batch
-    xg = x[:groups * batch].double().reshape(groups, batch, c, -1)
-    dg = dy[:groups * batch].double().reshape(groups, batch, c, -1)
+    xg = x[: groups * batch].double().reshape(groups, batch, c, -1)
+    dg = dy[: groups * batch].double().reshape(groups, batch, c, -1)
     mu = xg.mean(dim=(1, 3))
     sigma2 = xg.var(dim=(1, 3), unbiased=False)
     x_hat = (xg - mu[:, None, :, None]) * torch.rsqrt(sigma2 + eps)[:, None, :, None]
     gamma = weight.detach().double()
-    return {"mu": mu, "sigma2": sigma2, "g": gamma * dg.mean(dim=(1, 3)),
-            "psi": gamma * (dg * x_hat).mean(dim=(1, 3))}
+    return {"mu": mu, "sigma2": sigma2, "g": gamma * dg.mean(dim=(1, 3)), "psi": gamma * (dg * x_hat).mean(dim=(1, 3))}
 
 
 class BatchStatisticsProbe:
@@ -61,8 +69,15 @@ class BatchStatisticsProbe:
     active only on recorded steps. Each record is one dict per (step, layer, statistic,
     batch) with ``values`` a list of per-group lists (groups x channels)."""
 
-    def __init__(self, model: nn.Module, layers: int = 3, channels: int = 4, every: int = 20,
-                 batches=(1, 2, 4, 8, 16, 32), layer_names: list[str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: int = 3,
+        channels: int = 4,
+        every: int = 20,
+        batches=(1, 2, 4, 8, 16, 32),
+        layer_names: list[str] | None = None,
+    ):
         found = norm_layers(model)
         if layer_names:
             found = [(n, m) for n, m in found if n in layer_names]
@@ -107,6 +122,7 @@ class BatchStatisticsProbe:
                 r_max, d_max = mod.limits()
                 self._add(name, "r_max", 0, [[float(r_max)]])
                 self._add(name, "d_max", 0, [[float(d_max)]])
+
         return hook
 
     def _after(self, name, module):
@@ -130,9 +146,12 @@ class BatchStatisticsProbe:
                     if batch <= len(x):
                         for stat, values in group_statistics(x, dy, weight, batch, eps).items():
                             self._add(name, stat, batch, values.tolist(), step)
+
             output.register_hook(backward_hook)
+
         return hook
 
     def _add(self, layer, stat, batch, values, step=None):
-        self.records.append({"step": step or self._current_step, "layer": layer, "stat": stat,
-                             "batch": batch, "values": values})
+        self.records.append(
+            {"step": step or self._current_step, "layer": layer, "stat": stat, "batch": batch, "values": values}
+        )

@@ -32,15 +32,18 @@ def scaled_count(count: int, total_steps: int, reference_steps: int) -> int:
     return max(1, round(count * total_steps / reference_steps))
 
 
-def scale_schedules(model: nn.Module, total_steps: int, reference_steps: int | None,
-                    fractions: Mapping[str, float] | None = None) -> dict:
+def scale_schedules(
+    model: nn.Module, total_steps: int, reference_steps: int | None, fractions: Mapping[str, float] | None = None
+) -> dict:
     """Set, in place, the ``schedule_options`` of every norm layer of ``model``: one named in
     ``fractions`` to that fraction of ``total_steps`` (rounded); the others rescaled from a run of
     ``reference_steps`` (kept for None). Returns {layer class: {option: count}} as used."""
     fractions = dict(fractions or {})
     for name, fraction in fractions.items():
         if not 0 <= fraction <= 1:
-            raise ValueError(f"norm.run_fractions.{name}={fraction} is not a fraction of the run: give a number in [0, 1]")
+            raise ValueError(
+                f"norm.run_fractions.{name}={fraction} is not a fraction of the run: give a number in [0, 1]"
+            )
     used = {}
     for module in model.modules():
         options = getattr(module, "schedule_options", ())

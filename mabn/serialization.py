@@ -11,8 +11,12 @@ import torch
 from .config import ConfigError, first_line
 
 # what our checkpoints hold besides tensors and plain values: numpy's RNG state (a uint32 array)
-NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
-               type(np.dtype(np.uint32))]
+NUMPY_STATE = [
+    getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 def load_weights_only(path: str | Path):
@@ -26,5 +30,7 @@ def load_weights_only(path: str | Path):
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         if "Unsupported global" not in str(error):  # a broken file, not a refused object: unreadable
             raise ValueError(f"{path} is not a readable torch checkpoint ({first_line(error, 120)})") from None
-        raise ConfigError(f"{path} holds more than tensors and plain Python values, so it is not loaded "
-                          "(it could run code): save plain state_dicts, or load it yourself if you trust it") from None
+        raise ConfigError(
+            f"{path} holds more than tensors and plain Python values, so it is not loaded "
+            "(it could run code): save plain state_dicts, or load it yourself if you trust it"
+        ) from None

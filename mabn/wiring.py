@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import timm.models.resnet as timm_resnet
 import torchvision.models.resnet as tv_resnet
@@ -28,8 +28,13 @@ from torchvision.models._utils import IntermediateLayerGetter
 from . import norms
 from .norms.norm_act import NORM_ACT_LAYERS, drop_activation
 
-BATCH_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, norms.BatchNorm2d, norms.BatchRenorm2d, norms.MABN2d,
-                    norms.CrossIterationBatchNorm2d)
+BATCH_STAT_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    norms.BatchNorm2d,
+    norms.BatchRenorm2d,
+    norms.MABN2d,
+    norms.CrossIterationBatchNorm2d,
+)
 PAIRED_NORMS = BATCH_STAT_NORMS + (nn.GroupNorm,) + NORM_ACT_LAYERS
 
 
@@ -62,6 +67,7 @@ def bind_convs(model: nn.Module) -> nn.Module:
 
 # ---- norm + activation layers: which ReLU each takes over ----
 
+
 def _is_norm_act(module) -> bool:
     return isinstance(module, NORM_ACT_LAYERS)
 
@@ -86,17 +92,20 @@ class TorchvisionBottleneck(tv_resnet.Bottleneck):
 def _swap_class(new_class, *norm_paths):
     """A rule that gives the block ``new_class`` (same state) if its norms at ``norm_paths``
     all activate, and returns those norms."""
+
     def rule(block):
         taken = [block.get_submodule(path) for path in norm_paths]
         if not all(_is_norm_act(n) for n in taken):
             return []
         block.__class__ = new_class
         return taken
+
     return rule
 
 
 def _identity_after(*pairs):
     """A rule that replaces the activation module after each (norm, activation) attribute pair."""
+
     def rule(block):
         taken = []
         for norm_name, act_name in pairs:
@@ -105,6 +114,7 @@ def _identity_after(*pairs):
                 setattr(block, act_name, nn.Identity())
                 taken.append(norm)
         return taken
+
     return rule
 
 
@@ -156,8 +166,11 @@ def fuse_activations(model: nn.Module) -> nn.Module:
                 drop_activation(module)
             module.wired = True
     if kept:
-        warnings.warn(f"norm + activation layers in {sorted(kept)} keep their activation: check that these "
-                      "modules apply no other after them (or teach mabn.wiring.register_activated_block)")
+        warnings.warn(
+            f"norm + activation layers in {sorted(kept)} keep their activation: check that these "
+            "modules apply no other after them (or teach mabn.wiring.register_activated_block)",
+            stacklevel=2,
+        )
     return model
 
 

@@ -47,12 +47,11 @@ from mabn.config import register_resolvers  # noqa: E402
 from mabn.convert import centralize_weights, conv_norm_pairs  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
-from mabn.wiring import wire_norms  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
 from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
 from mabn.studies.reporting import machine, publish  # noqa: E402
-
+from mabn.wiring import wire_norms  # noqa: E402
 
 VARIANTS = {"bn-again": ("bn", []), "bn-wcopy": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
 
@@ -95,9 +94,18 @@ def count_mask_rois(model) -> list:
 def config(args, norm: str, engine: str):
     register_resolvers()
     norm, extra = VARIANTS.get(norm, (norm, []))
-    overrides = [*extra, f"norm={norm}", f"engine={engine}", f"detector={args.detector}", f"batch={args.batch}",
-                 f"data.root={args.data_root}", f"data.train_images={args.images}", "data.val_images=4",
-                 "workers=0", f"device={args.device}"]
+    overrides = [
+        *extra,
+        f"norm={norm}",
+        f"engine={engine}",
+        f"detector={args.detector}",
+        f"batch={args.batch}",
+        f"data.root={args.data_root}",
+        f"data.train_images={args.images}",
+        "data.val_images=4",
+        "workers=0",
+        f"device={args.device}",
+    ]
     overrides += [f"data.min_size={args.min_size}"] if args.min_size else []
     overrides += [f"data.max_size={args.max_size}"] if args.max_size else []
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
@@ -110,9 +118,17 @@ class TorchvisionCase:
     def __init__(self, cfg, batches):
         (images, annotations), _ = split_paths(cfg.data, True)
         dataset = coco_dataset(images, annotations, train=True)
-        self.model = build_maskrcnn(num_classes(dataset.coco), norm_layer_from_config(cfg.norm), cfg.detector.backbone,
-                                    None, cfg.data.min_size, cfg.data.max_size, cfg.detector.channels,
-                                    cfg.detector.fc_channels, **torchvision_options(cfg.detector))
+        self.model = build_maskrcnn(
+            num_classes(dataset.coco),
+            norm_layer_from_config(cfg.norm),
+            cfg.detector.backbone,
+            None,
+            cfg.data.min_size,
+            cfg.data.max_size,
+            cfg.detector.channels,
+            cfg.detector.fc_channels,
+            **torchvision_options(cfg.detector),
+        )
         wire_norms(self.model)  # as mabn.engine.training.prepare_model: CBN reads its conv's weight
         if cfg.norm.get("centralize_weights", False):
             centralize_weights(self.model)
@@ -120,7 +136,7 @@ class TorchvisionCase:
         self.model.to(self.device).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
         samples = [dataset[i] for i in range(cfg.batch * batches)]
-        self.batches = [collate_detection(samples[i:i + cfg.batch]) for i in range(0, len(samples), cfg.batch)]
+        self.batches = [collate_detection(samples[i : i + cfg.batch]) for i in range(0, len(samples), cfg.batch)]
         self.index = 0
         self.mask_rois = count_mask_rois(self.model)
 
@@ -151,7 +167,9 @@ class Detectron2Case:
         self.model = build_detectron2_model(self.d2cfg, cfg).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
         dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN)
-        loader = iter(build_detection_train_loader(self.d2cfg, dataset=dicts, sampler=TrainingSampler(len(dicts), seed=0)))
+        loader = iter(
+            build_detection_train_loader(self.d2cfg, dataset=dicts, sampler=TrainingSampler(len(dicts), seed=0))
+        )
         seed_all_rng(0)  # the augmentations draw from numpy's global stream: the same batches for every case
         self.batches = [next(loader) for _ in range(batches)]
         self.storage = EventStorage(0)  # detectron2's losses log into one
@@ -196,27 +214,40 @@ def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
 
 
 def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
-    lines = [title, "", "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) "
-             "| mask RoIs / iteration (mean) |", "|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) "
+        "| mask RoIs / iteration (mean) |",
+        "|---|---|---|---|---|",
+    ]
     for (engine, norm), seconds in times.items():
         baseline = times.get((engine, "bn"))
         ratio = f"{statistics.median(t / b for t, b in zip(seconds, baseline)):.2f}" if baseline else "-"
-        lines.append(f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} "
-                     f"| {statistics.mean(mask_rois[engine, norm]):.1f} |")
+        lines.append(
+            f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} "
+            f"| {statistics.mean(mask_rois[engine, norm]):.1f} |"
+        )
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detector", default="r18_fpn_small", help="configs/detector/ option (r50_fpn: the paper's)")
-    parser.add_argument("--norms", nargs="+",
-                        default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "bn-wcopy", "syncbn"],
-                        help="norm options; bn-again: a second bn model (the noise floor); mabn-nowc: mabn without "
-                             "weight centralization; bn-wcopy: bn copying the weights MABN centralizes (a floor)")
+    parser.add_argument(
+        "--norms",
+        nargs="+",
+        default=["bn", "bn-again", "gn", "brn", "mabn", "mabn-nowc", "bn-wcopy", "syncbn"],
+        help="norm options; bn-again: a second bn model (the noise floor); mabn-nowc: mabn without "
+        "weight centralization; bn-wcopy: bn copying the weights MABN centralizes (a floor)",
+    )
     parser.add_argument("--engines", nargs="+", default=["torchvision", "detectron2"])
     parser.add_argument("--batch", type=int, default=2, help="images per iteration (the normalization batch)")
-    parser.add_argument("--data-root", default=str(ROOT / "data" / "fashion_scenes_bench"),
-                        help="fashion_scenes folder (generated on first use)")
+    parser.add_argument(
+        "--data-root",
+        default=str(ROOT / "data" / "fashion_scenes_bench"),
+        help="fashion_scenes folder (generated on first use)",
+    )
     parser.add_argument("--images", type=int, default=16, help="fashion_scenes training images to generate")
     parser.add_argument("--min-size", type=int, help="shorter image side (default: the data config's, 128)")
     parser.add_argument("--max-size", type=int)
@@ -242,32 +273,43 @@ def main(argv=None):
                 cfg = config(args, norm, engine)
                 torch.manual_seed(0)
                 with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table
-                    cases[(engine, norm)] = (Detectron2Case(cfg, args.batches, work_dir) if engine == "detectron2"
-                                             else TorchvisionCase(cfg, args.batches))
+                    cases[(engine, norm)] = (
+                        Detectron2Case(cfg, args.batches, work_dir)
+                        if engine == "detectron2"
+                        else TorchvisionCase(cfg, args.batches)
+                    )
                 if norm == "bn-wcopy":  # the parameters stay the same objects: the optimizer still holds them
                     copy_weights(cases[(engine, norm)].model)
         if "bn-wcopy" in args.norms:
-            notes.append("bn-wcopy: bn whose convs that MABN centralizes copy their weight (forward) and its gradient "
-                         "(backward), which trains exactly as bn: the least time that centralizing by materializing "
-                         "W - mean(W) and its projected gradient adds to bn")
+            notes.append(
+                "bn-wcopy: bn whose convs that MABN centralizes copy their weight (forward) and its gradient "
+                "(backward), which trains exactly as bn: the least time that centralizing by materializing "
+                "W - mean(W) and its projected gradient adds to bn"
+            )
         if "syncbn" in args.norms:
-            notes.append("syncbn runs in one process here: nothing to synchronize, so it times BN's path "
-                         "(this suite's SyncBatchNorm falls back to batch_norm without a process group)")
+            notes.append(
+                "syncbn runs in one process here: nothing to synchronize, so it times BN's path "
+                "(this suite's SyncBatchNorm falls back to batch_norm without a process group)"
+            )
         with contextlib.redirect_stdout(sys.stderr):
             times = benchmark(cases, args.warmup, args.repeats, args.device)
 
     cfg = config(args, "bn", "torchvision")
     device = machine(args.device)
-    title = (f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
-             f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
-             f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
-             f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
-             f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
-             f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`")
-    rois = {key: case.mask_rois[-args.repeats:] for key, case in cases.items()}  # the timed iterations'
-    notes.append("mask RoIs: the positive proposals the mask head trains on, which depend on what each model has "
-                 "learnt, so this share of the work differs between norms (the two bn models, trained alike, "
-                 "match); the box head's samples are fixed by the config")
+    title = (
+        f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
+        f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
+        f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
+        f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
+        f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
+        f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`"
+    )
+    rois = {key: case.mask_rois[-args.repeats :] for key, case in cases.items()}  # the timed iterations'
+    notes.append(
+        "mask RoIs: the positive proposals the mask head trains on, which depend on what each model has "
+        "learnt, so this share of the work differs between norms (the two bn models, trained alike, "
+        "match); the box head's samples are fixed by the config"
+    )
     publish(table(times, rois, notes, title), args.out)
 
 

@@ -29,12 +29,28 @@ from mabn.export import build_model
 from mabn.studies.reporting import describe, machine, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
-CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("bn (not folded)", "bn", False),
-         ("mabn (not folded)", "mabn", False), ("gn", "gn", False), ("ln", "ln", False), ("in", "in", False)]
+CASES = [
+    ("bn folded", "bn", True),
+    ("mabn folded", "mabn", True),
+    ("bn (not folded)", "bn", False),
+    ("mabn (not folded)", "mabn", False),
+    ("gn", "gn", False),
+    ("ln", "ln", False),
+    ("in", "in", False),
+]
 # in ONNX Runtime: what a deployment exports (foldable norms folded), the successors included
-RUNTIME_CASES = [("bn folded", "bn", True), ("mabn folded", "mabn", True), ("cbn folded", "cbn", True),
-                 ("gn", "gn", False), ("ln", "ln", False), ("in", "in", False), ("gn_ws", "gn_ws", False),
-                 ("evonorm_b0", "evonorm_b0", False), ("evonorm_s0", "evonorm_s0", False), ("frn", "frn", False)]
+RUNTIME_CASES = [
+    ("bn folded", "bn", True),
+    ("mabn folded", "mabn", True),
+    ("cbn folded", "cbn", True),
+    ("gn", "gn", False),
+    ("ln", "ln", False),
+    ("in", "in", False),
+    ("gn_ws", "gn_ws", False),
+    ("evonorm_b0", "evonorm_b0", False),
+    ("evonorm_s0", "evonorm_s0", False),
+    ("frn", "frn", False),
+]
 
 
 @torch.no_grad()
@@ -82,19 +98,27 @@ def onnxruntime_table(args) -> str:
             rows[label][batch] = 1 / statistics.median(values)
         paired[batch] = describe([b / m for b, m in zip(times["bn folded"], times["mabn folded"])])
     head = " | ".join(f"batch {b}: iterations/s (ratio)" for b in args.batch)
-    lines = [f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
-             f"{args.image_size}, {machine(args.device)}, median of {args.repeats} runs per model, round-robin; each "
-             "model exported by `mabn.export.export_onnx` (foldable norms folded; outputs checked against PyTorch).",
-             "", f"Command: `python {' '.join(sys.argv)}`", "",
-             f"| norm | {head} | authors' iterations/s (ratio) |", "|---|" + "---|" * len(args.batch) + "---|"]
+    lines = [
+        f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
+        f"{args.image_size}, {machine(args.device)}, median of {args.repeats} runs per model, round-robin; each "
+        "model exported by `mabn.export.export_onnx` (foldable norms folded; outputs checked against PyTorch).",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"| norm | {head} | authors' iterations/s (ratio) |",
+        "|---|" + "---|" * len(args.batch) + "---|",
+    ]
     for label, speeds in rows.items():
         cells = " | ".join(f"{speeds[b]:.2f} ({speeds[b] / rows['bn folded'][b]:.2f})" for b in args.batch)
         authors = AUTHORS.get(label)
         paper = f"{authors} ({authors / AUTHORS['bn folded']:.2f})" if authors else "-"
         lines.append(f"| {label} | {cells} | {paper} |")
-    lines += [""] + [f"In ONNX Runtime at batch {b}, folded MABN runs at {p['mean']:.3f}x the speed of folded BN (95 % interval of the "
-                     f"per-round ratio {p['mean'] - p['ci95']:.3f}-{p['mean'] + p['ci95']:.3f}; the authors: 1.00)."
-                     for b, p in paired.items()]
+    lines += [""] + [
+        f"In ONNX Runtime at batch {b}, folded MABN runs at {p['mean']:.3f}x the speed of folded BN "
+        f"(95 % interval of the "
+        f"per-round ratio {p['mean'] - p['ci95']:.3f}-{p['mean'] + p['ci95']:.3f}; the authors: 1.00)."
+        for b, p in paired.items()
+    ]
     return "\n".join(lines)
 
 
@@ -128,10 +152,16 @@ def main(argv=None):
                     times[label].append(time.perf_counter() - start)
     speed = {label: 1 / statistics.median(values) for label, values in times.items()}
     base = speed["bn folded"]
-    lines = [f"ResNet-50 inference (eval mode) at {args.image_size}x{args.image_size}, batch {args.batch}, "
-             f"{machine(args.device)}, torch {torch.__version__}, median of {args.repeats} passes per model, "
-             "round-robin.", "", f"Command: `python {' '.join(sys.argv)}`", "",
-             "| norm | iterations/s | ratio to bn folded | authors' iterations/s (ratio) |", "|---|---|---|---|"]
+    lines = [
+        f"ResNet-50 inference (eval mode) at {args.image_size}x{args.image_size}, batch {args.batch}, "
+        f"{machine(args.device)}, torch {torch.__version__}, median of {args.repeats} passes per model, "
+        "round-robin.",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        "| norm | iterations/s | ratio to bn folded | authors' iterations/s (ratio) |",
+        "|---|---|---|---|",
+    ]
     for label, value in speed.items():
         authors = AUTHORS.get(label)
         paper = f"{authors} ({authors / AUTHORS['bn folded']:.2f})" if authors else "-"
@@ -140,10 +170,13 @@ def main(argv=None):
     paired = [b / m for b, m in zip(times["bn folded"], times["mabn folded"])]
     ratio = describe(paired)
     mean, half = ratio["mean"], ratio["ci95"]
-    lines += ["", f"MABN folded runs at {mean:.3f}x the speed of BN folded (95 % interval of the per-round ratio "
-              f"{mean - half:.3f}-{mean + half:.3f}; the authors: 1.00); GN, LN and IN at "
-              + ", ".join(f"{speed[k] / base:.2f}x" for k in ("gn", "ln", "in"))
-              + " (the authors: 0.42x, 0.53x, 0.44x)."]
+    lines += [
+        "",
+        f"MABN folded runs at {mean:.3f}x the speed of BN folded (95 % interval of the per-round ratio "
+        f"{mean - half:.3f}-{mean + half:.3f}; the authors: 1.00); GN, LN and IN at "
+        + ", ".join(f"{speed[k] / base:.2f}x" for k in ("gn", "ln", "in"))
+        + " (the authors: 0.42x, 0.53x, 0.44x).",
+    ]
     publish("\n".join(lines), args.out)
 
 

@@ -34,8 +34,17 @@ import mabn.fused
 from mabn.studies.reporting import machine, publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
-RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
-                   (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7)]
+RESNET50_SHAPES = [
+    (64, 112, 112),
+    (64, 56, 56),
+    (256, 56, 56),
+    (128, 28, 28),
+    (512, 28, 28),
+    (256, 14, 14),
+    (1024, 14, 14),
+    (512, 7, 7),
+    (2048, 7, 7),
+]
 QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
 BATCH_NORMS = ("bn", "brn", "mabn", "evonorm_b0")
 # cbn and gn_ws act through the conv that feeds them (Taylor step, weight standardization): a layer
@@ -128,8 +137,10 @@ def saved_bytes(layer, x, dy, dtype=None) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
-          torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None),
+    ):
         out = layer(x)
     out.backward(dy)
     if x.is_cuda:
@@ -153,7 +164,7 @@ def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=
         samples = {label: [] for label in built}
         for repeat in range(repeats):
             order = list(built)
-            order = order[repeat % len(order):] + order[:repeat % len(order)]
+            order = order[repeat % len(order) :] + order[: repeat % len(order)]
             for label in order:
                 start = time.perf_counter()
                 step(built[label], x, dy, dtype)
@@ -171,13 +182,20 @@ def table(times, saved, shapes, title):
     """Per-shape ratios to nn.BatchNorm2d, their geometric mean and maximum, saved memory."""
     base = times["nn.BatchNorm2d"]
     header = " | ".join(f"{c}x{h}x{w}" for c, h, w in shapes)
-    lines = [title, "", f"| layer | {header} | geomean | max | total ms | saved / x (max over shapes) |",
-             "|---" * (len(shapes) + 5) + "|"]
+    lines = [
+        title,
+        "",
+        f"| layer | {header} | geomean | max | total ms | saved / x (max over shapes) |",
+        "|---" * (len(shapes) + 5) + "|",
+    ]
     for label, seconds in times.items():
         ratios = [t / b for t, b in zip(seconds, base)]
-        lines.append(f"| {label} | " + " | ".join(f"{r:.2f}" for r in ratios)
-                     + f" | {geometric_mean(ratios):.2f} | {max(ratios):.2f} | {sum(seconds) * 1000:.1f} "
-                     f"| {max(saved[label]):.2f} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{r:.2f}" for r in ratios)
+            + f" | {geometric_mean(ratios):.2f} | {max(ratios):.2f} | {sum(seconds) * 1000:.1f} "
+            f"| {max(saved[label]):.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,16 +203,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="per-device batch")
     parser.add_argument("--normalization-batches", type=int, nargs="+", default=[32, 4, 2, 1])
-    parser.add_argument("--norms", nargs="+", default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn",
-                                                             "evonorm_b0", "evonorm_s0", "frn"])
+    parser.add_argument(
+        "--norms",
+        nargs="+",
+        default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn", "evonorm_b0", "evonorm_s0", "frn"],
+    )
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["fp16", "bf16"], help="run under autocast (x in that dtype)")
     parser.add_argument("--channels-last", action="store_true", help="x in channels_last memory format")
     parser.add_argument("--authors-mabn", type=Path, help="path to the authors' MABN.py, to time it too")
-    parser.add_argument("--compare", type=Path, action="append", default=[],
-                        help="another checkout whose layers get rows too, tagged with its folder name")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout whose layers get rows too, tagged with its folder name",
+    )
     parser.add_argument("--eager", action="store_true", help="the eager kernels of BN/BRN/MABN (MABN_FUSED=0)")
     parser.add_argument("--eager-rows", action="store_true", help="also rows with the eager kernels, tagged [eager]")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
@@ -212,12 +238,14 @@ def main(argv=None):
     layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
     compiled = mabn.fused.enabled() and args.device == "cpu" and dtype is None
     kernels = f"compiled (MABN_FUSED={mabn.fused.mode()})" if compiled else "eager"
-    title = (f"Norm layers, forward+backward, per-device batch {args.batch}, "
-             f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
-             f"{kernels} kernels of bn/brn/mabn (mabn.fused), {machine(args.device)}, "
-             f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
-             "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
-             f"Command: `python {' '.join(sys.argv)}`")
+    title = (
+        f"Norm layers, forward+backward, per-device batch {args.batch}, "
+        f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
+        f"{kernels} kernels of bn/brn/mabn (mabn.fused), {machine(args.device)}, "
+        f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
+        "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
+        f"Command: `python {' '.join(sys.argv)}`"
+    )
     publish(table(times, saved, shapes, title), args.out)
 
 

@@ -64,10 +64,19 @@ def main(argv=None):
                 times[mode].append((time.perf_counter() - start) / args.steps)
         step += args.steps
     base = statistics.median(times["no probe"])
-    lines = [f"Training step with the batch-statistics probe, small ResNet (study), MABN at normalization batch 2, "
-             f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
-             "", f"Command: `python {' '.join(sys.argv)}`", "", "| probe | ms/step | ratio to no probe |", "|---|---|---|"]
-    lines += [f"| {mode} | {1000 * statistics.median(v):.1f} | {statistics.median(v) / base:.3f} |" for mode, v in times.items()]
+    lines = [
+        f"Training step with the batch-statistics probe, small ResNet (study), MABN at normalization batch 2, "
+        f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        "| probe | ms/step | ratio to no probe |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {mode} | {1000 * statistics.median(v):.1f} | {statistics.median(v) / base:.3f} |"
+        for mode, v in times.items()
+    ]
     publish("\n".join(lines), args.out)
 
 

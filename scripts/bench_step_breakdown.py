@@ -24,10 +24,15 @@ from mabn.engine.sampling import EpochSampler, SeededSamples
 from mabn.models import build_classifier
 from mabn.studies.reporting import machine, publish
 
-NORMS = [("bn@32", "bn", {}), ("bn@2", "bn", {"normalization_batch": 2}),
-         ("brn@2", "brn", {"normalization_batch": 2}), ("gn (8 groups)", "gn", {"num_groups": 8}),
-         ("mabn@32", "mabn", {"sma_window": 1}), ("mabn@2", "mabn", {"normalization_batch": 2, "sma_window": 16}),
-         ("no norm", None, {})]
+NORMS = [
+    ("bn@32", "bn", {}),
+    ("bn@2", "bn", {"normalization_batch": 2}),
+    ("brn@2", "brn", {"normalization_batch": 2}),
+    ("gn (8 groups)", "gn", {"num_groups": 8}),
+    ("mabn@32", "mabn", {"sma_window": 1}),
+    ("mabn@2", "mabn", {"normalization_batch": 2, "sma_window": 16}),
+    ("no norm", None, {}),
+]
 
 
 class PerSample(torch.utils.data.Dataset):
@@ -44,7 +49,9 @@ class PerSample(torch.utils.data.Dataset):
 
 
 def data_ms(dataset, batches: int) -> float:
-    loader = DataLoader(SeededSamples(dataset, 0), batch_size=32, sampler=EpochSampler(len(dataset), 32), drop_last=True)
+    loader = DataLoader(
+        SeededSamples(dataset, 0), batch_size=32, sampler=EpochSampler(len(dataset), 32), drop_last=True
+    )
     iterator, start = iter(loader), time.perf_counter()
     for _ in range(batches):
         next(iterator)
@@ -83,12 +90,18 @@ def main(argv=None):
             if round_:
                 times[label].append(1000 * (time.perf_counter() - start) / args.steps)
     bare = statistics.median(times["no norm"])
-    lines = [f"Training step of small_resnet widths {widths}, stem stride {args.stem_stride}, per-device batch 32, "
-             f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
-             "", f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Data: {per_sample:.1f} ms per batch of 32 sample by sample, {batched:.1f} ms batched "
-             "(FashionMNIST.__getitems__, what the engine uses).", "",
-             "| norm | ms/step | norms' share of the step |", "|---|---|---|"]
+    lines = [
+        f"Training step of small_resnet widths {widths}, stem stride {args.stem_stride}, per-device batch 32, "
+        f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"Data: {per_sample:.1f} ms per batch of 32 sample by sample, {batched:.1f} ms batched "
+        "(FashionMNIST.__getitems__, what the engine uses).",
+        "",
+        "| norm | ms/step | norms' share of the step |",
+        "|---|---|---|",
+    ]
     for label, values in times.items():
         ms = statistics.median(values)
         lines.append(f"| {label} | {ms:.1f} | {(ms - bare) / ms:.0%} |")

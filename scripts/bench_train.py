@@ -81,8 +81,9 @@ def authors_cbn_model(model_name, path):
     spec = importlib.util.spec_from_file_location("authors_cbn", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    model = build_classifier(model_name, 1000, 3, lambda c, **_: AuthorsCBN(module.CBatchNorm2d, c, buffer_num=3,
-                                                                       burnin=0))
+    model = build_classifier(
+        model_name, 1000, 3, lambda c, **_: AuthorsCBN(module.CBatchNorm2d, c, buffer_num=3, burnin=0)
+    )
     last_conv = None
     for layer in model.modules():
         if isinstance(layer, nn.Conv2d):
@@ -121,8 +122,11 @@ def main(argv=None):
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     chosen = None if args.norms is None else {"bn", *args.norms.split(",")}
-    runs = {label: build(args.model, norm, options, device, cuda) for label, norm, options in CASES
-            if chosen is None or label in chosen}
+    runs = {
+        label: build(args.model, norm, options, device, cuda)
+        for label, norm, options in CASES
+        if chosen is None or label in chosen
+    }
     if args.authors_cbn:
         model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
         runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -136,10 +140,15 @@ def main(argv=None):
             times[label].append(time.perf_counter() - start)
 
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
-    lines = [f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
-             f"{args.batch}, {machine(args.device)}, torch {torch.__version__}, median of {args.steps} steps.", "",
-             f"Command: `python {' '.join(sys.argv)}`", "",
-             "| norm | images/s | ratio to bn |", "|---|---|---|"]
+    lines = [
+        f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
+        f"{args.batch}, {machine(args.device)}, torch {torch.__version__}, median of {args.steps} steps.",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        "| norm | images/s | ratio to bn |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label} | {value:.1f} | {value / speed['bn']:.2f} |" for label, value in speed.items()]
     publish("\n".join(lines), args.out)
 

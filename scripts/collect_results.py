@@ -25,8 +25,9 @@ def main(argv=None) -> str:
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--plot", type=Path, help="write a plot of error vs normalization batch (classification)")
     parser.add_argument("--title", help="a first line, e.g. the command that made the runs")
-    parser.add_argument("--study", type=Path, help="an evidence report (results/REPORT.md): its cells and claims "
-                                                   "beside these runs'")
+    parser.add_argument(
+        "--study", type=Path, help="an evidence report (results/REPORT.md): its cells and claims beside these runs'"
+    )
     args = parser.parse_args(argv)
     summaries = load_summaries(args.root)
     if not summaries:

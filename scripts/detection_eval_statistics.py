@@ -32,7 +32,10 @@ def main(argv=None) -> None:
         parser.error(f"--groups {args.groups}: each must divide --images {args.images}")
     estimators = [None, *args.groups]
     header = " | ".join(f"{'all images at once' if g is None else f'groups of {g}'} box / mask" for g in estimators)
-    lines = [f"| run | step | own running statistics box / mask | {header} |", "|---|---|" + "---|" * (1 + len(estimators))]
+    lines = [
+        f"| run | step | own running statistics box / mask | {header} |",
+        "|---|---|" + "---|" * (1 + len(estimators)),
+    ]
     for checkpoint in args.checkpoints:
         with tempfile.TemporaryDirectory() as scratch:
             run = load_detection_checkpoint(checkpoint, Path(scratch))
@@ -46,9 +49,14 @@ def main(argv=None) -> None:
                 cells.append(f"{metrics['eval/box_AP']:.2f} / {metrics['eval/mask_AP']:.2f}")
         lines.append(f"| {checkpoint.parent.name} | {run.step} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr)
-    publish(f"Box / mask AP of detection checkpoints with their own running statistics and with the backbone's "
-            f"re-estimated from {args.images} training images (`python scripts/detection_eval_statistics.py "
-            + " ".join(p.as_posix() for p in args.checkpoints) + "`).\n\n" + "\n".join(lines), args.out)
+    publish(
+        f"Box / mask AP of detection checkpoints with their own running statistics and with the backbone's "
+        f"re-estimated from {args.images} training images (`python scripts/detection_eval_statistics.py "
+        + " ".join(p.as_posix() for p in args.checkpoints)
+        + "`).\n\n"
+        + "\n".join(lines),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     train, val = FashionMNIST(train=True, augment=True), FashionMNIST(train=False)
-    order = torch.randperm(len(train))[:args.images].tolist()
+    order = torch.randperm(len(train))[: args.images].tolist()
     estimation, _ = images_of(train, order)
     val_images, val_labels = images_of(val, list(range(len(val))))
-    lines = ["| run | normalization batch | summary | own running statistics | all images at once | "
-             "groups of b | groups of (k + 1) b (CBN's window) |", "|---|---|---|---|---|---|---|"]
-    runs = sorted((load_run(run_dir) + (run_dir,) for run_dir in args.runs),
-                  key=lambda run: (run[1]["norm"], -run[1]["batch"], run[1]["seed"]))
+    lines = [
+        "| run | normalization batch | summary | own running statistics | all images at once | "
+        "groups of b | groups of (k + 1) b (CBN's window) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    runs = sorted(
+        (load_run(run_dir) + (run_dir,) for run_dir in args.runs),
+        key=lambda run: (run[1]["norm"], -run[1]["batch"], run[1]["seed"]),
+    )
     for model, summary, run_dir in runs:
         options = summary["config"]["norm"]["options"]
         b = options.get("normalization_batch") or summary["config"]["per_device_batch"]
@@ -55,10 +60,15 @@ def main(argv=None) -> None:
         cells = [f"{e:.2f}" for e in errors] + ["-"] * (4 - len(errors))  # no window column but for CBN
         lines.append(f"| {run_dir.name} | {b} | {summary['top1_error']:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr)
-    publish("Top-1 error (%) on the Fashion-MNIST test set of trained runs, evaluated with their own running "
-            f"statistics and with statistics re-estimated from {args.images} augmented training images "
-            "(`python scripts/eval_statistics.py " + " ".join(p.as_posix() for p in args.runs) + "`).\n\n"
-            + "\n".join(lines), args.out)
+    publish(
+        "Top-1 error (%) on the Fashion-MNIST test set of trained runs, evaluated with their own running "
+        f"statistics and with statistics re-estimated from {args.images} augmented training images "
+        "(`python scripts/eval_statistics.py "
+        + " ".join(p.as_posix() for p in args.runs)
+        + "`).\n\n"
+        + "\n".join(lines),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,20 @@ import torch
 class ReferenceMABN:
     """MABN step by step: every normalization batch is one step of the SMA windows."""
 
-    def __init__(self, channels, window, momentum=0.02, eps=1e-5, warmup_iters=100,
-                 renorm_warmup_iters=1000, r_max=5.0, forward_stat="sma", backward_stat="sma",
-                 renorm=True, dtype=torch.float64):
+    def __init__(
+        self,
+        channels,
+        window,
+        momentum=0.02,
+        eps=1e-5,
+        warmup_iters=100,
+        renorm_warmup_iters=1000,
+        r_max=5.0,
+        forward_stat="sma",
+        backward_stat="sma",
+        renorm=True,
+        dtype=torch.float64,
+    ):
         self.window, self.momentum, self.eps = window, momentum, eps
         self.forward_stat, self.backward_stat, self.renorm = forward_stat, backward_stat, renorm
         self.warmup_iters, self.renorm_warmup_iters, self.r_max = warmup_iters, renorm_warmup_iters, r_max
@@ -29,7 +40,7 @@ class ReferenceMABN:
             chi2 = (xg * xg).mean(dim=(0, 2, 3))
             self.chi2_history.append(chi2)
             smoothed = len(self.chi2_history) >= self.window and self.iteration >= self.warmup_iters
-            sma = torch.stack(self.chi2_history[-self.window:]).mean(0) if smoothed else chi2
+            sma = torch.stack(self.chi2_history[-self.window :]).mean(0) if smoothed else chi2
             tracked.append(sma)
             if self.forward_stat == "batch":
                 var = chi2
@@ -59,7 +70,7 @@ class ReferenceMABN:
             psi = (g * z).mean(dim=(0, 2, 3))
             self.psi_history.append(psi)
             if smoothed and self.backward_stat == "sma":
-                psi = torch.stack(self.psi_history[-self.window:]).mean(0)
+                psi = torch.stack(self.psi_history[-self.window :]).mean(0)
             dxs.append((g - z * psi.view(1, -1, 1, 1)) / std)
             dgamma += (dyg * r * z).sum(dim=(0, 2, 3))
             dbeta += dyg.sum(dim=(0, 2, 3))
@@ -69,8 +80,9 @@ class ReferenceMABN:
 class ReferenceBRN:
     """Batch Renormalization (Ioffe 2017) applied to each normalization batch in turn."""
 
-    def __init__(self, channels, momentum, eps, r_max, d_max, warmup_iters, r_max_iters, d_max_iters,
-                 dtype=torch.float64):
+    def __init__(
+        self, channels, momentum, eps, r_max, d_max, warmup_iters, r_max_iters, d_max_iters, dtype=torch.float64
+    ):
         self.momentum, self.eps = momentum, eps
         self.r_max, self.d_max = r_max, d_max
         self.warmup_iters, self.r_max_iters, self.d_max_iters = warmup_iters, r_max_iters, d_max_iters
@@ -102,8 +114,9 @@ class ReferenceBRN:
             d = ((mu.detach() - self.mean) / sigma).clamp(-d_max, d_max)
             self.clipped += int((r != raw_r).sum())
             xhat = (xg - mu.view(1, -1, 1, 1)) / sigma_b.view(1, -1, 1, 1)
-            ys.append(gamma.view(1, -1, 1, 1) * (xhat * r.view(1, -1, 1, 1) + d.view(1, -1, 1, 1))
-                      + beta.view(1, -1, 1, 1))
+            ys.append(
+                gamma.view(1, -1, 1, 1) * (xhat * r.view(1, -1, 1, 1) + d.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
+            )
             n = xg.numel() // xg.shape[1]
             with torch.no_grad():
                 self.mean = (1 - self.momentum) * self.mean + self.momentum * mu

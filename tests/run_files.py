@@ -26,7 +26,7 @@ def assert_same_run(a: Path, b: Path, keys) -> None:
     first, second = read_summary(a), read_summary(b)
     assert [first[k] for k in keys] == [second[k] for k in keys]
     assert train_losses(a) == train_losses(b)
-    final = lambda run_dir: torch.load(Path(run_dir) / "model_final.pt", weights_only=True)  # noqa: E731
+    final = lambda run_dir: torch.load(Path(run_dir) / "model_final.pt", weights_only=True)
     weights = final(b)
     for key, value in final(a).items():
         assert torch.equal(value, weights[key]), key

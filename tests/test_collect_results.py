@@ -9,8 +9,13 @@ from hydra_configs import ROOT
 
 
 def collect(*args):
-    return subprocess.run([sys.executable, "scripts/collect_results.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "scripts/collect_results.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def write_summary(folder, **summary):
@@ -19,8 +24,15 @@ def write_summary(folder, **summary):
 
 
 def classification(root, norm, batch, seed, error, data="fashion_mnist", model="small_resnet"):
-    write_summary(root / f"{norm}-b{batch}-s{seed}", norm=norm, batch=batch, seed=seed, top1_error=error,
-                  images_per_second=100.0 + batch, config={"data": {"name": data}, "model": {"name": model}})
+    write_summary(
+        root / f"{norm}-b{batch}-s{seed}",
+        norm=norm,
+        batch=batch,
+        seed=seed,
+        top1_error=error,
+        images_per_second=100.0 + batch,
+        config={"data": {"name": data}, "model": {"name": model}},
+    )
 
 
 def row(text, norm):
@@ -81,4 +93,6 @@ def test_quick_runs_beside_the_study_cells_and_one_line_per_claim_on_their_cells
     assert verdict["bn@2 minus bn@32"].endswith("these runs agree.")  # +2.5 here, the study's interval above 0
     assert verdict["mabn@2 minus bn@32"].endswith("these runs agree.")  # -0.9 here, the study's below 0
     # -1.2 here, outside the study's interval around 0: the line says why and where the evidence is
-    assert "these runs disagree" in verdict["mabn@2 minus mabn@32"] and "(run length)" in verdict["mabn@2 minus mabn@32"]
+    assert (
+        "these runs disagree" in verdict["mabn@2 minus mabn@32"] and "(run length)" in verdict["mabn@2 minus mabn@32"]
+    )

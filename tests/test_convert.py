@@ -14,7 +14,11 @@ from mabn.convert import conv_norm_pairs, fold_norms, is_centralized
 from mabn.registry import NORMS
 
 OPTIONS = {
-    "bn": {"normalization_batch": 2}, "syncbn": {}, "gn": {}, "ln": {}, "in": {},
+    "bn": {"normalization_batch": 2},
+    "syncbn": {},
+    "gn": {},
+    "ln": {},
+    "in": {},
     "brn": {"normalization_batch": 2, "warmup_iters": 0, "r_max_iters": 2, "d_max_iters": 2},
     "mabn": {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "renorm_warmup_iters": 1},
 }
@@ -25,13 +29,21 @@ FAMILIES = {
 
 
 def norm_modules(model):
-    return [m for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, mabn.BatchNorm2d,
-                              mabn.BatchRenorm2d, mabn.MABN2d))]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(
+            m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, mabn.BatchNorm2d, mabn.BatchRenorm2d, mabn.MABN2d)
+        )
+    ]
 
 
 def test_unknown_norm_and_option_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"unknown norm 'bnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, mabn, syncbn"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown norm 'bnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, "
+        r"mabn, syncbn",
+    ):
         mabn.norm_layer("bnx")
     with pytest.raises(TypeError, match=r"norm 'gn' does not take these options \['sma_window'\]"):
         mabn.norm_layer("gn", sma_window=4)
@@ -94,15 +106,15 @@ def test_mabn_conversion_centralizes_weights_and_loads_plain_checkpoints(family)
     for _, conv, _, _ in conv_norm_pairs(model):
         original = conv.parametrizations.weight.original
         assert not torch.allclose(original.mean(dim=(1, 2, 3)), torch.zeros(original.shape[0]), atol=1e-4)
-        torch.testing.assert_close(conv.weight.mean(dim=(1, 2, 3)), torch.zeros(conv.out_channels),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(conv.weight.mean(dim=(1, 2, 3)), torch.zeros(conv.out_channels), atol=1e-6, rtol=0)
         torch.testing.assert_close(conv.weight, original - original.mean(dim=(1, 2, 3), keepdim=True))
     first = conv_norm_pairs(model)[0]
     assert torch.equal(first[1].parametrizations.weight.original, plain_state[first[0] + ".weight"])
     # BN statistics seed MABN's EMA with the second moment var + mean^2
     bn_key = first[2]
-    torch.testing.assert_close(first[3].ema_chi2, plain_state[bn_key + ".running_var"]
-                               + plain_state[bn_key + ".running_mean"] ** 2)
+    torch.testing.assert_close(
+        first[3].ema_chi2, plain_state[bn_key + ".running_var"] + plain_state[bn_key + ".running_mean"] ** 2
+    )
     mabn.centralize_weights(model)  # idempotent
     assert len(first[1].parametrizations.weight) == 1
 
@@ -116,11 +128,13 @@ def test_centralization_gradients_are_those_of_the_formula_to_second_order():
     theirs = torch.autograd.grad((formula(original) * grad).sum().square(), original, create_graph=True)[0]
     torch.testing.assert_close(ours, theirs)
     probe = torch.randn_like(original)
-    torch.testing.assert_close(torch.autograd.grad((ours * probe).sum(), original)[0],
-                               torch.autograd.grad((theirs * probe).sum(), original)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * probe).sum(), original)[0], torch.autograd.grad((theirs * probe).sum(), original)[0]
+    )
     centralize = conv.parametrizations.weight[0]
-    torch.testing.assert_close(torch.vmap(centralize)(torch.stack([original, probe])),
-                               torch.stack([formula(original), formula(probe)]))
+    torch.testing.assert_close(
+        torch.vmap(centralize)(torch.stack([original, probe])), torch.stack([formula(original), formula(probe)])
+    )
 
 
 @pytest.mark.parametrize("name", ["bn", "brn", "syncbn"])

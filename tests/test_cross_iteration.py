@@ -29,7 +29,7 @@ class ReferenceCBN:
         self.iteration += 1
         results = []
         for start in range(0, len(x), group_size):
-            y = out[start:start + group_size]
+            y = out[start : start + group_size]
             mu, nu = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
             if self.iteration <= self.burnin:
                 mean, var = mu, y.var((0, 2, 3), unbiased=True)
@@ -39,7 +39,7 @@ class ReferenceCBN:
                 dnu = torch.autograd.grad(nu, conv.weight, ones, retain_graph=True)[0]
                 weight = conv.weight.detach()
                 mus, nus = [mu], [nu]
-                for old_mu, old_nu, old_dmu, old_dnu, old_weight in self.entries[-self.k:] if self.k else []:
+                for old_mu, old_nu, old_dmu, old_dnu, old_weight in self.entries[-self.k :] if self.k else []:
                     mus.append(old_mu + self.rho * (old_dmu * (weight - old_weight)).sum((1, 2, 3)))
                     nus.append(old_nu + self.rho * (old_dnu * (weight - old_weight)).sum((1, 2, 3)))
                 mus, nus = torch.stack(mus), torch.stack(nus)
@@ -63,8 +63,10 @@ def conv_and_cbn(kernel_size=3, **options):
     return model
 
 
-@pytest.mark.parametrize("group_size,buffer_num,burnin,kernel_size", [
-    (8, 3, 2, 3), (2, 3, 1, 3), (2, 5, 0, 3), (4, 0, 1, 3), (8, 3, 2, 1), (2, 3, 1, 1)])
+@pytest.mark.parametrize(
+    "group_size,buffer_num,burnin,kernel_size",
+    [(8, 3, 2, 3), (2, 3, 1, 3), (2, 5, 0, 3), (4, 0, 1, 3), (8, 3, 2, 1), (2, 3, 1, 1)],
+)
 def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, buffer_num, burnin, kernel_size):
     torch.manual_seed(0)
     model = conv_and_cbn(kernel_size, normalization_batch=group_size, buffer_num=buffer_num, burnin=burnin, rho=1.0)

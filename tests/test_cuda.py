@@ -13,23 +13,32 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
-import mabn
 from hydra_configs import ROOT
-from mabn.probes import BatchStatisticsProbe
+from torch import nn
 from torchrun import free_port
 
+import mabn
+from mabn.probes import BatchStatisticsProbe
+
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device visible to torch: run on a GPU machine (bash scripts/gpu_check.sh)",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA device visible to torch: run on a GPU machine (bash scripts/gpu_check.sh)", allow_module_level=True
+    )
 pytestmark = pytest.mark.cuda
 
 NORMS = {
-    "bn": {}, "syncbn": {}, "gn": {"num_groups": 4}, "ln": {}, "in": {},
+    "bn": {},
+    "syncbn": {},
+    "gn": {"num_groups": 4},
+    "ln": {},
+    "in": {},
     "brn": {"warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 3},
     "mabn": {"sma_window": 3, "warmup_iters": 2, "renorm_warmup_iters": 3},
-    "cbn": {"burnin": 1}, "evonorm_b0": {}, "evonorm_s0": {"groups": 4}, "frn": {}, "gn_ws": {"num_groups": 4},
+    "cbn": {"burnin": 1},
+    "evonorm_b0": {},
+    "evonorm_s0": {"groups": 4},
+    "frn": {},
+    "gn_ws": {"num_groups": 4},
 }
 GROUPED = {"bn", "brn", "mabn", "cbn", "evonorm_b0"}  # the norms that take a normalization batch
 
@@ -37,9 +46,16 @@ GROUPED = {"bn", "brn", "mabn", "cbn", "evonorm_b0"}  # the norms that take a no
 def small_model(name, options):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), mabn.build_norm(name, 8, **options), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), mabn.build_norm(name, 8, **options), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        nn.Conv2d(3, 8, 3, padding=1),
+        mabn.build_norm(name, 8, **options),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        mabn.build_norm(name, 8, **options),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     model = mabn.wire_norms(model)
     return mabn.centralize_weights(model) if name == "mabn" else model
 
@@ -76,8 +92,10 @@ def assert_trains_as_cpu_float64(name, options, channels_last=False):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("name,grouped", [(name, grouped) for name in sorted(NORMS)
-                                          for grouped in ((False, True) if name in GROUPED else (False,))])
+@pytest.mark.parametrize(
+    "name,grouped",
+    [(name, grouped) for name in sorted(NORMS) for grouped in ((False, True) if name in GROUPED else (False,))],
+)
 def test_every_norm_trains_on_cuda_as_on_cpu_in_float64(name, grouped, channels_last):
     options = NORMS[name] | ({"normalization_batch": 2} if grouped else {})
     assert_trains_as_cpu_float64(name, options, channels_last)
@@ -132,9 +150,25 @@ def test_compiled_kernels_on_cuda_match_the_eager_ones(name, monkeypatch):
 
 
 def test_a_short_training_run_with_amp_and_channels_last(tmp_path):
-    result = subprocess.run([sys.executable, "train_imagenet.py", "norm=mabn", "batch=2", "data=synthetic", "workers=0",
-                             "max_steps=20", "amp=true", "channels_last=true", "device=cuda", f"hydra.run.dir={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_imagenet.py",
+            "norm=mabn",
+            "batch=2",
+            "data=synthetic",
+            "workers=0",
+            "max_steps=20",
+            "amp=true",
+            "channels_last=true",
+            "device=cuda",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "summary.json").is_file()
 
@@ -150,9 +184,10 @@ def nccl_worker(rank, world, port):
         x = data[rank].cuda().detach().requires_grad_(True)
         norm(x).square().sum().backward()
         xs = torch.cat(data).cuda().detach().requires_grad_(True)
-        nn.functional.batch_norm(xs, reference.running_mean, reference.running_var, reference.weight,
-                                 reference.bias, True, 0.1).square().sum().backward()
-        torch.testing.assert_close(x.grad, xs.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-5)
+        nn.functional.batch_norm(
+            xs, reference.running_mean, reference.running_var, reference.weight, reference.bias, True, 0.1
+        ).square().sum().backward()
+        torch.testing.assert_close(x.grad, xs.grad[rank * 4 : (rank + 1) * 4], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(norm.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
         dist.barrier()
     finally:

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 
 from mabn.data import fashion_mnist
 from mabn.data.coco import CocoInstances, coco_dataset, coco_split_paths, collate_detection, num_classes
-from mabn.data.faults import SkipUnreadable, TooManyBadImages
 from mabn.data.fashion_mnist import FashionMNIST, load_fashion_mnist
+from mabn.data.faults import SkipUnreadable, TooManyBadImages
 from mabn.data.imagenet import Lighting, imagenet_datasets
 from mabn.data.scenes import generate_fashion_scenes
 from mabn.data.synthetic import SyntheticImages
@@ -107,8 +107,9 @@ def test_fashion_mnist_dataset_items():
     views = torch.stack([augmented[0][0] for _ in range(8)])
     assert views.shape == (8, 1, 28, 28)
     assert any(not torch.equal(views[0], v) for v in views[1:])
-    assert torch.equal(torch.stack([b[0] for b in dataset.__getitems__([3, 1, 4])]),
-                       torch.stack([dataset[i][0] for i in (3, 1, 4)]))
+    assert torch.equal(
+        torch.stack([b[0] for b in dataset.__getitems__([3, 1, 4])]), torch.stack([dataset[i][0] for i in (3, 1, 4)])
+    )
 
 
 @needs_debian
@@ -124,7 +125,7 @@ def test_fashion_mnist_batched_crop_and_flip_are_the_per_sample_transforms(monke
     got = dataset._crop_and_flip(images)
     padded = torch.nn.functional.pad(images, [2, 2, 2, 2])
     for i, ((top, left), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
-        expected = padded[i, top:top + 28, left:left + 28]
+        expected = padded[i, top : top + 28, left : left + 28]
         assert torch.equal(got[i], expected.flip(-1) if flip else expected)
     assert torch.equal(got[0], images[0])  # the centre crop without a flip is the image
 
@@ -278,12 +279,19 @@ def test_an_image_listed_but_absent_is_replaced_like_an_unreadable_one(imagenet_
     assert "No such file" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fault,message", [
-    (lambda root: shutil.rmtree(root / "val" / "n01443537"),
-     "ImageNet train and val have different class folders (only in train: ['n01443537'], only in val: [])"),
-    (lambda root: [p.unlink() for p in (root / "train" / "n01443537").iterdir()],
-     "train: Found no valid file for the classes n01443537."),
-])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        (
+            lambda root: shutil.rmtree(root / "val" / "n01443537"),
+            "ImageNet train and val have different class folders (only in train: ['n01443537'], only in val: [])",
+        ),
+        (
+            lambda root: [p.unlink() for p in (root / "train" / "n01443537").iterdir()],
+            "train: Found no valid file for the classes n01443537.",
+        ),
+    ],
+)
 def test_a_missing_or_empty_class_folder_is_one_line(fault, message, imagenet_root, tmp_path):
     root = tmp_path / "imagenet"
     shutil.copytree(imagenet_root, root)
@@ -391,8 +399,13 @@ def test_scenes_reject_bad_arguments(tmp_path):
 
 def gt_as_results(coco: COCO) -> list[dict]:
     return [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-         "segmentation": a["segmentation"], "score": 1.0}
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": 1.0,
+        }
         for a in coco.dataset["annotations"]
     ]
 
@@ -409,8 +422,9 @@ def test_evaluate_coco_ground_truth_scores_100_and_perturbed_less(scenes):
         x, y, w, h = r["bbox"]
         shifted = np.roll(mask_utils.decode(r["segmentation"]), 4, axis=1)
         rle = mask_utils.encode(np.asfortranarray(shifted))
-        perturbed.append({**r, "bbox": [x + w / 3, y, w, h],
-                          "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+        perturbed.append(
+            {**r, "bbox": [x + w / 3, y, w, h], "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
+        )
     worse = evaluate_coco(coco, perturbed)
     assert worse["box_AP"] < 100 and worse["mask_AP"] < 100
 
@@ -430,13 +444,22 @@ def test_detections_to_coco_round_trip(scenes):
         boxes = torch.tensor([a["bbox"] for a in anns])
         boxes[:, 2:] += boxes[:, :2]
         masks = torch.tensor(np.stack([coco.annToMask(a) for a in anns]), dtype=torch.float32)
-        outputs.append({
-            "boxes": boxes, "scores": torch.linspace(1.0, 0.5, len(anns)),
-            "labels": torch.tensor([a["category_id"] for a in anns]),
-            "masks": (0.2 + 0.6 * masks)[:, None],
-        })
-    outputs.append({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
-                    "masks": torch.zeros(0, 1, 96, 96)})
+        outputs.append(
+            {
+                "boxes": boxes,
+                "scores": torch.linspace(1.0, 0.5, len(anns)),
+                "labels": torch.tensor([a["category_id"] for a in anns]),
+                "masks": (0.2 + 0.6 * masks)[:, None],
+            }
+        )
+    outputs.append(
+        {
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 1, 96, 96),
+        }
+    )
     results = detections_to_coco(outputs, [*image_ids, image_ids[0]])
     assert len(results) == len(coco.dataset["annotations"])
     assert np.allclose([r["bbox"] for r in results], [a["bbox"] for a in coco.loadAnns(coco.getAnnIds())])

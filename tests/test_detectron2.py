@@ -21,9 +21,11 @@ import detectron2.layers.batch_norm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
+from hydra_configs import ROOT, compose_config  # noqa: E402
+from run_files import read_metrics, read_summary  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 import mabn  # noqa: E402
-from hydra_configs import ROOT, compose_config  # noqa: E402
 from mabn.convert import centralize_weights, conv_norm_pairs, is_centralized  # noqa: E402
 from mabn.detection import detectron2_registration as registration  # noqa: E402
 from mabn.engine.detection.detectron2_config import build_detectron2_cfg  # noqa: E402
@@ -31,25 +33,36 @@ from mabn.engine.detection.detectron2_trainer import RunHook, Trainer, build_det
 from mabn.engine.detection.detectron2_weights import load_backbone_weights  # noqa: E402
 from mabn.models import build_classifier  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
-from run_files import read_metrics, read_summary  # noqa: E402
-from torchrun import torchrun  # noqa: E402
 
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-SUITE_NORMS = {"mabn": mabn.MABN2d, "brn": mabn.BatchRenorm2d, "bn": mabn.BatchNorm2d,
-               "syncbn": mabn.SyncBatchNorm}
-USERS_OF_GET_NORM = ("detectron2.layers", "detectron2.layers.blocks", "detectron2.modeling.backbone.resnet",
-                     "detectron2.modeling.backbone.fpn", "detectron2.modeling.backbone.regnet",
-                     "detectron2.modeling.roi_heads.box_head", "detectron2.modeling.roi_heads.mask_head",
-                     "detectron2.modeling.meta_arch.retinanet")
+SUITE_NORMS = {"mabn": mabn.MABN2d, "brn": mabn.BatchRenorm2d, "bn": mabn.BatchNorm2d, "syncbn": mabn.SyncBatchNorm}
+USERS_OF_GET_NORM = (
+    "detectron2.layers",
+    "detectron2.layers.blocks",
+    "detectron2.modeling.backbone.resnet",
+    "detectron2.modeling.backbone.fpn",
+    "detectron2.modeling.backbone.regnet",
+    "detectron2.modeling.roi_heads.box_head",
+    "detectron2.modeling.roi_heads.mask_head",
+    "detectron2.modeling.meta_arch.retinanet",
+)
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """Overrides for a tiny fashion_scenes set (generated on first use) and a CPU-sized run."""
     root = tmp_path_factory.mktemp("scenes")
-    return ["engine=detectron2", f"data.root={root}", "data.train_images=8", "data.val_images=4",
-            "data.val_images_limit=2", "workers=0", "log_every_steps=1", "detector.rpn_pre_nms_test=50",
-            "detector.detections_per_image=10"]
+    return [
+        "engine=detectron2",
+        f"data.root={root}",
+        "data.train_images=8",
+        "data.val_images=4",
+        "data.val_images_limit=2",
+        "workers=0",
+        "log_every_steps=1",
+        "detector.rpn_pre_nms_test=50",
+        "detector.detections_per_image=10",
+    ]
 
 
 def build(scenes, tmp_path, *overrides):
@@ -61,21 +74,31 @@ def build(scenes, tmp_path, *overrides):
 def parts(model):
     body = model.backbone.bottom_up
     in_body = {id(m) for m in body.modules()}
-    return {"body": list(body.modules()), "fpn": [m for m in model.backbone.modules() if id(m) not in in_body],
-            "box": list(model.roi_heads.box_head.modules()), "mask": list(model.roi_heads.mask_head.modules())}
+    return {
+        "body": list(body.modules()),
+        "fpn": [m for m in model.backbone.modules() if id(m) not in in_body],
+        "box": list(model.roi_heads.box_head.modules()),
+        "mask": list(model.roi_heads.mask_head.modules()),
+    }
 
 
 @pytest.mark.parametrize("norm", sorted(SUITE_NORMS))
 def test_norm_names_build_suite_layers_in_backbone_fpn_and_heads(norm, scenes, tmp_path):
     cfg, d2cfg, model = build(scenes, tmp_path, f"norm={norm}")
     kind = SUITE_NORMS[norm]
-    assert d2cfg.MODEL.RESNETS.NORM == d2cfg.MODEL.FPN.NORM == d2cfg.MODEL.ROI_BOX_HEAD.NORM \
-        == d2cfg.MODEL.ROI_MASK_HEAD.NORM == {"mabn": "MABN", "brn": "BRN", "bn": "BN_NB", "syncbn": "SyncBN_ANY"}[norm]
+    assert (
+        d2cfg.MODEL.RESNETS.NORM
+        == d2cfg.MODEL.FPN.NORM
+        == d2cfg.MODEL.ROI_BOX_HEAD.NORM
+        == d2cfg.MODEL.ROI_MASK_HEAD.NORM
+        == {"mabn": "MABN", "brn": "BRN", "bn": "BN_NB", "syncbn": "SyncBN_ANY"}[norm]
+    )
     counts = {name: sum(isinstance(m, kind) for m in modules) for name, modules in parts(model).items()}
     assert counts == {"body": 20, "fpn": 8, "box": 4, "mask": 4}  # R18: stem + 16 block convs + 3 shortcuts
     assert not any(isinstance(m, kind) for m in model.proposal_generator.modules())  # no norm in the RPN head
-    assert not any(isinstance(m, (detectron2.layers.FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm))
-                   for m in model.modules())
+    assert not any(
+        isinstance(m, (detectron2.layers.FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules()
+    )
     assert all(p.requires_grad for p in model.parameters())  # FREEZE_AT 0: nothing frozen
     pairs = [(conv, n) for _, conv, _, n in conv_norm_pairs(model) if isinstance(n, kind)]
     assert len(pairs) == 36
@@ -84,9 +107,13 @@ def test_norm_names_build_suite_layers_in_backbone_fpn_and_heads(norm, scenes, t
         assert all(n.sma_window == cfg.norm.options.sma_window == 16 for _, n in pairs)
 
 
-SUCCESSORS = {"cbn": ("CBN", mabn.CrossIterationBatchNorm2d), "gn_ws": ("GN_WS", mabn.GroupNormWS),
-              "evonorm_b0": ("EvoNormB0", mabn.EvoNormB0), "evonorm_s0": ("EvoNormS0", timm.layers.EvoNorm2dS0),
-              "frn": ("FRN", timm.layers.FilterResponseNormTlu2d)}
+SUCCESSORS = {
+    "cbn": ("CBN", mabn.CrossIterationBatchNorm2d),
+    "gn_ws": ("GN_WS", mabn.GroupNormWS),
+    "evonorm_b0": ("EvoNormB0", mabn.EvoNormB0),
+    "evonorm_s0": ("EvoNormS0", timm.layers.EvoNorm2dS0),
+    "frn": ("FRN", timm.layers.FilterResponseNormTlu2d),
+}
 
 
 @pytest.mark.parametrize("norm", sorted(SUCCESSORS))
@@ -104,13 +131,19 @@ def test_successor_names_build_wire_and_train_through_train_coco(norm, scenes, t
         x = torch.randn(1, block.in_channels, 8, 8)
         torch.testing.assert_close(block(x), torch.relu(block.conv2(block.conv1(x)) + x))
         assert model.roi_heads.box_head.conv1.activation is None and acts(model.roi_heads.box_head.conv1.norm)
-        assert not any(acts(m) for m in model.backbone.modules() if isinstance(m, kind) and id(m) not in
-                       {id(n) for n in body.modules()})  # FPN: no activation
+        assert not any(
+            acts(m)
+            for m in model.backbone.modules()
+            if isinstance(m, kind) and id(m) not in {id(n) for n in body.modules()}
+        )  # FPN: no activation
     if norm == "cbn":
         assert all(n._conv is not None for n in model.modules() if isinstance(n, kind))
     if norm == "gn_ws":
-        assert all(parametrize.is_parametrized(conv, "weight") for _, conv, _, n in conv_norm_pairs(model)
-                   if isinstance(n, kind))
+        assert all(
+            parametrize.is_parametrized(conv, "weight")
+            for _, conv, _, n in conv_norm_pairs(model)
+            if isinstance(n, kind)
+        )
     summary = train(compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"]), tmp_path / "run")
     assert summary["engine"] == "detectron2" and summary["steps"] == 2
     assert all(0.0 <= summary[k] <= 100.0 for k in AP_KEYS)
@@ -151,16 +184,27 @@ def test_config_dumps_and_loads_back(scenes, tmp_path):
     loaded = get_cfg()
     loaded.merge_from_file(str(path))
     assert plain(loaded) == plain(d2cfg) and loaded.MODEL.RESNETS.NORM == "MABN"
-    assert (loaded.MODEL.RESNETS.DEPTH, loaded.MODEL.RESNETS.RES2_OUT_CHANNELS, loaded.MODEL.BACKBONE.FREEZE_AT) == (18, 64, 0)
-    assert (loaded.MODEL.ROI_BOX_HEAD.NUM_CONV, loaded.MODEL.ROI_BOX_HEAD.NUM_FC, loaded.MODEL.ROI_BOX_HEAD.FC_DIM) == (4, 1, 256)
-    assert loaded.SOLVER.IMS_PER_BATCH == 2 and loaded.SOLVER.BASE_LR == pytest.approx(0.08 * 2 / 16)  # optim/sgd_scenes
+    assert (loaded.MODEL.RESNETS.DEPTH, loaded.MODEL.RESNETS.RES2_OUT_CHANNELS, loaded.MODEL.BACKBONE.FREEZE_AT) == (
+        18,
+        64,
+        0,
+    )
+    assert (loaded.MODEL.ROI_BOX_HEAD.NUM_CONV, loaded.MODEL.ROI_BOX_HEAD.NUM_FC, loaded.MODEL.ROI_BOX_HEAD.FC_DIM) == (
+        4,
+        1,
+        256,
+    )
+    assert loaded.SOLVER.IMS_PER_BATCH == 2 and loaded.SOLVER.BASE_LR == pytest.approx(
+        0.08 * 2 / 16
+    )  # optim/sgd_scenes
     model = build_detectron2_model(loaded, cfg)
     assert sum(isinstance(m, mabn.MABN2d) for m in model.modules()) == 36
 
 
 def cli(*overrides, timeout=300):
-    return subprocess.run([sys.executable, "train_coco.py", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train_coco.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.multiprocess
@@ -215,8 +259,11 @@ def test_unreadable_images_are_replaced_listed_and_evaluated_once(scenes, tmp_pa
     val = DatasetCatalog.get(d2cfg.DATASETS.TEST[0])
     Path(val[0]["file_name"]).unlink()  # val sample 0 becomes a copy of sample 1
     evaluated = []
-    monkeypatch.setattr(COCOEvaluator, "_eval_predictions",
-                        lambda self, predictions, img_ids=None: evaluated.extend(p["image_id"] for p in predictions))
+    monkeypatch.setattr(
+        COCOEvaluator,
+        "_eval_predictions",
+        lambda self, predictions, img_ids=None: evaluated.extend(p["image_id"] for p in predictions),
+    )
     summary = train(cfg, tmp_path / "run")
     assert summary["steps"] == 4
     assert (tmp_path / "run" / "unreadable_train.txt").read_text() == truncated + "\n"
@@ -237,11 +284,22 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
 
     model = NaNModel()
     saved = []
-    trainer = Trainer(model, iter(lambda: [{}], None), torch.optim.SGD(model.parameters(), lr=0.1), False, "cpu",
-                      tmp_path / "checkpoint.pt")
-    trainer.register_hooks([RunHook(SimpleNamespace(save=saved.append, cfg=SimpleNamespace(checkpoint_every_minutes=10)))])
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0: stopped before updating the weights; "
-                                                 r"the last good checkpoint is kept at .*checkpoint\.pt"):
+    trainer = Trainer(
+        model,
+        iter(lambda: [{}], None),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        False,
+        "cpu",
+        tmp_path / "checkpoint.pt",
+    )
+    trainer.register_hooks(
+        [RunHook(SimpleNamespace(save=saved.append, cfg=SimpleNamespace(checkpoint_every_minutes=10)))]
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=r"loss is nan at step 0: stopped before updating the weights; "
+        r"the last good checkpoint is kept at .*checkpoint\.pt",
+    ):
         trainer.train(0, 2)
     assert torch.equal(model.weight, torch.ones(3)) and saved == []
 
@@ -269,9 +327,11 @@ def test_imagenet_weights_load_into_detectron2_resnet(scenes, tmp_path):
 
 
 def test_missing_detectron2_is_one_line_naming_both_fixes():
-    script = ("import sys; sys.modules['detectron2'] = None\n"
-              "try:\n    import mabn.engine.detection.detectron2_trainer\n"
-              "except ImportError as error:\n    print(error)\n")
+    script = (
+        "import sys; sys.modules['detectron2'] = None\n"
+        "try:\n    import mabn.engine.detection.detectron2_trainer\n"
+        "except ImportError as error:\n    print(error)\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == registration.MISSING_MESSAGE and len(result.stdout.strip().splitlines()) == 1
@@ -283,6 +343,10 @@ def test_paper_r50_fpn_has_the_norm_in_69_places(scenes, tmp_path):
     _, d2cfg, model = build(scenes, tmp_path, "norm=mabn", "detector=r50_fpn")
     counts = {name: sum(isinstance(m, mabn.MABN2d) for m in modules) for name, modules in parts(model).items()}
     assert counts == {"body": 53, "fpn": 8, "box": 4, "mask": 4}
-    assert (d2cfg.MODEL.RESNETS.DEPTH, d2cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, d2cfg.MODEL.FPN.OUT_CHANNELS) == (50, 256, 256)
+    assert (d2cfg.MODEL.RESNETS.DEPTH, d2cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, d2cfg.MODEL.FPN.OUT_CHANNELS) == (
+        50,
+        256,
+        256,
+    )
     assert model.roi_heads.box_head.fc1.out_features == 1024 and not d2cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert model.backbone.bottom_up.res3[0].conv2.stride == (2, 2)  # torchvision's v1.5 stride placement

@@ -10,18 +10,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra_configs import ROOT
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchrun import free_port
 
 import mabn
 from mabn.engine.distributed import shutdown_distributed
-from hydra_configs import ROOT
-from torchrun import free_port
 
 pytestmark = pytest.mark.multiprocess
 WORLD = 2
 OPTIONS = {
-    "bn": {"normalization_batch": 2}, "brn": {"normalization_batch": 2}, "gn": {"num_groups": 2},
+    "bn": {"normalization_batch": 2},
+    "brn": {"normalization_batch": 2},
+    "gn": {"num_groups": 2},
     "mabn": {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0},
     "syncbn": {},
 }
@@ -60,12 +62,16 @@ def check_statistics(rank, name):
     if name == "syncbn":  # reference: plain BN on the global batch
         data = [local_data(r) for r in range(WORLD)]
         xs = torch.cat([d[0] for d in data]).requires_grad_(True)
-        ys = [torch.nn.functional.batch_norm(xs, reference.running_mean, reference.running_var,
-                                             reference.weight, reference.bias, True, 0.1) for _ in range(2)]
+        ys = [
+            torch.nn.functional.batch_norm(
+                xs, reference.running_mean, reference.running_var, reference.weight, reference.bias, True, 0.1
+            )
+            for _ in range(2)
+        ]
         reference.num_batches_tracked += 2
         xs.grad = None
         ys[-1].backward(torch.cat([d[1] for d in data]))
-        expected_grad = xs.grad[rank * 4:(rank + 1) * 4]
+        expected_grad = xs.grad[rank * 4 : (rank + 1) * 4]
     else:  # reference: the same layer on this process's data alone
         xr = x.detach().clone().requires_grad_(True)
         for _ in range(2):
@@ -121,8 +127,14 @@ def test_process_group_teardown_joins_the_gloo_threads_before_interpreter_exit()
     threads running into interpreter shutdown (the group was pinned by function defaults).
     The threads end asynchronously after teardown, so the child waits for them (at most 30 s)
     before listing them: the symptom checked is threads that never end, and the exit status."""
-    result = subprocess.run([sys.executable, "-c", TEARDOWN.format(port=free_port())], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", TEARDOWN.format(port=free_port())],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     threads = result.stdout.strip().splitlines()[-1]
     assert "gloo" not in threads and "tcpstore" not in threads, threads

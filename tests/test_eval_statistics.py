@@ -27,7 +27,7 @@ def test_reestimate_sets_each_layer_from_the_input_it_sees_after_the_layers_abov
         per_channel = x.transpose(0, 1).flatten(1)
         if group is None:
             return per_channel.mean(1), per_channel.var(1, unbiased=False)
-        groups = [x[i:i + group].transpose(0, 1).flatten(1) for i in range(0, len(x), group)]
+        groups = [x[i : i + group].transpose(0, 1).flatten(1) for i in range(0, len(x), group)]
         return per_channel.mean(1), torch.stack([g.var(1, unbiased=unbiased) for g in groups]).mean(0)
 
     first = model[0](images)

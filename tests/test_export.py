@@ -12,10 +12,11 @@ from torch import nn
 
 pytest.importorskip("onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')")
 
-from hydra_configs import ROOT  # noqa: E402
-from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
-from mabn.export import ExportError, build_model, export_onnx  # noqa: E402
-from mabn.registry import norm_layer  # noqa: E402
+from hydra_configs import ROOT
+
+from mabn.detection.torchvision_maskrcnn import build_maskrcnn
+from mabn.export import ExportError, build_model, export_onnx
+from mabn.registry import norm_layer
 
 FOLDABLE = {"bn": {}, "brn": {}, "mabn": {}, "cbn": {"burnin": 0}, "syncbn": {}}
 
@@ -49,24 +50,40 @@ def test_folded_models_export_validate_and_match_pytorch(norm, plain_network_ops
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50"])
 def test_folded_mabn_graph_has_exactly_folded_bn_ops(model_name, tmp_path):
     example = torch.randn(1, 3, 64, 64)
-    counts = {norm: export_onnx(build_model(model_name, norm).eval(), example, tmp_path / f"{norm}.onnx").op_counts
-              for norm in ("bn", "mabn")}
+    counts = {
+        norm: export_onnx(build_model(model_name, norm).eval(), example, tmp_path / f"{norm}.onnx").op_counts
+        for norm in ("bn", "mabn")
+    }
     assert counts["mabn"] == counts["bn"]
     assert counts["bn"]["Conv"] == (20 if model_name == "resnet18" else 53)
 
 
-@pytest.mark.parametrize("norm,options", [("gn", {"num_groups": 8}), ("ln", {}), ("in", {}), ("evonorm_b0", {}),
-                                          ("evonorm_s0", {"groups": 8}), ("frn", {}), ("gn_ws", {"num_groups": 8})])
+@pytest.mark.parametrize(
+    "norm,options",
+    [
+        ("gn", {"num_groups": 8}),
+        ("ln", {}),
+        ("in", {}),
+        ("evonorm_b0", {}),
+        ("evonorm_s0", {"groups": 8}),
+        ("frn", {}),
+        ("gn_ws", {"num_groups": 8}),
+    ],
+)
 def test_unfoldable_norms_export_with_their_extra_ops(norm, options, plain_network_ops, tmp_path):
-    result = export_onnx(trained(build_model("resnet10t", norm, num_classes=10, **options)),
-                         torch.randn(2, 3, 32, 32), tmp_path / "model.onnx")
+    result = export_onnx(
+        trained(build_model("resnet10t", norm, num_classes=10, **options)),
+        torch.randn(2, 3, 32, 32),
+        tmp_path / "model.onnx",
+    )
     extra = result.op_counts - plain_network_ops  # what folded BN would not have
     assert extra and result.max_abs_diff < 1e-4, (extra, result.op_counts)
 
 
 def test_maskrcnn_backbone_with_fpn_exports_and_the_whole_detector_is_refused(tmp_path):
-    model = build_maskrcnn(3, norm_layer("mabn"), "resnet18", min_size=64, max_size=64, channels=32,
-                           fc_channels=32).eval()
+    model = build_maskrcnn(
+        3, norm_layer("mabn"), "resnet18", min_size=64, max_size=64, channels=32, fc_channels=32
+    ).eval()
     with pytest.raises(ExportError, match="export its backbone"):
         export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / "detector.onnx")
     result = export_onnx(model.backbone, torch.randn(1, 3, 64, 64), tmp_path / "backbone.onnx")
@@ -74,11 +91,32 @@ def test_maskrcnn_backbone_with_fpn_exports_and_the_whole_detector_is_refused(tm
 
 
 def test_the_command_prints_the_validation_and_refuses_bad_input_in_one_line(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "mabn.export", "--model", "resnet10t", "--norm", "mabn",
-                         "--image-size", "32", "--out", str(tmp_path / "m.onnx")], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mabn.export",
+            "--model",
+            "resnet10t",
+            "--norm",
+            "mabn",
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path / "m.onnx"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "onnx.checker passed" in ok.stdout and "max abs diff" in ok.stdout and "Conv " in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "mabn.export", "--norm", "mabnx", "--out", str(tmp_path / "x.onnx")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mabn.export", "--norm", "mabnx", "--out", str(tmp_path / "x.onnx")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "unknown norm" in bad.stderr

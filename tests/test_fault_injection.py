@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from hydra_configs import ROOT
 from run_files import assert_same_run, read_metrics
 from test_data import needs_debian
@@ -28,16 +27,26 @@ def mtime(path) -> int:
 
 def train(script, overrides, run_dir, log, timeout=300):
     with open(log, "w") as output:
-        return subprocess.run([sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                              stdout=output, stderr=subprocess.STDOUT, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
 
 
 def killed_at_random(script, overrides, run_dir, rng, log, timeout=300):
     """Launch, let it write 1-6 new checkpoints, SIGKILL it a random fraction of a step later."""
     checkpoint, written = run_dir / "checkpoint.pt", rng.randint(1, 6)
     with open(log, "a") as stderr:
-        process = subprocess.Popen([sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         deadline, last = time.monotonic() + timeout, mtime(checkpoint)
         while written:
@@ -71,18 +80,42 @@ def check_killed_runs_end_like_a_straight_one(script, overrides, tmp_path, seed,
 @needs_debian
 def test_classification_killed_three_times_ends_exactly_like_an_uninterrupted_run(tmp_path):
     # 200 steps of 8 augmented Fashion-MNIST images through 2 loader processes, a checkpoint after every step
-    overrides = ["norm=mabn", "batch=2", "per_device_batch=8", "data.train_samples_limit=1600",
-                 "data.val_samples_limit=256", "model.options.widths=[8,16,16,16]", "epochs=1", "workers=2",
-                 "threads=1", "log_every_steps=1", "checkpoint_every_minutes=0", "seed=0"]
-    check_killed_runs_end_like_a_straight_one("train_imagenet.py", overrides, tmp_path, 0,
-                                              ["top1_error", "top5_error", "steps"])
+    overrides = [
+        "norm=mabn",
+        "batch=2",
+        "per_device_batch=8",
+        "data.train_samples_limit=1600",
+        "data.val_samples_limit=256",
+        "model.options.widths=[8,16,16,16]",
+        "epochs=1",
+        "workers=2",
+        "threads=1",
+        "log_every_steps=1",
+        "checkpoint_every_minutes=0",
+        "seed=0",
+    ]
+    check_killed_runs_end_like_a_straight_one(
+        "train_imagenet.py", overrides, tmp_path, 0, ["top1_error", "top5_error", "steps"]
+    )
 
 
 @needs_debian
 def test_detection_killed_three_times_ends_exactly_like_an_uninterrupted_run(tmp_path):
     # torchvision Mask R-CNN, 24 iterations on 8 generated scenes, a checkpoint after every iteration
-    overrides = [f"data.root={tmp_path / 'scenes'}", "data.train_images=8", "data.val_images=4", "workers=2",
-                 "threads=1", "norm=mabn", "max_steps=24", "log_every_steps=1", "checkpoint_every_minutes=0",
-                 "detector.rpn_pre_nms_test=50", "detector.detections_per_image=10", "seed=2"]
-    check_killed_runs_end_like_a_straight_one("train_coco.py", overrides, tmp_path, 2,
-                                              ["box_AP", "box_AP50", "mask_AP", "mask_AP50", "steps"])
+    overrides = [
+        f"data.root={tmp_path / 'scenes'}",
+        "data.train_images=8",
+        "data.val_images=4",
+        "workers=2",
+        "threads=1",
+        "norm=mabn",
+        "max_steps=24",
+        "log_every_steps=1",
+        "checkpoint_every_minutes=0",
+        "detector.rpn_pre_nms_test=50",
+        "detector.detections_per_image=10",
+        "seed=2",
+    ]
+    check_killed_runs_end_like_a_straight_one(
+        "train_coco.py", overrides, tmp_path, 2, ["box_AP", "box_AP50", "mask_AP", "mask_AP50", "steps"]
+    )

@@ -14,17 +14,26 @@ from mabn import fused
 CASES = [
     ("bn", {"normalization_batch": 2}),
     ("bn", {"normalization_batch": 4, "momentum": 0.3}),
-    ("brn", {"normalization_batch": 2, "warmup_iters": 2, "r_max_iters": 5, "d_max_iters": 4,
-             "r_max": 1.5, "d_max": 0.5, "momentum": 0.2}),
-    ("brn", {"normalization_batch": None, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 1,
-             "momentum": 0.2}),
-    ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 2, "renorm_warmup_iters": 3,
-              "r_max": 1.2}),
+    (
+        "brn",
+        {
+            "normalization_batch": 2,
+            "warmup_iters": 2,
+            "r_max_iters": 5,
+            "d_max_iters": 4,
+            "r_max": 1.5,
+            "d_max": 0.5,
+            "momentum": 0.2,
+        },
+    ),
+    ("brn", {"normalization_batch": None, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 1, "momentum": 0.2}),
+    ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 2, "renorm_warmup_iters": 3, "r_max": 1.2}),
     ("mabn", {"normalization_batch": None, "sma_window": 4, "warmup_iters": 3, "renorm_warmup_iters": 2}),
-    ("mabn", {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "forward_stat": "ema",
-              "backward_stat": "batch"}),
-    ("mabn", {"normalization_batch": 4, "sma_window": 2, "warmup_iters": 0, "forward_stat": "batch",
-              "renorm": False}),
+    (
+        "mabn",
+        {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "forward_stat": "ema", "backward_stat": "batch"},
+    ),
+    ("mabn", {"normalization_batch": 4, "sma_window": 2, "warmup_iters": 0, "forward_stat": "batch", "renorm": False}),
 ]
 
 
@@ -38,8 +47,15 @@ def train_steps(layer, inputs, mode, monkeypatch):
         layer.zero_grad()
         y = layer(x)
         y.backward(dy)
-        records.append([y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone(),
-                        *[b.clone() for b in layer.buffers()]])
+        records.append(
+            [
+                y.detach(),
+                x.grad,
+                layer.weight.grad.clone(),
+                layer.bias.grad.clone(),
+                *[b.clone() for b in layer.buffers()],
+            ]
+        )
     return records
 
 
@@ -53,8 +69,10 @@ def test_fused_steps_match_the_eager_layer(name, options, channels_last, monkeyp
         layer.bias.uniform_(-0.5, 0.5)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # shifting statistics from step to step, so that r, d and the windows matter
-    inputs = [((0.5 + step / 4) * torch.randn(8, 5, 4, 3) + step / 3).contiguous(memory_format=memory_format)
-              for step in range(7)]
+    inputs = [
+        ((0.5 + step / 4) * torch.randn(8, 5, 4, 3) + step / 3).contiguous(memory_format=memory_format)
+        for step in range(7)
+    ]
     inputs = [(x, torch.randn_like(x)) for x in inputs]
     eager = train_steps(copy.deepcopy(layer), inputs, "0", monkeypatch)
     assert_same_steps(train_steps(layer, inputs, "1", monkeypatch), eager)
@@ -64,7 +82,9 @@ def assert_same_steps(compiled, eager):
     assert not fused._broken
     for step, (expected, actual) in enumerate(zip(eager, compiled)):
         for index, (e, a) in enumerate(zip(expected, actual)):
-            torch.testing.assert_close(a, e, rtol=2e-5, atol=2e-5, msg=lambda m: f"step {step}, value {index}: {m}")
+            torch.testing.assert_close(
+                a, e, rtol=2e-5, atol=2e-5, msg=lambda m, step=step, index=index: f"step {step}, value {index}: {m}"
+            )
 
 
 @pytest.mark.parametrize("name,options", [case for case in CASES if case[1]["normalization_batch"] is None])
@@ -90,7 +110,8 @@ def test_fused_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(monkeypa
     y = mabn.norm_layer("bn", normalization_batch=2)(3)(x64.float())
     groups = x64.view(4, 2, 3, 25)
     reference = (groups - groups.mean(dim=(1, 3), keepdim=True)) / torch.sqrt(
-        groups.var(dim=(1, 3), unbiased=False, keepdim=True) + 1e-5)
+        groups.var(dim=(1, 3), unbiased=False, keepdim=True) + 1e-5
+    )
     torch.testing.assert_close(y.double(), reference.view_as(x64), atol=2e-3, rtol=0)
 
 
@@ -100,8 +121,8 @@ def test_fused_backward_saves_x_and_per_group_channel_values(name, monkeypatch):
     x = torch.randn(32, 16, 12, 12, requires_grad=True)
     saved = {}
     with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
-            lambda t: t):
+        lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t, lambda t: t
+    ):
         y = mabn.norm_layer(name, normalization_batch=2)(16)(x)
     y.sum().backward()
     extra = sum(saved.values()) - x.numel() * 4
@@ -127,7 +148,7 @@ def test_only_the_first_shapes_compile(monkeypatch):
 
 def test_a_failed_compilation_warns_once_and_the_layers_go_eager(monkeypatch):
     monkeypatch.setenv("MABN_FUSED", "1")
-    failing = lambda *args: (_ for _ in ()).throw(RuntimeError("no C++ compiler"))  # noqa: E731
+    failing = lambda *args: (_ for _ in ()).throw(RuntimeError("no C++ compiler"))
     monkeypatch.setattr(torch, "compile", lambda fn, **options: failing)
     broken = fused.Fused(lambda x: x + 1)
     monkeypatch.setattr(fused, "_broken", False)

@@ -139,9 +139,7 @@ def test_resnet50_builds_with_paper_placement():
     assert (model.transform.min_size, model.transform.max_size) == ((800,), 1333)
 
 
-@pytest.mark.parametrize(
-    "wrap", [lambda sd: sd, lambda sd: {"model": sd, "epoch": 3}], ids=["flat", "under_model"]
-)
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"model": sd, "epoch": 3}], ids=["flat", "under_model"])
 def test_backbone_weights_round_trip(tmp_path, wrap):
     torch.manual_seed(1)
     source = torchvision.models.resnet18(num_classes=10)
@@ -171,7 +169,9 @@ def test_a_classifier_with_centralized_weights_loads_its_effective_weights(tmp_p
     source = mabn.convert_model(timm.create_model("resnet18", num_classes=10), "mabn", normalization_batch=2)
     path = tmp_path / "mabn.pt"
     torch.save(source.state_dict(), path)  # keys ...conv1.parametrizations.weight.original
-    body = build_maskrcnn(11, mabn.norm_layer("mabn"), backbone="resnet18", backbone_weights=str(path), **SMALL).backbone.body
+    body = build_maskrcnn(
+        11, mabn.norm_layer("mabn"), backbone="resnet18", backbone_weights=str(path), **SMALL
+    ).backbone.body
     for name in ("conv1", "layer2.0.conv2", "layer4.1.conv1"):
         expected = source.get_submodule(name).weight  # W - mean(W): what the classifier computed with
         torch.testing.assert_close(body.get_submodule(name).weight, expected)
@@ -212,7 +212,9 @@ class Payload:
 def test_backbone_weights_that_are_more_than_tensors_are_refused_with_one_line(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"model": torchvision.models.resnet18().state_dict(), "extra": Payload()}, path)
-    with pytest.raises(ConfigError, match=f"{path} holds more than tensors and plain Python values, so it is not loaded"):
+    with pytest.raises(
+        ConfigError, match=f"{path} holds more than tensors and plain Python values, so it is not loaded"
+    ):
         build_maskrcnn(11, nn.BatchNorm2d, backbone="resnet18", backbone_weights=str(path))
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_norms import ReferenceBRN, ReferenceMABN
 from torch import nn
 
 import mabn
 from mabn.norms import BatchNorm2d, BatchRenorm2d, MABN2d
-from reference_norms import ReferenceBRN, ReferenceMABN
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from bench_norms import saved_bytes  # noqa: E402
+from bench_norms import saved_bytes
 
 ALL_NORMS = {
     "bn": {"normalization_batch": 2},
@@ -30,7 +30,7 @@ ALL_NORMS = {
 def batches(steps, shape, dtype=torch.float64, seed=0):
     """Inputs whose scale and offset drift between iterations, so statistics move."""
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _ in range(steps):
         scale = 0.5 + 2.0 * torch.rand(1, generator=generator, dtype=dtype)
         offset = torch.randn(1, shape[1], 1, 1, generator=generator, dtype=dtype) * 0.3
         x = torch.randn(*shape, generator=generator, dtype=dtype) * scale + offset
@@ -95,19 +95,28 @@ def test_indivisible_batch_names_batch_and_normalization_batch(name):
         layer(torch.randn(6, 4, 2, 2))
 
 
-@pytest.mark.parametrize("batch,normalization_batch,window", [
-    (8, 2, 3),   # four groups per batch, window shorter than a batch
-    (8, 2, 6),   # window spans the previous iteration
-    (6, 3, 4),
-    (4, 4, 5),   # normalization batch = batch: one step per iteration
-    (4, 4, 3),   # one step per iteration, window full before warm-up ends
-    (4, 4, 8),   # one step per iteration, warm-up over before the window is full
-    (4, 1, 16),  # normalization batch 1 (the paper's smallest)
-])
+@pytest.mark.parametrize(
+    "batch,normalization_batch,window",
+    [
+        (8, 2, 3),  # four groups per batch, window shorter than a batch
+        (8, 2, 6),  # window spans the previous iteration
+        (6, 3, 4),
+        (4, 4, 5),  # normalization batch = batch: one step per iteration
+        (4, 4, 3),  # one step per iteration, window full before warm-up ends
+        (4, 4, 8),  # one step per iteration, warm-up over before the window is full
+        (4, 1, 16),  # normalization batch 1 (the paper's smallest)
+    ],
+)
 def test_mabn_matches_step_by_step_reference(batch, normalization_batch, window):
     channels = 3
-    layer = MABN2d(channels, normalization_batch=normalization_batch, sma_window=window,
-                   warmup_iters=5, renorm_warmup_iters=12, r_max=1.08).double()
+    layer = MABN2d(
+        channels,
+        normalization_batch=normalization_batch,
+        sma_window=window,
+        warmup_iters=5,
+        renorm_warmup_iters=12,
+        r_max=1.08,
+    ).double()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([1.5, 0.7, -1.2]))
         layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
@@ -128,11 +137,14 @@ def test_mabn_matches_step_by_step_reference(batch, normalization_batch, window)
     assert clipped > 0, "the test data never reached the r clipping boundary"
 
 
-@pytest.mark.parametrize("name,options", [
-    ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 1, "renorm_warmup_iters": 2}),
-    ("mabn", {"sma_window": 2, "warmup_iters": 1, "renorm_warmup_iters": 2}),
-    ("brn", {"normalization_batch": 2, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 3}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("mabn", {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 1, "renorm_warmup_iters": 2}),
+        ("mabn", {"sma_window": 2, "warmup_iters": 1, "renorm_warmup_iters": 2}),
+        ("brn", {"normalization_batch": 2, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 3}),
+    ],
+)
 def test_channels_last_inputs_give_the_contiguous_results(name, options):
     contiguous = mabn.build_norm(name, 5, **options).double()
     channels_last = copy.deepcopy(contiguous)
@@ -145,11 +157,19 @@ def test_channels_last_inputs_give_the_contiguous_results(name, options):
 
 
 @pytest.mark.parametrize("normalization_batch", [2, None])
-@pytest.mark.parametrize("options", [
-    {"forward_stat": "batch"}, {"forward_stat": "ema"}, {"backward_stat": "batch"}, {"renorm": False}])
+@pytest.mark.parametrize(
+    "options", [{"forward_stat": "batch"}, {"forward_stat": "ema"}, {"backward_stat": "batch"}, {"renorm": False}]
+)
 def test_mabn_ablations_match_reference(options, normalization_batch):
-    layer = MABN2d(3, normalization_batch=normalization_batch, sma_window=3, warmup_iters=2, renorm_warmup_iters=4,
-                   r_max=1.1, **options).double()
+    layer = MABN2d(
+        3,
+        normalization_batch=normalization_batch,
+        sma_window=3,
+        warmup_iters=2,
+        renorm_warmup_iters=4,
+        r_max=1.1,
+        **options,
+    ).double()
     reference = ReferenceMABN(3, 3, warmup_iters=2, renorm_warmup_iters=4, r_max=1.1, **options)
     for x, dy in batches(10, (4, 3, 3, 2)):
         expected = reference.step(x, dy, layer.weight.detach(), layer.bias.detach(), normalization_batch or 4)
@@ -160,8 +180,7 @@ def test_mabn_ablations_match_reference(options, normalization_batch):
 
 @pytest.mark.parametrize("normalization_batch", [2, 4])
 def test_mabn_window_one_without_renorm_is_the_true_gradient(normalization_batch):
-    layer = MABN2d(3, normalization_batch=normalization_batch, sma_window=1, warmup_iters=0,
-                   renorm=False).double()
+    layer = MABN2d(3, normalization_batch=normalization_batch, sma_window=1, warmup_iters=0, renorm=False).double()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([1.5, 0.7, -1.2]))
     x = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -181,16 +200,27 @@ def test_fp32_group_statistics_stay_accurate_when_the_mean_dwarfs_the_spread(nam
     """mean / std = 1e3: a one-pass E[x^2] - E[x]^2 in fp32 would lose the variance."""
     layer = mabn.build_norm(name, shape[1], normalization_batch=normalization_batch)
     x = 1000.0 + torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = torch.cat([(g - g.mean((0, 2, 3), keepdim=True)) / (g.var((0, 2, 3), correction=0, keepdim=True)
-                                                                 + layer.eps).sqrt()
-                          for g in x.split(normalization_batch or len(x))])
+    expected = torch.cat(
+        [
+            (g - g.mean((0, 2, 3), keepdim=True)) / (g.var((0, 2, 3), correction=0, keepdim=True) + layer.eps).sqrt()
+            for g in x.split(normalization_batch or len(x))
+        ]
+    )
     torch.testing.assert_close(layer(x.float()).double(), expected, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("normalization_batch", [2, None])
 def test_brn_without_relaxation_is_bn(normalization_batch):
-    brn = BatchRenorm2d(4, normalization_batch=normalization_batch, momentum=0.2, r_max=1.0, d_max=0.0,
-                        warmup_iters=0, r_max_iters=0, d_max_iters=0).double()
+    brn = BatchRenorm2d(
+        4,
+        normalization_batch=normalization_batch,
+        momentum=0.2,
+        r_max=1.0,
+        d_max=0.0,
+        warmup_iters=0,
+        r_max_iters=0,
+        d_max_iters=0,
+    ).double()
     bn = BatchNorm2d(4, normalization_batch=normalization_batch, momentum=0.2).double()
     for x, dy in batches(4, (8, 4, 3, 3)):
         for a, b in zip(run(brn, x, dy), run(bn, x, dy)):
@@ -224,9 +254,16 @@ def test_brn_matches_reference_across_schedule(normalization_batch):
 def small_model(name, options):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), mabn.build_norm(name, 8, **options), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), mabn.build_norm(name, 8, **options), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        mabn.build_norm(name, 8, **options),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        mabn.build_norm(name, 8, **options),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def train_steps(model, optimizer, steps, seed):
@@ -272,9 +309,15 @@ def test_eval_mode_changes_no_buffer(name):
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("name,options", [
-    ("bn", {}), ("bn", {"normalization_batch": 2}), ("brn", {"normalization_batch": 2}),
-    ("mabn", {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0})])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("bn", {}),
+        ("bn", {"normalization_batch": 2}),
+        ("brn", {"normalization_batch": 2}),
+        ("mabn", {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0}),
+    ],
+)
 def test_autocast_bf16_keeps_statistics_in_fp32(name, options):
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     norm = mabn.build_norm(name, 8, **options)
@@ -295,7 +338,9 @@ def test_autocast_bf16_keeps_statistics_in_fp32(name, options):
 
 def assert_compiled_training_matches_eager(name, overrides=None, **compile_options):
     torch._dynamo.reset()  # each case compiles afresh: no recompile limit reached across cases
-    eager = mabn.centralize_weights(small_model(name, ALL_NORMS[name] | (overrides or {})))  # the convs feeding MABN, as in training
+    eager = mabn.centralize_weights(
+        small_model(name, ALL_NORMS[name] | (overrides or {}))
+    )  # the convs feeding MABN, as in training
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, **compile_options)
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)

@@ -37,7 +37,9 @@ def test_records_only_announced_training_steps():
     probe.step(9)
     model(x)  # eval mode: not recorded
     assert sorted({r["step"] for r in probe.records}) == [1, 3, 6]
-    assert {(r["stat"], r["batch"]) for r in probe.records} == {(s, b) for s in ("mu", "sigma2", "g", "psi") for b in (2, 8)}
+    assert {(r["stat"], r["batch"]) for r in probe.records} == {
+        (s, b) for s in ("mu", "sigma2", "g", "psi") for b in (2, 8)
+    }
     assert all(len(r["values"]) == 8 // r["batch"] and len(r["values"][0]) == 2 for r in probe.records)
 
 
@@ -45,7 +47,7 @@ def test_forward_statistics_are_each_groups_mean_and_biased_variance():
     x, dy = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)
     stats = group_statistics(x, dy, torch.ones(3), 4)
     for g in range(2):
-        values = x[4 * g:4 * (g + 1)].double().transpose(0, 1).reshape(3, -1)
+        values = x[4 * g : 4 * (g + 1)].double().transpose(0, 1).reshape(3, -1)
         mean = values.sum(1) / values.shape[1]
         assert torch.allclose(stats["mu"][g], mean)
         assert torch.allclose(stats["sigma2"][g], ((values - mean[:, None]) ** 2).sum(1) / values.shape[1])
@@ -67,15 +69,20 @@ def test_backward_statistics_are_the_g_and_psi_of_batch_norms_gradient():
             rows = slice(batch * g, batch * (g + 1))
             mu, var = stats["mu"][g].view(1, -1, 1, 1), stats["sigma2"][g].view(1, -1, 1, 1)
             x_hat = (x.detach()[rows] - mu) / torch.sqrt(var + 1e-5)
-            expected = (layer.weight.view(1, -1, 1, 1) * dy[rows] - stats["g"][g].view(1, -1, 1, 1)
-                        - x_hat * stats["psi"][g].view(1, -1, 1, 1)) / torch.sqrt(var + 1e-5)
+            expected = (
+                layer.weight.view(1, -1, 1, 1) * dy[rows]
+                - stats["g"][g].view(1, -1, 1, 1)
+                - x_hat * stats["psi"][g].view(1, -1, 1, 1)
+            ) / torch.sqrt(var + 1e-5)
             torch.testing.assert_close(x.grad[rows], expected.detach())
 
 
 def test_mabn_smoothed_and_brn_schedule_values_are_the_layers_own():
     torch.manual_seed(0)
-    for norm in (lambda c: MABN2d(c, normalization_batch=2, sma_window=4, warmup_iters=0),
-                 lambda c: BatchRenorm2d(c, normalization_batch=2, warmup_iters=1, r_max_iters=4, d_max_iters=4)):
+    for norm in (
+        lambda c: MABN2d(c, normalization_batch=2, sma_window=4, warmup_iters=0),
+        lambda c: BatchRenorm2d(c, normalization_batch=2, warmup_iters=1, r_max_iters=4, d_max_iters=4),
+    ):
         model = net(norm)
         probe = BatchStatisticsProbe(model, layers=1, channels=2, every=1, batches=(2,)).attach()
         layer = probe.layers[0][1]

@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 import torch
-
 from hydra_configs import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from hydra_configs import ROOT, compose_config, sweep_jobs
+
 from mabn.studies.detection import write_report
 
 
@@ -41,12 +41,22 @@ case "$*" in *"seed=0 norm=evonorm_s0"*) sleep 1.5;; *) sleep 0.2;; esac
 echo "end $*" >> {log}
 """)
     stub.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "SEEDS": "0 1", "KEPT": str(kept), "OUT": str(tmp_path / "runs")}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": str(stub),
+        "SEEDS": "0 1",
+        "KEPT": str(kept),
+        "OUT": str(tmp_path / "runs"),
+    }
     subprocess.run(["bash", str(ROOT / "scripts" / "scenes_study.sh")], env=env, check=True, timeout=120)
     events = [line.split(" ", 1) for line in log.read_text().splitlines()]
     scratch = [args for kind, args in events if kind == "start" and "torch.distributed.run" not in args]
-    expected = [f"seed={seed} norm={norm}" for seed in (0, 1) for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws",
-                "evonorm_s0") if f"{norm}-b2-scratch-s{seed}" not in ("bn-b2-scratch-s0", "gn-b2-scratch-s1")]
+    expected = [
+        f"seed={seed} norm={norm}"
+        for seed in (0, 1)
+        for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0")
+        if f"{norm}-b2-scratch-s{seed}" not in ("bn-b2-scratch-s0", "gn-b2-scratch-s1")
+    ]
     started = [" ".join(a for a in args.split() if a.startswith(("seed=", "norm="))) for args in scratch]
     assert sorted(started) == sorted(expected)
     # in the queue's order, up to the order in which two runs launched together write their line
@@ -71,21 +81,42 @@ def test_the_default_run_and_the_papers_runs_keep_their_own_solvers():
 
 
 def summary(norm, start, seed, box, mask, steps=2000, world_size=1):
-    config = {"detector": {"name": "r18_fpn_small"}, "schedule": {"max_iter": 2000, "steps": [1500, 1800]},
-              "data": {"name": "fashion_scenes", "train_images": 2000, "val_images": 200, "canvas_size": 128},
-              "batch": 2, "optim": {"base_lr": 0.08, "reference_batch": 16}, "norm": {"schedule_reference_steps": 180000}}
-    metrics = {f"{kind}_AP{suffix}": value for kind, value in (("box", box), ("mask", mask))
-               for suffix in ("", "50", "75")}
-    return {**metrics, "norm": norm, "label": norm, "start": start, "seed": seed, "steps": steps, "batch": 2,
-            "world_size": world_size, "config": config}
+    config = {
+        "detector": {"name": "r18_fpn_small"},
+        "schedule": {"max_iter": 2000, "steps": [1500, 1800]},
+        "data": {"name": "fashion_scenes", "train_images": 2000, "val_images": 200, "canvas_size": 128},
+        "batch": 2,
+        "optim": {"base_lr": 0.08, "reference_batch": 16},
+        "norm": {"schedule_reference_steps": 180000},
+    }
+    metrics = {
+        f"{kind}_AP{suffix}": value for kind, value in (("box", box), ("mask", mask)) for suffix in ("", "50", "75")
+    }
+    return {
+        **metrics,
+        "norm": norm,
+        "label": norm,
+        "start": start,
+        "seed": seed,
+        "steps": steps,
+        "batch": 2,
+        "world_size": world_size,
+        "config": config,
+    }
 
 
 def test_the_report_tables_finished_runs_and_gives_a_verdict_per_claim(tmp_path):
     runs = tmp_path / "runs"
-    rows = [("bn", 1, 0, 20.0, 18.0), ("bn", 1, 1, 21.0, 18.5),
-            ("mabn", 1, 0, 25.0, 22.0), ("mabn", 1, 1, 25.6, 22.4),
-            ("mabn", 2, 0, 30.1, 26.0), ("mabn", 2, 1, 30.5, 26.2),
-            ("syncbn", 2, 0, 30.2, 26.1), ("syncbn", 2, 1, 30.4, 26.1)]
+    rows = [
+        ("bn", 1, 0, 20.0, 18.0),
+        ("bn", 1, 1, 21.0, 18.5),
+        ("mabn", 1, 0, 25.0, 22.0),
+        ("mabn", 1, 1, 25.6, 22.4),
+        ("mabn", 2, 0, 30.1, 26.0),
+        ("mabn", 2, 1, 30.5, 26.2),
+        ("syncbn", 2, 0, 30.2, 26.1),
+        ("syncbn", 2, 1, 30.4, 26.1),
+    ]
     for norm, processes, seed, box, mask in rows:
         run = runs / f"{norm}-{processes}-{seed}"
         run.mkdir(parents=True)
@@ -119,7 +150,8 @@ def test_the_report_names_the_fine_tuned_runs_classifiers_and_keeps_their_summar
     for norm, batch, error in (("mabn", 2, 14.91), ("bn", 32, 13.68)):
         (classifiers / f"{norm}-b{batch}-s0").mkdir(parents=True)
         (classifiers / f"{norm}-b{batch}-s0" / "summary.json").write_text(
-            json.dumps({"top1_error": error, "steps": 1875, "norm": norm, "batch": batch}))
+            json.dumps({"top1_error": error, "steps": 1875, "norm": norm, "batch": batch})
+        )
     for norm, pretrained in (("mabn", "mabn-b2-s0"), ("syncbn", "bn-b32-s0")):
         run = runs / f"{norm}-finetune"
         run.mkdir(parents=True)
@@ -159,8 +191,16 @@ def test_seed_k_gives_every_norm_of_the_study_the_same_initial_weights():
     for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0", "syncbn"):
         cfg = compose_config("train_coco", ["experiment=scenes_study", f"norm={norm}"])
         torch.manual_seed(3)
-        model = build_maskrcnn(3, norm_layer_from_config(cfg.norm), cfg.detector.backbone, None, 128, 128,
-                               cfg.detector.channels, cfg.detector.fc_channels)
+        model = build_maskrcnn(
+            3,
+            norm_layer_from_config(cfg.norm),
+            cfg.detector.backbone,
+            None,
+            128,
+            128,
+            cfg.detector.channels,
+            cfg.detector.fc_channels,
+        )
         weights[norm] = {name: p.detach() for name, p in model.named_parameters() if p.dim() > 1}
     for norm, own in weights.items():
         assert own.keys() == weights["bn"].keys(), norm
@@ -172,12 +212,30 @@ def test_a_tiny_detection_study_and_its_report(tmp_path):
     """The study's config, two jobs side by side on one fresh data root, 4 iterations: the report
     pairs the seeds, gives each run's AP curve and regenerates from its kept runs alone."""
     runs, results = tmp_path / "runs", tmp_path / "results"
-    tiny = [f"data.root={tmp_path / 'scenes'}", "data.train_images=8", "data.val_images=4", "schedule.max_iter=4",
-            "schedule.steps=[2,3]", "schedule.warmup_iters=1", "eval_every_steps=2", "detector.rpn_pre_nms_test=50",
-            "detector.detections_per_image=10", f"hydra.sweep.dir={runs}"]
-    for command in (["train_coco.py", "-m", "hydra/launcher=local_parallel", "experiment=scenes_study",
-                     "norm=bn,mabn", "seed=0,1", *tiny],
-                    ["scripts/scenes_report.py", str(runs), "--results", str(results)]):
+    tiny = [
+        f"data.root={tmp_path / 'scenes'}",
+        "data.train_images=8",
+        "data.val_images=4",
+        "schedule.max_iter=4",
+        "schedule.steps=[2,3]",
+        "schedule.warmup_iters=1",
+        "eval_every_steps=2",
+        "detector.rpn_pre_nms_test=50",
+        "detector.detections_per_image=10",
+        f"hydra.sweep.dir={runs}",
+    ]
+    for command in (
+        [
+            "train_coco.py",
+            "-m",
+            "hydra/launcher=local_parallel",
+            "experiment=scenes_study",
+            "norm=bn,mabn",
+            "seed=0,1",
+            *tiny,
+        ],
+        ["scripts/scenes_report.py", str(runs), "--results", str(results)],
+    ):
         result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     text = (results / "scenes_study.md").read_text()
@@ -186,13 +244,16 @@ def test_a_tiny_detection_study_and_its_report(tmp_path):
         summaries = [json.loads((runs / f"{norm}-b2-scratch-s{seed}" / "summary.json").read_text()) for seed in (0, 1)]
         assert all(s["steps"] == 4 and s["world_size"] == 1 for s in summaries)
         assert any(line.startswith(f"| scratch | {norm} | 1 x 2 | 2 | ") for line in lines), norm
-        curve = next(line for line in lines if line.startswith(f"| scratch | {norm} | 1 x 2 | ") and line.count("|") < 12)
+        curve = next(
+            line for line in lines if line.startswith(f"| scratch | {norm} | 1 x 2 | ") and line.count("|") < 12
+        )
         assert len([cell for cell in curve.split("|")[4:-1] if cell.strip() != "-"]) == 2, curve  # AP at 2 and 4
     mabn_vs_bn = next(line for line in lines if line.startswith("- **MABN is better than BN from scratch"))
     assert "2 pairs" in mabn_vs_bn and "box AP paired" in mabn_vs_bn
     assert (results / "scenes_study.png").stat().st_size > 0
     assert sorted(p.stem for p in (results / "scenes_study_runs").glob("*.json")) == sorted(
-        f"{n}-b2-scratch-s{s}" for n in ("bn", "mabn") for s in (0, 1))
+        f"{n}-b2-scratch-s{s}" for n in ("bn", "mabn") for s in (0, 1)
+    )
     shutil.rmtree(runs)
     write_report(runs, results)
     assert (results / "scenes_study.md").read_text() == text

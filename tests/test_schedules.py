@@ -3,13 +3,13 @@
 
 import pytest
 import torch
+from hydra_configs import compose_config
+from reference_norms import ReferenceBRN
 from torch import nn
 
-from hydra_configs import compose_config
 from mabn import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
 from mabn.engine.training import norm_layer_from_config
 from mabn.schedules import PAPER_STEPS, scale_schedules, scaled_count, schedule_norms
-from reference_norms import ReferenceBRN
 
 
 def test_counts_scale_in_proportion_to_the_run_and_stay_at_least_one():
@@ -29,15 +29,19 @@ def model():
 def test_the_paper_settings_stay_exactly_the_papers_without_a_reference():
     net = model()
     used = scale_schedules(net, 3750, None)
-    assert used == {"BatchRenorm2d": {"warmup_iters": 5000, "r_max_iters": 40000, "d_max_iters": 25000},
-                    "MABN2d": {"warmup_iters": 100, "renorm_warmup_iters": 1000}}
+    assert used == {
+        "BatchRenorm2d": {"warmup_iters": 5000, "r_max_iters": 40000, "d_max_iters": 25000},
+        "MABN2d": {"warmup_iters": 100, "renorm_warmup_iters": 1000},
+    }
 
 
 def test_a_short_run_scales_every_schedule_of_every_layer():
     net = model()
     used = scale_schedules(net, 6000, PAPER_STEPS)
-    assert used == {"BatchRenorm2d": {"warmup_iters": 50, "r_max_iters": 400, "d_max_iters": 250},
-                    "MABN2d": {"warmup_iters": 1, "renorm_warmup_iters": 10}}
+    assert used == {
+        "BatchRenorm2d": {"warmup_iters": 50, "r_max_iters": 400, "d_max_iters": 250},
+        "MABN2d": {"warmup_iters": 1, "renorm_warmup_iters": 10},
+    }
     assert (net[1].warmup_iters, net[2].renorm_warmup_iters) == (50, 10)
 
 
@@ -67,7 +71,9 @@ def test_a_run_fraction_sets_its_option_to_that_share_of_the_run_whatever_the_re
         assert used["CrossIterationBatchNorm2d"] == {"burnin": 2667}
         assert net[1].burnin == 2667
     assert scale_schedules(model(), 6000, PAPER_STEPS, {"burnin": 0.5}) == scale_schedules(model(), 6000, PAPER_STEPS)
-    with pytest.raises(ValueError, match=r"norm.run_fractions.burnin=8 is not a fraction of the run: give a number in \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"norm.run_fractions.burnin=8 is not a fraction of the run: give a number in \[0, 1\]"
+    ):
         scale_schedules(model(), 6000, None, {"burnin": 8})
 
 

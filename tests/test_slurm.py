@@ -19,17 +19,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from hydra_configs import ROOT, compose_config, sweep_jobs
-from mabn.config import check_normalization_batch
+from omegaconf import OmegaConf
 from run_files import read_summary, train_losses
 from wandb_records import history_and_config
 
+from mabn.config import check_normalization_batch
+
 PARTITION = "debug"  # configs/hydra/launcher/slurm_local.yaml
 # a small, fast classification run: ~0.05 s per step on one CPU, ~10 s of start-up per job
-TINY = ["data=synthetic", "data.image_size=16", "data.val_samples=32", "model.options.widths=[32,32,32,32]",
-        "workers=0", "per_device_batch=8"]
+TINY = [
+    "data=synthetic",
+    "data.image_size=16",
+    "data.val_samples=32",
+    "model.options.widths=[32,32,32,32]",
+    "workers=0",
+    "per_device_batch=8",
+]
 # the SLURM jobs inherit this environment (sbatch --export=ALL); one thread, as SLURM's one CPU
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", WANDB_SILENT="true")
 
@@ -39,6 +45,7 @@ def compose_with_hydra(overrides):
 
 
 # -- configs, no cluster needed -------------------------------------------------------
+
 
 def test_slurm_launcher_runs_one_task_per_gpu_and_requeues():
     cfg = compose_with_hydra(["hydra/launcher=slurm", "experiment=paper_imagenet", "data.root=/x"])
@@ -54,9 +61,22 @@ def test_slurm_launcher_runs_one_task_per_gpu_and_requeues():
     assert (local["partition"], local["gpus_per_node"], local["tasks_per_node"]) == (PARTITION, None, 1)
     assert local["max_num_timeout"] > 0 and local["additional_parameters"] == launcher["additional_parameters"]
     # the entry point finds the launcher plugin and the sweep (what `-m` would launch)
-    result = subprocess.run([sys.executable, "train_imagenet.py", "hydra/launcher=slurm",
-                             "experiment=imagenet_batch_sweep", "data.root=/x", "--cfg", "hydra"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_imagenet.py",
+            "hydra/launcher=slurm",
+            "experiment=imagenet_batch_sweep",
+            "data.root=/x",
+            "--cfg",
+            "hydra",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in result.stdout
     assert "norm: bn,brn,gn,mabn" in result.stdout and "batch: 1,2,4,8,16,32" in result.stdout
@@ -72,8 +92,12 @@ def test_imagenet_batch_sweep_expands_to_the_paper_grid():
         job_cfg = compose_config("train_imagenet", job)
         resolved = OmegaConf.to_container(job_cfg, resolve=True)
         check_normalization_batch(job_cfg, job_cfg.per_device_batch)
-        assert (resolved["model"]["name"], resolved["data"]["name"], resolved["per_device_batch"],
-                resolved["epochs"]) == ("resnet50", "imagenet", 32, 120)
+        assert (
+            resolved["model"]["name"],
+            resolved["data"]["name"],
+            resolved["per_device_batch"],
+            resolved["epochs"],
+        ) == ("resnet50", "imagenet", 32, 120)
         assert (resolved["logger"]["name"], resolved["logger"]["group"]) == ("wandb", "imagenet-batch-sweep")
         assert resolved["run_name"] == f"{resolved['norm']['name']}-b{resolved['batch']}-s0"
         grid.add((resolved["norm"]["name"], resolved["batch"]))
@@ -83,25 +107,35 @@ def test_imagenet_batch_sweep_expands_to_the_paper_grid():
 
 # -- the local cluster ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cluster():
     """The local test cluster, up: skip without SLURM, fail if it is installed but not running."""
     if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed (no sinfo): `bash scripts/slurm_local.sh start` installs and "
-                    "starts the local test cluster")
+        pytest.skip(
+            "SLURM is not installed (no sinfo): `bash scripts/slurm_local.sh start` installs and "
+            "starts the local test cluster"
+        )
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
     if config.returncode != 0:
-        pytest.fail(f"the local SLURM cluster is not up ({config.stderr.strip()}): "
-                    "start it with `bash scripts/slurm_local.sh start`")
+        pytest.fail(
+            f"the local SLURM cluster is not up ({config.stderr.strip()}): "
+            "start it with `bash scripts/slurm_local.sh start`"
+        )
     if not re.search(r"^ClusterName\s*=\s*local$", config.stdout, re.M):
-        pytest.skip("SLURM answers for a cluster other than the local test cluster of scripts/slurm_local.sh: "
-                    "these tests only submit there")
-    states = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True,
-                            timeout=60).stdout.split()
+        pytest.skip(
+            "SLURM answers for a cluster other than the local test cluster of scripts/slurm_local.sh: "
+            "these tests only submit there"
+        )
+    states = subprocess.run(
+        ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     if not set(states) & {"idle", "mixed", "allocated", "completing"}:
         reasons = subprocess.run(["sinfo", "-R"], capture_output=True, text=True, timeout=60).stdout
-        pytest.fail(f"no usable node in partition {PARTITION!r} (states: {states}): restart the cluster with "
-                    f"`bash scripts/slurm_local.sh start`\n{reasons}")
+        pytest.fail(
+            f"no usable node in partition {PARTITION!r} (states: {states}): restart the cluster with "
+            f"`bash scripts/slurm_local.sh start`\n{reasons}"
+        )
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -118,9 +152,19 @@ class Sweep:
         self.directory, self.driver_log = directory, directory.with_suffix(".driver.log")
         with open(self.driver_log, "w") as log:
             self.driver = subprocess.Popen(
-                [sys.executable, "train_imagenet.py", "-m", "hydra/launcher=slurm_local",
-                 f"hydra.sweep.dir={directory}", *overrides],
-                cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "train_imagenet.py",
+                    "-m",
+                    "hydra/launcher=slurm_local",
+                    f"hydra.sweep.dir={directory}",
+                    *overrides,
+                ],
+                cwd=ROOT,
+                env=ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def job_dirs(self) -> list[Path]:
         """.submitit/<job id>/ of each job (a job array's folder holds no job pickle)."""
@@ -195,8 +239,16 @@ def checkpoint_step(run_dir: Path) -> int:
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_sweep_runs_every_job_on_the_cluster_and_logs_to_wandb_offline(sweep):
-    run = sweep(*TINY, "norm=bn,mabn", "batch=2,4", "max_steps=6", "log_every_steps=2", "logger=wandb",
-                "logger.mode=offline", "logger.group=slurm-test")
+    run = sweep(
+        *TINY,
+        "norm=bn,mabn",
+        "batch=2,4",
+        "max_steps=6",
+        "log_every_steps=2",
+        "logger=wandb",
+        "logger.mode=offline",
+        "logger.group=slurm-test",
+    )
     run.wait(timeout=240)
     assert len(run.job_dirs()) == 4, run.logs()  # one SLURM job each
     for norm, batch in product(["bn", "mabn"], [2, 4]):
@@ -218,12 +270,26 @@ def test_sweep_runs_every_job_on_the_cluster_and_logs_to_wandb_offline(sweep):
 @pytest.mark.multiprocess
 def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, tmp_path):
     # checkpoints every 0.6 s; no evaluation before the end; 400 steps ~ 25 s of training
-    overrides = [*TINY, "norm=mabn", "batch=2", "seed=1", "epochs=100", "eval_every_epochs=100", "max_steps=400",
-                 "log_every_steps=10", "checkpoint_every_minutes=0.01"]
+    overrides = [
+        *TINY,
+        "norm=mabn",
+        "batch=2",
+        "seed=1",
+        "epochs=100",
+        "eval_every_epochs=100",
+        "max_steps=400",
+        "log_every_steps=10",
+        "checkpoint_every_minutes=0.01",
+    ]
     straight = tmp_path / "straight"
     with open(tmp_path / "straight.log", "w") as log:  # the reference, alongside the SLURM job
-        reference = subprocess.Popen([sys.executable, "train_imagenet.py", *overrides, f"hydra.run.dir={straight}"],
-                                     cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        reference = subprocess.Popen(
+            [sys.executable, "train_imagenet.py", *overrides, f"hydra.run.dir={straight}"],
+            cwd=ROOT,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         run = sweep(*overrides)
         run_dir = run.directory / "mabn-b2-s1"
@@ -269,8 +335,7 @@ def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, 
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_two_tasks_per_node_train_one_ddp_run(sweep):
-    run = sweep(*TINY, "norm=syncbn", "max_steps=4", "log_every_steps=2",
-                "hydra.launcher.tasks_per_node=2")
+    run = sweep(*TINY, "norm=syncbn", "max_steps=4", "log_every_steps=2", "hydra.launcher.tasks_per_node=2")
     run.wait(timeout=240)
     (job,) = run.job_dirs()
     assert "global_rank=1(2)" in (job / f"{job.name}_1_log.out").read_text(), run.logs()

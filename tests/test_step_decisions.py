@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torchrun import free_port
 
 from mabn.engine import training
 from mabn.engine.distributed import shutdown_distributed
-from torchrun import free_port
 
 WORLD, STEPS, PREEMPTED_AT = 2, 40, 33
 TICK = {0: 10.0, 1: 7.0}  # seconds per step on each process's clock: the clocks drift apart
@@ -35,8 +35,9 @@ def test_a_checkpoint_is_due_when_any_process_finds_its_interval_passed(monkeypa
 
 
 def worker(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))  # a hang becomes an error
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )  # a hang becomes an error
     clock = [0.0]
     training.time.monotonic = lambda: clock[0]
     preemption, timer = training.Preemption(), training.CheckpointTimer(minutes=1)

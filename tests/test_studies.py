@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from hydra_configs import ROOT
+
 from mabn.studies import classification, intervals, successors, tables
 
 
@@ -33,8 +33,9 @@ def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
 
 def test_verdicts_and_a_single_seed():
     assert intervals.verdict({"diff": 1.0, "low": 0.2, "high": 1.8}, "positive") == "supported"
-    assert intervals.verdict({"diff": -1.0, "low": -1.8, "high": -0.2}, "positive") == \
-        "not supported (the opposite holds)"
+    assert (
+        intervals.verdict({"diff": -1.0, "low": -1.8, "high": -0.2}, "positive") == "not supported (the opposite holds)"
+    )
     assert intervals.verdict({"diff": 0.1, "low": -0.5, "high": 0.7}, "zero") == "supported (within noise)"
     one = intervals.difference([1.0], [2.0, 3.0])
     assert math.isnan(one["low"]) and intervals.verdict(one, "zero").startswith("not testable")
@@ -53,8 +54,12 @@ STUDY = """| norm | batch 32 | batch 2 |
 
 
 # the study's kept runs, as load_runs gives them (their means are the table's above)
-STUDY_RUNS = {("bn", 32): [10.8, 11.0, 11.2], ("bn", 2): [12.8, 13.0, 13.2], ("gn", 32): [12.6, 13.0, 13.4],
-              ("mabn", 2): [10.5, 10.7, 10.9]}
+STUDY_RUNS = {
+    ("bn", 32): [10.8, 11.0, 11.2],
+    ("bn", 2): [12.8, 13.0, 13.2],
+    ("gn", 32): [12.6, 13.0, 13.4],
+    ("mabn", 2): [10.5, 10.7, 10.9],
+}
 
 
 def test_the_study_table_cells_are_its_rows_not_the_papers():
@@ -112,7 +117,9 @@ def test_the_earlier_cbn_runs_are_a_diagnostic_beside_cbn_and_its_windowless_run
     runs = {("cbn", 2): [13.0, 13.2, 12.8], ("cbn_k0", 2): [13.0, 13.2, 12.8], ("cbn_burnin8it", 2): [25.0, 26.0, 27.0]}
     text = successors.report(runs | STUDY_RUNS, seeds=3)
     (line,) = [line for line in text.splitlines() if "cbn_burnin8it@2" in line]
-    assert "window open from iteration 9" in line and "minus cbn@2 +13.00 [" in line and "minus cbn_k0@2 +13.00 [" in line
+    assert (
+        "window open from iteration 9" in line and "minus cbn@2 +13.00 [" in line and "minus cbn_k0@2 +13.00 [" in line
+    )
     rows = [row.split(" |")[0] for row in text.splitlines() if row.startswith("| cbn")]
     assert rows == ["| cbn", "| cbn_k0 (diagnostic)", "| cbn_burnin8it (diagnostic)"]
 
@@ -126,8 +133,13 @@ def test_the_committed_successors_report_regenerates_unchanged(tmp_path):
         if (ROOT / "results" / kept).is_dir():
             shutil.copytree(ROOT / "results" / kept, results / kept)
     shutil.copy(ROOT / "results" / "fashion_study.md", results / "fashion_study.md")
-    result = subprocess.run([sys.executable, "scripts/successors_report.py", "--results", str(results)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "scripts/successors_report.py", "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     generated = (results / "fashion_successors.md").read_text()
     assert generated.replace(str(results), "results") == committed.read_text()
@@ -150,15 +162,21 @@ def test_the_classification_report_leaves_the_successors_runs_to_their_own_repor
 
 def test_the_classification_report_also_writes_the_successors_report_beside_its_new_table(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
-    for name, norm, batch, error in (("bn-b32-s0", "bn", 32, 11.0), ("bn-b32-s1", "bn", 32, 11.4),
-                                     ("mabn-b2-s0", "mabn", 2, 10.9), ("mabn-b2-s1", "mabn", 2, 10.5)):
+    for name, norm, batch, error in (
+        ("bn-b32-s0", "bn", 32, 11.0),
+        ("bn-b32-s1", "bn", 32, 11.4),
+        ("mabn-b2-s0", "mabn", 2, 10.9),
+        ("mabn-b2-s1", "mabn", 2, 10.5),
+    ):
         (runs / name).mkdir(parents=True)
-        (runs / name / "summary.json").write_text(json.dumps({"norm": norm, "label": norm, "batch": batch,
-                                                              "seed": int(name[-1]), "top1_error": error}))
+        (runs / name / "summary.json").write_text(
+            json.dumps({"norm": norm, "label": norm, "batch": batch, "seed": int(name[-1]), "top1_error": error})
+        )
     (results / "fashion_successor_runs").mkdir(parents=True)
     for seed, error in enumerate((11.9, 12.1)):
-        (results / "fashion_successor_runs" / f"gn_ws-b32-s{seed}.json").write_text(json.dumps(
-            {"norm": "gn_ws", "label": "gn_ws", "batch": 32, "seed": seed, "top1_error": error}))
+        (results / "fashion_successor_runs" / f"gn_ws-b32-s{seed}.json").write_text(
+            json.dumps({"norm": "gn_ws", "label": "gn_ws", "batch": 32, "seed": seed, "top1_error": error})
+        )
     classification.write_report(runs, results)
     text = (results / "fashion_successors.md").read_text()
     (line,) = [line for line in text.splitlines() if "gn_ws@32 minus bn@32" in line]
@@ -172,8 +190,14 @@ def test_the_committed_classification_report_regenerates_unchanged_from_its_kept
         pytest.skip("the study's runs are not kept yet")
     results = tmp_path / "results"  # a copy: the command writes its reports where it reads
     shutil.copytree(ROOT / "results", results)
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_report.py"), "runs/fashion_study", "--results", str(results)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study_report.py"), "runs/fashion_study", "--results", str(results)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("REPORT.md", "fashion_study.md", "fashion_ablation.md", "fashion_probes.md", "fashion_successors.md"):
         generated = (results / name).read_text().replace(str(results), "results")

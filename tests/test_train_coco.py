@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options, sweep_jobs
 from omegaconf import OmegaConf
+from run_files import assert_same_run, read_metrics, read_summary
+from torchrun import torchrun
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
-from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options, sweep_jobs
 from mabn.convert import conv_norm_pairs, is_centralized
 from mabn.engine.detection import torchvision_engine
 from mabn.engine.detection.torchvision_engine import DetectionRun, train
 from mabn.studies.eval_statistics import detection_backbone_input, load_detection_checkpoint
-from run_files import assert_same_run, read_metrics, read_summary
-from torchrun import torchrun
 
 COCO_EXPERIMENTS = sorted(set(experiments_of("train_coco")) - set(experiments_of("train_imagenet")))
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -29,19 +29,34 @@ AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75"
 def scenes(tmp_path_factory):
     """Overrides pointing at a tiny fashion_scenes set (generated once for the module)."""
     root = tmp_path_factory.mktemp("scenes")
-    return [f"data.root={root}", "data.train_images=8", "data.val_images=4", "workers=0",
-            "log_every_steps=1", "detector.rpn_pre_nms_test=50", "detector.detections_per_image=10"]
+    return [
+        f"data.root={root}",
+        "data.train_images=8",
+        "data.val_images=4",
+        "workers=0",
+        "log_every_steps=1",
+        "detector.rpn_pre_nms_test=50",
+        "detector.detections_per_image=10",
+    ]
 
 
 def cli(*overrides, timeout=600, env=None):
-    return subprocess.run([sys.executable, "train_coco.py", *overrides], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "train_coco.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("engine", "detector", "optim", "schedule")
-                                          for o in group_options(g)]
-                         + [("data", "coco"), ("data", "fashion_scenes")]
-                         + [("experiment", e) for e in COCO_EXPERIMENTS])
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("engine", "detector", "optim", "schedule") for o in group_options(g)]
+    + [("data", "coco"), ("data", "fashion_scenes")]
+    + [("experiment", e) for e in COCO_EXPERIMENTS],
+)
 def test_every_coco_config_option_composes_and_resolves(group, option):
     extra = ["data.root=/coco"] if option in ("coco", *COCO_EXPERIMENTS) else []
     extra += ["weights=/w.pt"] if option == "paper_coco_finetune" else []
@@ -52,7 +67,11 @@ def test_every_coco_config_option_composes_and_resolves(group, option):
 def test_paper_coco_settings():
     cfg = compose_config("train_coco", ["experiment=paper_coco_scratch", "data.root=/coco"])
     assert (cfg.norm.name, cfg.detector.backbone, cfg.detector.channels, cfg.batch) == ("mabn", "resnet50", 256, 2)
-    assert (cfg.schedule.max_iter, list(cfg.schedule.steps), cfg.schedule.warmup_iters) == (180000, [120000, 160000], 500)
+    assert (cfg.schedule.max_iter, list(cfg.schedule.steps), cfg.schedule.warmup_iters) == (
+        180000,
+        [120000, 160000],
+        500,
+    )
     assert cfg.optim.base_lr == 0.02 and cfg.optim.reference_batch == 16 and cfg.optim.weight_decay == 1e-4
     assert cfg.norm.options.sma_window == 16 and cfg.start == "scratch"
     finetune = compose_config("train_coco", ["experiment=paper_coco_finetune", "data.root=/coco", "weights=/w.pt"])
@@ -63,8 +82,11 @@ def test_coco_comparison_sweeps_the_papers_norms_from_scratch():
     jobs = sweep_jobs("train_coco", ["experiment=coco_comparison", "data.root=/coco"])
     configs = [compose_config("train_coco", job) for job in jobs]
     assert sorted(c.norm.name for c in configs) == ["bn", "brn", "gn", "mabn", "syncbn"]
-    assert all((c.start, c.batch, c.schedule.max_iter, c.detector.name, c.logger.group)
-               == ("scratch", 2, 180000, "r50_fpn", "coco-comparison") for c in configs)
+    assert all(
+        (c.start, c.batch, c.schedule.max_iter, c.detector.name, c.logger.group)
+        == ("scratch", 2, 180000, "r50_fpn", "coco-comparison")
+        for c in configs
+    )
     assert len({c.run_name for c in configs}) == 5
 
 
@@ -86,8 +108,11 @@ def test_an_unreadable_val_image_is_evaluated_as_no_detections_not_as_its_stand_
     Path(run.val_set.image_path(1)).unlink()  # sample 1 becomes a copy of sample 2
     monkeypatch.setattr(torchvision_engine, "detections_to_coco", lambda outputs, ids: [{"image_id": int(ids[0])}])
     seen = {}
-    monkeypatch.setattr(torchvision_engine, "evaluate_coco", lambda gt, results, img_ids: seen.update(
-        results=[r["image_id"] for r in results], img_ids=img_ids) or {})
+    monkeypatch.setattr(
+        torchvision_engine,
+        "evaluate_coco",
+        lambda gt, results, img_ids: seen.update(results=[r["image_id"] for r in results], img_ids=img_ids) or {},
+    )
     run.evaluate()
     assert sorted(seen["results"]) == sorted(i for i in run.val_set.ids if i != missing)  # each once
     assert missing in seen["img_ids"]  # scored: its objects count as missed
@@ -97,8 +122,12 @@ def test_an_unreadable_val_image_is_evaluated_as_no_detections_not_as_its_stand_
 def test_norm_placement_and_weight_centralization_follow_the_paper(scenes, tmp_path):
     cfg = compose_config("train_coco", [*scenes, "norm=mabn"])
     model = DetectionRun(cfg, tmp_path).model
-    parts = {"body": model.backbone.body, "fpn": model.backbone.fpn, "box": model.roi_heads.box_head,
-             "mask": model.roi_heads.mask_head}
+    parts = {
+        "body": model.backbone.body,
+        "fpn": model.backbone.fpn,
+        "box": model.roi_heads.box_head,
+        "mask": model.roi_heads.mask_head,
+    }
     counts = {k: sum(isinstance(m, mabn.MABN2d) for m in part.modules()) for k, part in parts.items()}
     assert counts == {"body": 20, "fpn": 8, "box": 4, "mask": 4}  # resnet18 body
     assert isinstance(model.rpn.head, RPNHead)
@@ -143,8 +172,16 @@ def test_a_side_by_side_multirun_starts_loader_workers(scenes, tmp_path):
     """joblib's workers (hydra/launcher=local_parallel) replace the start method that loader
     workers need; the runs must still start theirs."""
     overrides = [o for o in scenes if o != "workers=0"]
-    result = cli("-m", "hydra/launcher=local_parallel", *overrides, "workers=1", "threads=1", "norm=bn,mabn",
-                 "max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    result = cli(
+        "-m",
+        "hydra/launcher=local_parallel",
+        *overrides,
+        "workers=1",
+        "threads=1",
+        "norm=bn,mabn",
+        "max_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(read_summary(tmp_path / f"{norm}-b2-scratch-s0")["steps"] == 2 for norm in ("bn", "mabn"))
 
@@ -154,7 +191,9 @@ def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(scen
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "bn-b2-scratch-s0.json").write_text('{"box_AP": 30.0}')
-    result = cli("-m", *scenes, "norm=bn,gn", "max_steps=1", f"kept_runs={kept}", f"hydra.sweep.dir={tmp_path / 'runs'}")
+    result = cli(
+        "-m", *scenes, "norm=bn,gn", "max_steps=1", f"kept_runs={kept}", f"hydra.sweep.dir={tmp_path / 'runs'}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"[skip] bn-b2-scratch-s0: kept in {kept / 'bn-b2-scratch-s0.json'}" in result.stdout
     assert not (tmp_path / "runs" / "bn-b2-scratch-s0" / "summary.json").exists()
@@ -163,11 +202,37 @@ def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(scen
 
 def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_rois(tmp_path):
     out = tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, "scripts/bench_detection.py", "--engines", "torchvision",
-                             "--norms", "bn", "bn-again", "bn-wcopy", "mabn", "--data-root", str(tmp_path / "scenes"),
-                             "--images", "4", "--batches", "1",
-                             "--warmup", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_detection.py",
+            "--engines",
+            "torchvision",
+            "--norms",
+            "bn",
+            "bn-again",
+            "bn-wcopy",
+            "mabn",
+            "--data-root",
+            str(tmp_path / "scenes"),
+            "--images",
+            "4",
+            "--batches",
+            "1",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in out.read_text().splitlines() if line.startswith("| torchvision |")]
     rows = {cells[1]: cells[2:] for cells in (line.strip("| ").split(" | ") for line in lines)}
@@ -178,21 +243,32 @@ def test_the_detection_benchmark_times_each_norm_against_bn_and_counts_the_mask_
     assert rows["bn-wcopy"][2] == rows["bn"][2]  # copying the weights changes no value
 
 
-@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None,
-                    reason="detectron2 is installed: tests/test_detectron2.py simulates its absence instead")
+@pytest.mark.skipif(
+    importlib.util.find_spec("detectron2") is not None,
+    reason="detectron2 is installed: tests/test_detectron2.py simulates its absence instead",
+)
 def test_detectron2_engine_without_detectron2_fails_at_once_with_one_line(tmp_path):
     result = cli("engine=detectron2", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: detectron2 is not installed: install it from source") and "engine=torchvision" in last
+    assert (
+        last.startswith("error: detectron2 is not installed: install it from source") and "engine=torchvision" in last
+    )
 
 
-@pytest.mark.parametrize("on_scenes,overrides,message", [
-    (False, ["start=finetune"], "error: start=finetune needs weights=/path/to/imagenet_weights.pt"),
-    (False, ["data=coco"], "error: data=coco needs data.root=/path/to/coco"),
-    (False, ["data=coco", "data.root=/no/coco"], "error: no COCO split 'train' in /no/coco"),
-    (True, ["start=finetune", "weights=/no/weights.pt"], "error: backbone weights not found: weights=/no/weights.pt"),
-])
+@pytest.mark.parametrize(
+    "on_scenes,overrides,message",
+    [
+        (False, ["start=finetune"], "error: start=finetune needs weights=/path/to/imagenet_weights.pt"),
+        (False, ["data=coco"], "error: data=coco needs data.root=/path/to/coco"),
+        (False, ["data=coco", "data.root=/no/coco"], "error: no COCO split 'train' in /no/coco"),
+        (
+            True,
+            ["start=finetune", "weights=/no/weights.pt"],
+            "error: backbone weights not found: weights=/no/weights.pt",
+        ),
+    ],
+)
 def test_bad_input_fails_with_one_line(on_scenes, overrides, message, scenes, tmp_path):
     result = cli(*(scenes if on_scenes else []), *overrides, f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0
@@ -210,12 +286,31 @@ def test_a_detection_checkpoint_evaluates_as_its_run_then_with_re_estimated_stat
     assert run.step == 2 and all(torch.equal(v, saved[k]) for k, v in run.model.state_dict().items())
     assert detection_backbone_input(run, 4).shape[:2] == (4, 3)
     out = tmp_path / "eval_statistics.md"
-    result = subprocess.run([sys.executable, "scripts/detection_eval_statistics.py", str(checkpoint),
-                             "--images", "4", "--groups", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/detection_eval_statistics.py",
+            str(checkpoint),
+            "--images",
+            "4",
+            "--groups",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     row = out.read_text().splitlines()[-1].split(" | ")
     assert row[1:3] == ["2", f"{summary['box_AP']:.2f} / {summary['mask_AP']:.2f}"] and len(row) == 5
-    bad = subprocess.run([sys.executable, "scripts/detection_eval_statistics.py", "x.pt", "--images", "6", "--groups", "4"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "scripts/detection_eval_statistics.py", "x.pt", "--images", "6", "--groups", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "each must divide --images 6" in bad.stderr

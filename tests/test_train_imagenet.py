@@ -10,25 +10,31 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options
 from omegaconf import OmegaConf
 from PIL import Image
+from run_files import assert_same_run, read_metrics, read_summary, train_losses
+from torchrun import torchrun
+from wandb_records import history_and_config
 
-from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options
 from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
-from run_files import assert_same_run, read_metrics, read_summary, train_losses
-from torchrun import torchrun
-from wandb_records import history_and_config
 
 SYNTHETIC = ["data=synthetic", "workers=0", "log_every_steps=2", "per_device_batch=8"]
 
 
 def cli(*overrides, env=None, timeout=300):
     """Run the entry point as a user would; returns the completed process."""
-    return subprocess.run([sys.executable, "train_imagenet.py", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train_imagenet.py", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("group", ["norm", "model", "data", "optim", "logger", "experiment"])
@@ -53,8 +59,13 @@ def test_batch_is_the_normalization_batch_and_sets_the_mabn_window():
         assert cfg.norm.options.sma_window == window
         assert cfg.per_device_batch == 32
     paper = compose_config("train_imagenet", ["experiment=paper_imagenet", "data.root=/x"])
-    assert (paper.model.name, paper.data.name, paper.norm.name, paper.batch, paper.epochs) == \
-        ("resnet50", "imagenet", "mabn", 2, 120)
+    assert (paper.model.name, paper.data.name, paper.norm.name, paper.batch, paper.epochs) == (
+        "resnet50",
+        "imagenet",
+        "mabn",
+        2,
+        120,
+    )
     assert paper.optim.schedule.milestones_epochs == [30, 60, 90] and paper.optim.label_smoothing == 0.1
 
 
@@ -71,24 +82,39 @@ def test_a_few_steps_per_norm_on_synthetic_data(norm, tmp_path):
 
 
 def test_a_run_says_what_it_runs_its_time_estimate_its_result_and_where_the_summary_is(tmp_path, capsys):
-    cfg = compose_config("train_imagenet", [*SYNTHETIC, "norm=mabn", "batch=2", "max_steps=30",
-                                            "model.options.widths=[8,8,8,8]"])
+    cfg = compose_config(
+        "train_imagenet", [*SYNTHETIC, "norm=mabn", "batch=2", "max_steps=30", "model.options.widths=[8,8,8,8]"]
+    )
     summary = train(cfg, tmp_path)
     lines = capsys.readouterr().out.strip().splitlines()
     start = next(line for line in lines if line.startswith("[imagenet]"))
-    assert "synthetic / small_resnet / norm mabn at normalization batch 2" in start and f"run folder {tmp_path}" in start
+    assert (
+        "synthetic / small_resnet / norm mabn at normalization batch 2" in start and f"run folder {tmp_path}" in start
+    )
     assert "steps 1-30, eager BN/BRN/MABN kernels" in start and "estimate follows after 25 steps" in start
     estimate = next(line for line in lines if line.startswith("[estimate]"))
-    assert re.search(r"\d+ ms per step over steps 6-25 on this machine: about [\d.]+ min for the 5 steps left", estimate)
-    assert lines[-1] == f"[done] top1_error {summary['top1_error']:.2f}, top5_error {summary['top5_error']:.2f}; " \
-                        f"summary: {tmp_path / 'summary.json'}"
+    assert re.search(
+        r"\d+ ms per step over steps 6-25 on this machine: about [\d.]+ min for the 5 steps left", estimate
+    )
+    assert (
+        lines[-1] == f"[done] top1_error {summary['top1_error']:.2f}, top5_error {summary['top5_error']:.2f}; "
+        f"summary: {tmp_path / 'summary.json'}"
+    )
 
 
 def test_the_same_command_twice_gives_the_same_summary_and_weights(tmp_path):
     # two processes, augmented Fashion-MNIST through 2 loader workers: bit for bit on one CPU
     # (with the compiled kernels too: the resume test below compares two processes that use them)
-    overrides = ["norm=mabn", "batch=2", "per_device_batch=8", "data.train_samples_limit=128",
-                 "data.val_samples_limit=64", "model.options.widths=[8,16,16,16]", "epochs=1", "workers=2"]
+    overrides = [
+        "norm=mabn",
+        "batch=2",
+        "per_device_batch=8",
+        "data.train_samples_limit=128",
+        "data.val_samples_limit=64",
+        "model.options.widths=[8,16,16,16]",
+        "epochs=1",
+        "workers=2",
+    ]
     env = {**os.environ, "MABN_FUSED": "0"}
     for run in ("a", "b"):
         assert cli(*overrides, f"hydra.run.dir={tmp_path / run}", env=env).returncode == 0
@@ -100,8 +126,17 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     # 2 loader processes; preempted (SIGTERM) at step 6, in the middle of the second epoch. BRN
     # (its schedule's step counter) with the compiled norm kernels; MABN's eager resume after
     # SIGKILL: tests/test_fault_injection.py
-    overrides = ["data.train_samples_limit=32", "data.val_samples_limit=64", "per_device_batch=8",
-                 "workers=2", "norm=brn", "batch=2", "epochs=3", "log_every_steps=1", "seed=3"]
+    overrides = [
+        "data.train_samples_limit=32",
+        "data.val_samples_limit=64",
+        "per_device_batch=8",
+        "workers=2",
+        "norm=brn",
+        "batch=2",
+        "epochs=3",
+        "log_every_steps=1",
+        "seed=3",
+    ]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     env = {**os.environ, "MABN_FUSED": "1"}
     assert cli(*overrides, f"hydra.run.dir={straight}", env=env).returncode == 0
@@ -114,17 +149,30 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
     assert_same_run(straight, interrupted, ["top1_error", "top5_error", "steps"])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["batch=3"], "error: batch=3 does not divide per_device_batch=32: use batch in [1, 2, 4, 8, 16, 32]"),
-    (["norm.name=mabnx"], "error: unknown norm 'mabnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, mabn, syncbn"),
-    (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
-    (["data.root=/no/fashion"], "error: Fashion-MNIST train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] not found in /no/fashion"),
-    (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),
-    (["per_device_batch=0"], "error: per_device_batch=0 is out of range: it must be > 0"),
-    (["optim.base_lr=-0.1"], "error: optim.base_lr=-0.1 is out of range: it must be > 0"),
-    (["data=imagenet", "data.root=/x", "data.max_bad_fraction=null"],
-     "error: data.max_bad_fraction=None is out of range: give a number >= 0 and < 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["batch=3"], "error: batch=3 does not divide per_device_batch=32: use batch in [1, 2, 4, 8, 16, 32]"),
+        (
+            ["norm.name=mabnx"],
+            "error: unknown norm 'mabnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, "
+            "mabn, syncbn",
+        ),
+        (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
+        (
+            ["data.root=/no/fashion"],
+            "error: Fashion-MNIST train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
+            "not found in /no/fashion",
+        ),
+        (["data=imagenet"], "error: data=imagenet needs data.root=/path/to/imagenet"),
+        (["per_device_batch=0"], "error: per_device_batch=0 is out of range: it must be > 0"),
+        (["optim.base_lr=-0.1"], "error: optim.base_lr=-0.1 is out of range: it must be > 0"),
+        (
+            ["data=imagenet", "data.root=/x", "data.max_bad_fraction=null"],
+            "error: data.max_bad_fraction=None is out of range: give a number >= 0 and < 1",
+        ),
+    ],
+)
 def test_bad_input_fails_with_one_line_naming_the_fix(overrides, message, tmp_path):
     result = cli(*overrides, f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0
@@ -139,21 +187,34 @@ def imagenet_folder(root, bad_train_images: int):
         for wnid in ("n01440764", "n01443537"):
             (root / split / wnid).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / split / wnid / f"{i}.JPEG")
+                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+                    root / split / wnid / f"{i}.JPEG"
+                )
     bad = sorted((root / "train").glob("*/*.JPEG"))[:bad_train_images]
     for path in bad:
         path.write_bytes(path.read_bytes()[:200])  # a copy cut short: the header parses, the pixels do not
     return bad
 
 
-IMAGENET = ["data=imagenet", "model.options.widths=[8,8,8,8]", "per_device_batch=4", "batch=2", "workers=2",
-            "epochs=1", "log_every_steps=1"]
+IMAGENET = [
+    "data=imagenet",
+    "model.options.widths=[8,8,8,8]",
+    "per_device_batch=4",
+    "batch=2",
+    "workers=2",
+    "epochs=1",
+    "log_every_steps=1",
+]
 
 
 def test_a_dataset_with_an_unreadable_image_trains_and_reports_it(tmp_path):
     bad = imagenet_folder(tmp_path / "imagenet", bad_train_images=1)
-    result = cli(*IMAGENET, f"data.root={tmp_path / 'imagenet'}", "data.max_bad_fraction=0.2",
-                 f"hydra.run.dir={tmp_path / 'run'}")
+    result = cli(
+        *IMAGENET,
+        f"data.root={tmp_path / 'imagenet'}",
+        "data.max_bad_fraction=0.2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"warning: cannot read image {bad[0]}" in result.stdout
     assert read_summary(tmp_path / "run")["steps"] == 2
@@ -161,13 +222,20 @@ def test_a_dataset_with_an_unreadable_image_trains_and_reports_it(tmp_path):
 
 def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path):
     bad = imagenet_folder(tmp_path / "imagenet", bad_train_images=2)
-    result = cli(*IMAGENET, f"data.root={tmp_path / 'imagenet'}", "data.max_bad_fraction=0.1",
-                 f"hydra.run.dir={tmp_path / 'run'}")
+    result = cli(
+        *IMAGENET,
+        f"data.root={tmp_path / 'imagenet'}",
+        "data.max_bad_fraction=0.1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     # 1 or 2: both loader workers may have met their bad file by the time the first error arrives
-    assert re.match(rf"error: [12] of 8 images cannot be read \(e\.g\. {bad[0].parent}/\d\.JPEG\): more than "
-                    r"data\.max_bad_fraction=0\.1 allows", last), result.stderr
+    assert re.match(
+        rf"error: [12] of 8 images cannot be read \(e\.g\. {bad[0].parent}/\d\.JPEG\): more than "
+        r"data\.max_bad_fraction=0\.1 allows",
+        last,
+    ), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -183,15 +251,30 @@ def test_a_run_kept_by_its_study_is_skipped_and_the_others_of_the_sweep_run(tmp_
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "bn-b2-s0.json").write_text('{"top1_error": 12.5}')
-    result = cli("-m", *SYNTHETIC, "max_steps=2", "norm=bn", "batch=2", "seed=0,1", f"kept_runs={kept}",
-                 f"hydra.sweep.dir={tmp_path / 'runs'}")
+    result = cli(
+        "-m",
+        *SYNTHETIC,
+        "max_steps=2",
+        "norm=bn",
+        "batch=2",
+        "seed=0,1",
+        f"kept_runs={kept}",
+        f"hydra.sweep.dir={tmp_path / 'runs'}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"[skip] bn-b2-s0: kept in {kept / 'bn-b2-s0.json'}" in result.stdout
     assert not (tmp_path / "runs" / "bn-b2-s0" / "summary.json").exists()
     assert (tmp_path / "runs" / "bn-b2-s1" / "summary.json").is_file()
     # where the summaries are kept does not change what a run computes: its checkpoint still resumes
-    again = cli(*SYNTHETIC, "max_steps=2", "norm=bn", "batch=2", "seed=1", f"kept_runs={tmp_path / 'elsewhere'}",
-                f"hydra.run.dir={tmp_path / 'runs' / 'bn-b2-s1'}")
+    again = cli(
+        *SYNTHETIC,
+        "max_steps=2",
+        "norm=bn",
+        "batch=2",
+        "seed=1",
+        f"kept_runs={tmp_path / 'elsewhere'}",
+        f"hydra.run.dir={tmp_path / 'runs' / 'bn-b2-s1'}",
+    )
     assert again.returncode == 0, again.stderr[-2000:]
 
 
@@ -214,24 +297,36 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=8", "optim.base_lr=inf",
-                                            "checkpoint_every_minutes=0", "max_steps=6"])
+    cfg = compose_config(
+        "train_imagenet", [*SYNTHETIC, "batch=8", "optim.base_lr=inf", "checkpoint_every_minutes=0", "max_steps=6"]
+    )
     with pytest.raises(FloatingPointError, match=r"weights are not finite after step 1: not saving them"):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
-    cfg = compose_config("train_imagenet", [*SYNTHETIC, "logger=wandb", "logger.mode=offline", "norm=mabn",
-                                            "batch=4", "max_steps=4", "logger.group=test-sweep"])
+    cfg = compose_config(
+        "train_imagenet",
+        [
+            *SYNTHETIC,
+            "logger=wandb",
+            "logger.mode=offline",
+            "norm=mabn",
+            "batch=4",
+            "max_steps=4",
+            "logger.group=test-sweep",
+        ],
+    )
     summary = train(cfg, tmp_path)
     run_id = (tmp_path / "wandb_run_id.txt").read_text()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["wandb_run_id"] == run_id
     (run_file,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
     history, config = history_and_config(run_file)
     losses = [h for h in history if "train/loss" in h]
-    assert [h["step"] for h in losses] == [2, 4] and all("train/lr" in h and "train/images_per_second" in h
-                                                         for h in losses)
+    assert [h["step"] for h in losses] == [2, 4] and all(
+        "train/lr" in h and "train/images_per_second" in h for h in losses
+    )
     assert any(h.get("final/eval/top1_error") == pytest.approx(summary["top1_error"]) for h in history)
     assert config["norm"]["name"] == "mabn" and config["norm"]["options"]["sma_window"] == 8
     assert config["batch"] == 4 and config["logger"]["group"] == "test-sweep"
@@ -239,8 +334,15 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
 
 @pytest.mark.multiprocess
 def test_two_process_ddp_on_cpu_runs_every_job_of_a_multirun(tmp_path):
-    result = torchrun("train_imagenet.py", "-m", *SYNTHETIC, "norm=syncbn,mabn", "batch=4", "max_steps=4",
-                      f"hydra.sweep.dir={tmp_path}")
+    result = torchrun(
+        "train_imagenet.py",
+        "-m",
+        *SYNTHETIC,
+        "norm=syncbn,mabn",
+        "batch=4",
+        "max_steps=4",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for norm in ("syncbn", "mabn"):
         run_dir = tmp_path / f"{norm}-b4-s0"
@@ -291,5 +393,7 @@ class Payload:
 def test_a_checkpoint_that_is_more_than_tensors_is_refused_with_one_line(tmp_path):
     cfg = compose_config("train_imagenet", [*SYNTHETIC, "batch=2", "max_steps=2"])
     torch.save({"model": Payload()}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ConfigError, match=r"checkpoint.pt holds more than tensors and plain Python values, so it is not loaded"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.pt holds more than tensors and plain Python values, so it is not loaded"
+    ):
         train(cfg, tmp_path)

@@ -33,8 +33,11 @@ def randomize(model):
 @pytest.mark.parametrize("name", sorted(NORM_ACT))
 def test_timm_blocks_compute_the_paper_block(name):
     factory = mabn.norm_layer(name, **NORM_ACT[name])
-    model = randomize(mabn.wire_norms(timm.create_model("resnet26", num_classes=4, norm_layer=factory,
-                                                        channels=(16, 16, 32, 32), stem_width=16))).eval()
+    model = randomize(
+        mabn.wire_norms(
+            timm.create_model("resnet26", num_classes=4, norm_layer=factory, channels=(16, 16, 32, 32), stem_width=16)
+        )
+    ).eval()
     basic = randomize(mabn.wire_norms(timm.create_model("resnet10t", num_classes=4, norm_layer=factory))).eval()
     block = model.layer2[0]  # a Bottleneck with a downsample
     x = torch.randn(2, block.conv1.in_channels, 8, 8)
@@ -51,8 +54,10 @@ def test_timm_blocks_compute_the_paper_block(name):
 
 @pytest.mark.parametrize("name", sorted(NORM_ACT))
 def test_torchvision_blocks_compute_the_paper_block(name):
-    for builder, x in ((torchvision.models.resnet18, torch.randn(2, 64, 8, 8)),
-                       (torchvision.models.resnet50, torch.randn(2, 64, 8, 8))):
+    for builder, x in (
+        (torchvision.models.resnet18, torch.randn(2, 64, 8, 8)),
+        (torchvision.models.resnet50, torch.randn(2, 64, 8, 8)),
+    ):
         model = randomize(mabn.convert_model(builder(num_classes=4), name, **NORM_ACT[name])).eval()
         block = model.layer1[0]
         assert isinstance(model.relu, nn.Identity) and activates(model.bn1)
@@ -69,8 +74,17 @@ def test_torchvision_blocks_compute_the_paper_block(name):
 
 
 def test_torchvision_maskrcnn_heads_take_the_relu_and_the_fpn_has_none():
-    model = mabn.wire_norms(build_maskrcnn(3, mabn.norm_layer("evonorm_s0", groups=4), "resnet18", min_size=64,
-                                           max_size=64, channels=32, fc_channels=32))
+    model = mabn.wire_norms(
+        build_maskrcnn(
+            3,
+            mabn.norm_layer("evonorm_s0", groups=4),
+            "resnet18",
+            min_size=64,
+            max_size=64,
+            channels=32,
+            fc_channels=32,
+        )
+    )
     body = model.backbone.body
     assert isinstance(body.relu, nn.Identity) and activates(body.bn1)
     fpn_norms = [m for m in model.backbone.fpn.modules() if isinstance(m, EvoNorm2dS0)]
@@ -81,8 +95,13 @@ def test_torchvision_maskrcnn_heads_take_the_relu_and_the_fpn_has_none():
     torch.testing.assert_close(head(x), head[1](head[0](x)))
     model.train()
     images = [torch.rand(3, 64, 64)]
-    target = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
-               "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}]
+    target = [
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 64, dtype=torch.uint8),
+        }
+    ]
     sum(model(images, target).values()).backward()
 
 
@@ -114,8 +133,9 @@ def test_gn_ws_standardizes_the_convs_that_feed_it():
     expected = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-6)
     torch.testing.assert_close(conv.weight, expected.view_as(weight))
     x = torch.randn(2, 64, 8, 8)
-    out = F.group_norm(F.conv2d(x, expected.view_as(weight), padding=1), 8, model.layer1[0].bn1.weight,
-                       model.layer1[0].bn1.bias)
+    out = F.group_norm(
+        F.conv2d(x, expected.view_as(weight), padding=1), 8, model.layer1[0].bn1.weight, model.layer1[0].bn1.bias
+    )
     torch.testing.assert_close(model.layer1[0].bn1(conv(x)), out)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     assert weight.grad is not None

@@ -17,6 +17,18 @@ def free_port() -> int:
 def torchrun(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 script overrides`` (gloo on CPU, one thread per process)."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         script, *overrides],
-        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            script,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

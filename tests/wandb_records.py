@@ -21,8 +21,8 @@ def records(path):
         if space < 7:  # block trailer padding
             position += space
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunk = data[position + 7:position + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -39,8 +39,9 @@ def history_and_config(run_file):
     for record in records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind in ("run", "config"):
             updates = record.run.config.update if kind == "run" else record.config.update
             config.update({item.key: json.loads(item.value_json) for item in updates})

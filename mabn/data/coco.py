@@ -34,8 +34,10 @@ class CocoInstances(CocoDetection):
         try:
             super().__init__(str(image_dir), str(annotation_json), transforms=transforms)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"annotation file {annotation_json} is not COCO-format json ({type(error).__name__}: "
-                             f"{first_line(error, 120)}): fix or regenerate it") from None
+            raise ValueError(
+                f"annotation file {annotation_json} is not COCO-format json ({type(error).__name__}: "
+                f"{first_line(error, 120)}): fix or regenerate it"
+            ) from None
         if train:
             self.ids = [i for i in self.ids if self._load_target(i)]
 
@@ -46,20 +48,27 @@ class CocoInstances(CocoDetection):
         return [a for a in super()._load_target(id) if not a.get("iscrowd", 0)]
 
 
-def coco_dataset(image_dir: str | Path, annotation_json: str | Path, train: bool,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None):
+def coco_dataset(
+    image_dir: str | Path,
+    annotation_json: str | Path,
+    train: bool,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    record: Path | None = None,
+):
     """(float image [3, H, W] in [0, 1], {boxes xyxy, labels = category ids, masks, image_id}) samples.
 
     Training adds a random horizontal flip; `.coco` is the pycocotools ground truth. An
     unreadable or absent image is replaced by the next readable one (``faults``; listed in ``record``).
     """
     augmentation = [v2.RandomHorizontalFlip()] if train else []
-    transforms = v2.Compose([
-        v2.ToImage(),
-        *augmentation,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.SanitizeBoundingBoxes(),
-    ])
+    transforms = v2.Compose(
+        [
+            v2.ToImage(),
+            *augmentation,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.SanitizeBoundingBoxes(),
+        ]
+    )
     instances = CocoInstances(image_dir, annotation_json, train, transforms=transforms)
     return SkipUnreadable(wrap_dataset_for_transforms_v2(instances, target_keys=TARGET_KEYS), max_bad_fraction, record)
 

@@ -12,8 +12,16 @@ from torchvision.datasets.utils import extract_archive
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DOWNLOAD_DIR = Path("~/.cache/mabn")
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # Pixel mean/std of the 60k training images on the [0, 1] scale.
 MEAN, STD = 0.2860, 0.3530

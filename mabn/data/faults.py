@@ -43,8 +43,13 @@ class SkipUnreadable(Dataset):
     every loader process, epoch and relaunch of a run, so that each file is reported once
     and the limit counts all of them. Without it each process counts on its own."""
 
-    def __init__(self, dataset, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record: Path | None = None,
-                 size: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+        record: Path | None = None,
+        size: int | None = None,
+    ):
         self.dataset, self.max_bad_fraction, self.record, self.bad_images = dataset, max_bad_fraction, record, {}
         self.size = min(size or len(dataset), len(dataset))
 
@@ -56,7 +61,7 @@ class SkipUnreadable(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def first(self, size: int | None) -> "SkipUnreadable":
+    def first(self, size: int | None) -> SkipUnreadable:
         """The first ``size`` samples (all if None or 0): an unreadable one among them is
         replaced from among them, and ``max_bad_fraction`` counts them only."""
         return SkipUnreadable(self.dataset, self.max_bad_fraction, self.record, size)
@@ -91,8 +96,12 @@ class SkipUnreadable(Dataset):
         if count > allowed:
             raise TooManyBadImages(
                 f"{count} of {len(self)} images cannot be read (e.g. {path}): more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} allows; fix or remove them, or raise it")
+                f"data.max_bad_fraction={self.max_bad_fraction} allows; fix or remove them, or raise it"
+            )
         if self.record is None or path not in recorded:
             where = f", listed in {self.record}" if self.record else ""
-            print(f"warning: cannot read image {path} ({first_line(error) or type(error).__name__}): using the "
-                  f"next readable one instead ({count} unreadable so far{where}; {allowed} allowed)", flush=True)
+            print(
+                f"warning: cannot read image {path} ({first_line(error) or type(error).__name__}): using the "
+                f"next readable one instead ({count} unreadable so far{where}; {allowed} allowed)",
+                flush=True,
+            )

@@ -48,25 +48,29 @@ class Lighting(v2.Transform):
 
 def train_transform() -> v2.Compose:
     """RandomResizedCrop(224, scale 0.08-1) + flip + lighting 0.1 + normalize."""
-    return v2.Compose([
-        v2.RandomResizedCrop(224, scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        Lighting(0.1),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(224, scale=(0.08, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            Lighting(0.1),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def val_transform() -> v2.Compose:
     """Resize(256) + CenterCrop(224) + normalize."""
-    return v2.Compose([
-        v2.Resize(256, antialias=True),
-        v2.CenterCrop(224),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(256, antialias=True),
+            v2.CenterCrop(224),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class ImageFiles(ImageFolder):
@@ -81,12 +85,15 @@ def image_files(folder: Path, transform) -> ImageFiles:
     try:
         return ImageFiles(folder, transform=transform)
     except FileNotFoundError as error:  # torchvision's message names the classes, not the folder
-        raise FileNotFoundError(f"{folder}: {str(error).strip().rstrip('.')}. Images go in {folder}/<wnid>/; "
-                                "remove empty class folders from both splits") from None
+        raise FileNotFoundError(
+            f"{folder}: {str(error).strip().rstrip('.')}. Images go in {folder}/<wnid>/; "
+            "remove empty class folders from both splits"
+        ) from None
 
 
-def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                      record_dir: Path | None = None) -> tuple[SkipUnreadable, SkipUnreadable]:
+def imagenet_datasets(
+    root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, record_dir: Path | None = None
+) -> tuple[SkipUnreadable, SkipUnreadable]:
     """(train, val) image folders from root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG,
     with the same classes (a missing or empty class folder is an error); an unreadable image
     is replaced by the next readable one, up to ``max_bad_fraction`` (``faults``), and listed
@@ -103,7 +110,10 @@ def imagenet_datasets(root: str | Path, max_bad_fraction: float = DEFAULT_MAX_BA
         only = lambda a, b: sorted(set(a.classes) - set(b.classes))[:3]
         raise FileNotFoundError(
             f"ImageNet train and val have different class folders (only in train: {only(train, val)}, "
-            f"only in val: {only(val, train)}): give both splits the same <wnid> folders")
-    record = lambda split: Path(record_dir, f"unreadable_{split}.txt") if record_dir else None  # noqa: E731
-    return (SkipUnreadable(train, max_bad_fraction, record("train")),
-            SkipUnreadable(val, max_bad_fraction, record("val")))
+            f"only in val: {only(val, train)}): give both splits the same <wnid> folders"
+        )
+    record = lambda split: Path(record_dir, f"unreadable_{split}.txt") if record_dir else None
+    return (
+        SkipUnreadable(train, max_bad_fraction, record("train")),
+        SkipUnreadable(val, max_bad_fraction, record("val")),
+    )

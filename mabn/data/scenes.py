@@ -59,15 +59,17 @@ def _annotations(owner: np.ndarray, item_labels: list[int], image_id: int, first
         if area < MIN_VISIBLE_AREA:
             continue
         rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
-        annotations.append({
-            "id": first_id + len(annotations),
-            "image_id": image_id,
-            "category_id": label + 1,
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-            "area": area,
-            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "iscrowd": 0,
-        })
+        annotations.append(
+            {
+                "id": first_id + len(annotations),
+                "image_id": image_id,
+                "category_id": label + 1,
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": area,
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "iscrowd": 0,
+            }
+        )
     return annotations
 
 
@@ -102,10 +104,16 @@ def generate_fashion_scenes(
     out_dir = Path(out_dir)
     json_path = out_dir / "annotations" / f"instances_{split}.json"
     params = {
-        "generator": "fashion_scenes", "version": VERSION, "split": split, "num_images": num_images,
-        "canvas_size": canvas_size, "items_per_image": list(items_per_image), "seed": seed,
+        "generator": "fashion_scenes",
+        "version": VERSION,
+        "split": split,
+        "num_images": num_images,
+        "canvas_size": canvas_size,
+        "items_per_image": list(items_per_image),
+        "seed": seed,
         "fashion_root": None if fashion_root is None else str(fashion_root),
-        "scale_range": list(SCALE_RANGE), "foreground_threshold": FOREGROUND_THRESHOLD,
+        "scale_range": list(SCALE_RANGE),
+        "foreground_threshold": FOREGROUND_THRESHOLD,
         "min_visible_area": MIN_VISIBLE_AREA,
     }
     if json_path.is_file():
@@ -126,10 +134,13 @@ def generate_fashion_scenes(
         _save_png_atomic(Image.fromarray(canvas, "RGB"), image_dir / file_name)
         coco_images.append({"id": i + 1, "file_name": file_name, "width": canvas_size, "height": canvas_size})
         coco_annotations += _annotations(owner, item_labels, i + 1, len(coco_annotations) + 1)
-    _write_json_atomic({
-        "info": {"description": "fashion_scenes: Fashion-MNIST items composited on canvases", "params": params},
-        "images": coco_images,
-        "annotations": coco_annotations,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(CLASSES)],
-    }, json_path)
+    _write_json_atomic(
+        {
+            "info": {"description": "fashion_scenes: Fashion-MNIST items composited on canvases", "params": params},
+            "images": coco_images,
+            "annotations": coco_annotations,
+            "categories": [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(CLASSES)],
+        },
+        json_path,
+    )
     return json_path

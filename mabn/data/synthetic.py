@@ -30,9 +30,7 @@ class SyntheticImages(Dataset):
             )
         self.num_samples, self.num_classes = num_samples, num_classes
         self.image_size, self.seed = image_size, seed
-        self.patterns = torch.randn(
-            num_classes, channels, PATTERN_SIZE, PATTERN_SIZE, generator=_generator(seed)
-        )
+        self.patterns = torch.randn(num_classes, channels, PATTERN_SIZE, PATTERN_SIZE, generator=_generator(seed))
 
     def __len__(self) -> int:
         return self.num_samples

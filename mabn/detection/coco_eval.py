@@ -24,13 +24,15 @@ def detections_to_coco(outputs: Sequence[dict], image_ids: Sequence[int]) -> lis
         masks = (output["masks"].detach().cpu()[:, 0] > MASK_THRESHOLD).numpy().astype(np.uint8)
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
         for box, score, label, rle in zip(boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), rles):
-            results.append({
-                "image_id": int(image_id),
-                "category_id": int(label),
-                "bbox": box,
-                "score": float(score),
-                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            })
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label),
+                    "bbox": box,
+                    "score": float(score),
+                    "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                }
+            )
     return results
 
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..registry import norm_layer
 from ..norms.norm_act import NORM_ACT_LAYERS
+from ..registry import norm_layer
 from ..wiring import register_activated_block
 
 
@@ -39,9 +39,11 @@ class Detectron2NotInstalled(ImportError, ConfigError):
     """detectron2 is missing (an ImportError, and a ConfigError so entry points print one line)."""
 
 
-MISSING_MESSAGE = ("detectron2 is not installed: install it from source (https://github.com/facebookresearch/"
-                   "detectron2, `pip install 'git+https://github.com/facebookresearch/detectron2.git'`) "
-                   "or use engine=torchvision")
+MISSING_MESSAGE = (
+    "detectron2 is not installed: install it from source (https://github.com/facebookresearch/"
+    "detectron2, `pip install 'git+https://github.com/facebookresearch/detectron2.git'`) "
+    "or use engine=torchvision"
+)
 
 try:
     import detectron2.layers.batch_norm as _batch_norm
@@ -54,8 +56,17 @@ except ImportError as error:  # detectron2 itself, or a compiled part of it, is 
     raise Detectron2NotInstalled(MISSING_MESSAGE) from None
 
 # detectron2 name -> this suite's registry name
-DETECTRON2_NAMES = {"MABN": "mabn", "BRN": "brn", "BN_NB": "bn", "SyncBN_ANY": "syncbn", "CBN": "cbn",
-                    "EvoNormB0": "evonorm_b0", "EvoNormS0": "evonorm_s0", "FRN": "frn", "GN_WS": "gn_ws"}
+DETECTRON2_NAMES = {
+    "MABN": "mabn",
+    "BRN": "brn",
+    "BN_NB": "bn",
+    "SyncBN_ANY": "syncbn",
+    "CBN": "cbn",
+    "EvoNormB0": "evonorm_b0",
+    "EvoNormS0": "evonorm_s0",
+    "FRN": "frn",
+    "GN_WS": "gn_ws",
+}
 
 _options: dict[str, dict] = {}
 _recorders: list[list] = []
@@ -104,6 +115,7 @@ def recording_norms():
 
 # ---- norm + activation layers in detectron2's modules (mabn.wiring) ----
 
+
 class NormActStem(_resnet.BasicStem):
     """detectron2's stem whose norm applies the activation itself."""
 
@@ -134,6 +146,7 @@ def _swap_block(new_class, *convs):
             return []
         block.__class__ = new_class
         return norms
+
     return rule
 
 

@@ -1,8 +1,9 @@
 """Mask R-CNN R-FPN from torchvision pieces, with a pluggable norm layer everywhere the paper puts one."""
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 from torchvision.models import resnet
@@ -79,11 +80,7 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
     stem, channels = state.get("conv1.weight"), own["conv1.weight"].shape[1]
     if stem is not None and stem.shape[1] == 1 and channels > 1:  # trained on gray images
         state["conv1.weight"] = stem.repeat(1, channels, 1, 1) / channels  # same response to gray
-    wrong = [
-        f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}"
-        for k, v in state.items()
-        if v.shape != own.get(k, v).shape
-    ]
+    wrong = [f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}" for k, v in state.items() if v.shape != own.get(k, v).shape]
     if wrong:
         raise ValueError(
             f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
@@ -96,5 +93,5 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
         )
     if unexpected:
         warnings.warn(
-            f"weights={path}: ignored {len(unexpected)} keys the backbone lacks, e.g. {unexpected[:3]}"
+            f"weights={path}: ignored {len(unexpected)} keys the backbone lacks, e.g. {unexpected[:3]}", stacklevel=2
         )

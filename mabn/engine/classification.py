@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, check_normalization_batch
-from ..data.faults import SkipUnreadable
 from ..data.fashion_mnist import FashionMNIST
+from ..data.faults import SkipUnreadable
 from ..data.imagenet import imagenet_datasets
 from ..data.synthetic import SyntheticImages
 from ..models import build_classifier
@@ -53,15 +53,19 @@ class ClassificationRun(TrainingRun):
         cfg = self.cfg
         check_normalization_batch(cfg, cfg.per_device_batch)
         train, val, num_classes, in_chans = build_datasets(cfg.data, self.run_dir)
-        model = build_classifier(cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm),
-                                 **cfg.model.options)
+        model = build_classifier(
+            cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm), **cfg.model.options
+        )
         return model, subset(train, cfg.data.train_samples_limit), subset(val, cfg.data.val_samples_limit)
 
     def schedule(self):
         schedule = self.cfg.optim.schedule
         milestones = [m * self.steps_per_epoch for m in schedule.milestones_epochs]
-        return (self.cfg.epochs * self.steps_per_epoch, milestones,
-                round(schedule.warmup_epochs * self.steps_per_epoch))
+        return (
+            self.cfg.epochs * self.steps_per_epoch,
+            milestones,
+            round(schedule.warmup_epochs * self.steps_per_epoch),
+        )
 
     def evaluation_due(self) -> bool:
         return self.step % (self.cfg.eval_every_epochs * self.steps_per_epoch) == 0
@@ -76,8 +80,9 @@ class ClassificationRun(TrainingRun):
     def evaluate(self) -> dict:
         """Top-1 and top-5 error (%) on the validation set, over all processes."""
         self.model.eval()
-        sampler = EpochSampler(len(self.val_set), self.per_device_batch, False, 0,
-                               self.env.rank, self.env.world_size, drop_last=False)
+        sampler = EpochSampler(
+            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
+        )
         counts = torch.zeros(3, device=self.env.device)
         for images, labels in self.loader(self.val_set, sampler):
             images, labels = images.to(self.env.device), labels.to(self.env.device)
@@ -87,8 +92,10 @@ class ClassificationRun(TrainingRun):
             counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).to(counts)
         counts = all_reduce_sum(counts)
         self.model.train()
-        return {"eval/top1_error": 100 * (1 - counts[0].item() / counts[2].item()),
-                "eval/top5_error": 100 * (1 - counts[1].item() / counts[2].item())}
+        return {
+            "eval/top1_error": 100 * (1 - counts[0].item() / counts[2].item()),
+            "eval/top5_error": 100 * (1 - counts[1].item() / counts[2].item()),
+        }
 
     def summary(self, metrics):
         return {"top1_error": metrics["eval/top1_error"], "top5_error": metrics["eval/top5_error"]}

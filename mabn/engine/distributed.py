@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 # Imported before any process group exists: its functions take ``group=group.WORLD`` as a
 # default argument, so importing it later (DDP does, through torch.distributed._shard) pins
 # the default group in those defaults for the life of the process. destroy_process_group()
 # then cannot free the group, its gloo worker threads outlive the interpreter, and one that
 # releases a collective's tensor during interpreter shutdown aborts the process ("terminate
 # called without an active exception", SIGABRT) after the job has finished.
-import torch.distributed.nn.functional  # noqa: F401
+import torch.distributed.nn.functional
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ def init_distributed(device: str | None = None) -> Distributed:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank, world_size=world_size
+        )
         # one group for the process's life: the jobs of a multirun (torchrun ... -m) reuse it
         # (torch cannot set an env:// group up again in the same processes)
         atexit.register(shutdown_distributed)

@@ -36,8 +36,14 @@ def wandb_mode(requested: str | None) -> str:
 class RunLogger:
     """Writes each ``log(metrics, step)`` call to the enabled sinks; a no-op off the main process."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, wandb_options: dict | None = None,
-                 config: dict | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        wandb_options: dict | None = None,
+        config: dict | None = None,
+        run_id: str | None = None,
+    ):
         """``run_id``: the W&B run id a checkpoint recorded, used if the run directory lost
         its id file; ``self.run_id`` is the id in use (None without W&B)."""
         self.run_dir, self.enabled, self.wandb, self.run_id = Path(run_dir), enabled, None, run_id
@@ -57,8 +63,13 @@ class RunLogger:
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         id_file.write_text(self.run_id)
         run = wandb.init(
-            id=self.run_id, resume="allow", dir=str(self.run_dir), config=config,
-            mode=wandb_mode(options.pop("mode", None)), **options)
+            id=self.run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config=config,
+            mode=wandb_mode(options.pop("mode", None)),
+            **options,
+        )
         for key in ("train/*", "eval/*", "final/*"):
             run.define_metric(key, step_metric="step")
         return run

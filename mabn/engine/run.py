@@ -24,12 +24,29 @@ from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
 from .loggers import RunLogger
 from .sampling import EpochSampler, SeededSamples
-from .training import (CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, lr_factor,
-                       prepare_model, unwrap)
+from .training import (
+    CheckpointTimer,
+    Preemption,
+    between_steps,
+    build_sgd,
+    check_finite,
+    check_finite_weights,
+    lr_factor,
+    prepare_model,
+    unwrap,
+)
 
 # config keys a resumed run may change (they do not change what is computed)
-OPERATIONAL_KEYS = ("debug", "workers", "threads", "log_every_steps", "checkpoint_every_minutes", "logger", "device",
-                    "kept_runs")
+OPERATIONAL_KEYS = (
+    "debug",
+    "workers",
+    "threads",
+    "log_every_steps",
+    "checkpoint_every_minutes",
+    "logger",
+    "device",
+    "kept_runs",
+)
 
 
 def run_identity(config: dict) -> dict:
@@ -41,8 +58,10 @@ def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
     """The run directory's checkpoint, checked to come from this config (None: a new run)."""
     state = ckpt.load_checkpoint(run_dir)
     if state is not None and run_identity(state["config"]) != run_identity(resolved(cfg)):
-        raise ConfigError(f"{run_dir} holds a checkpoint of a different config: use another run "
-                          "directory (hydra.run.dir=...) or delete it to start over")
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a different config: use another run "
+            "directory (hydra.run.dir=...) or delete it to start over"
+        )
     return state
 
 
@@ -97,12 +116,15 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         images_per_step = per_device_batch * self.env.world_size
         self.optimizer = build_sgd(self.model, cfg.optim, images_per_step)
-        self.sampler = EpochSampler(len(train_set), per_device_batch, True, cfg.seed,
-                                    self.env.rank, self.env.world_size)
+        self.sampler = EpochSampler(
+            len(train_set), per_device_batch, True, cfg.seed, self.env.rank, self.env.world_size
+        )
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"the training set ({len(train_set)} images) is smaller than one step of "
-                              f"{images_per_step} images: use more data or a smaller batch")
+            raise ConfigError(
+                f"the training set ({len(train_set)} images) is smaller than one step of "
+                f"{images_per_step} images: use more data or a smaller batch"
+            )
         self.total_steps, milestones, warmup = self.schedule()
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -110,8 +132,10 @@ class TrainingRun:
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
-            step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor),
+        )
         self.step = 0
         self.images_per_second = 0.0
         self.wandb_run_id = None
@@ -120,8 +144,13 @@ class TrainingRun:
         """The statistics probe of ``probe`` (main process; off when ``probe.every`` is 0)."""
         if not probe_cfg or not probe_cfg.every or not self.env.is_main:
             return None
-        return BatchStatisticsProbe(unwrap(self.model), probe_cfg.layers, probe_cfg.channels, probe_cfg.every,
-                                    [b for b in probe_cfg.batches if b <= self.per_device_batch]).attach()
+        return BatchStatisticsProbe(
+            unwrap(self.model),
+            probe_cfg.layers,
+            probe_cfg.channels,
+            probe_cfg.every,
+            [b for b in probe_cfg.batches if b <= self.per_device_batch],
+        ).attach()
 
     def write_probe_records(self) -> None:
         """Append the probe's new records to probes.jsonl (a resumed run repeats some steps:
@@ -135,12 +164,21 @@ class TrainingRun:
     def save(self) -> None:
         check_finite_weights(self.model, self.step, ckpt.checkpoint_path(self.run_dir))
         if self.env.is_main:
-            ckpt.save_atomic({
-                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
-                "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
-                ckpt.checkpoint_path(self.run_dir), keep_previous=True)
+            ckpt.save_atomic(
+                {
+                    "model": unwrap(self.model).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "step": self.step,
+                    "rng": ckpt.rng_states(),
+                    "config": resolved(self.cfg),
+                    "images_per_second": self.images_per_second,
+                    "wandb_run_id": self.wandb_run_id,
+                },
+                ckpt.checkpoint_path(self.run_dir),
+                keep_previous=True,
+            )
         barrier()
 
     def resume(self) -> bool:
@@ -160,11 +198,17 @@ class TrainingRun:
     def loader(self, dataset, sampler) -> DataLoader:
         """Batches in the sampler's order. The loader's own generator keeps it from drawing
         from the global RNG (which the model's sampling uses), wherever a run resumes."""
-        return DataLoader(dataset, batch_size=self.per_device_batch, sampler=sampler,
-                          num_workers=self.cfg.workers, pin_memory=self.env.device.type == "cuda",
-                          drop_last=sampler.drop_last, collate_fn=self.collate_fn,
-                          generator=torch.Generator().manual_seed(self.cfg.seed),
-                          multiprocessing_context=worker_start_method() if self.cfg.workers else None)
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch,
+            sampler=sampler,
+            num_workers=self.cfg.workers,
+            pin_memory=self.env.device.type == "cuda",
+            drop_last=sampler.drop_last,
+            collate_fn=self.collate_fn,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+            multiprocessing_context=worker_start_method() if self.cfg.workers else None,
+        )
 
     def train_step(self, batch) -> tuple[torch.Tensor, dict]:
         with torch.autocast(self.env.device.type, enabled=self.amp):
@@ -184,8 +228,14 @@ class TrainingRun:
         cfg = self.cfg
         self.model.train()
         metrics = {}
-        with tqdm(total=self.total_steps, initial=self.step, disable=not self.env.is_main,
-                  desc=cfg.run_name, mininterval=5, dynamic_ncols=True) as progress:  # closed on errors too
+        with tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.env.is_main,
+            desc=cfg.run_name,
+            mininterval=5,
+            dynamic_ncols=True,
+        ) as progress:  # closed on errors too
             checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
             first_step, window_start = self.step, None
             while self.step < self.total_steps:
@@ -203,12 +253,21 @@ class TrainingRun:
                     if self.step - first_step == ESTIMATE_AFTER[0]:
                         window_start = time.perf_counter()
                     elif self.step - first_step == ESTIMATE_AFTER[1] and window_start is not None:
-                        announce_estimate(self.step, first_step, time.perf_counter() - window_start,
-                                          self.total_steps, self.env)
+                        announce_estimate(
+                            self.step, first_step, time.perf_counter() - window_start, self.total_steps, self.env
+                        )
                     if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                         self.images_per_second = images_seen / (time.perf_counter() - tic)
-                        logger.log({"train/loss": loss.item(), **{k: float(v) for k, v in extras.items()}, "train/lr": self.scheduler.get_last_lr()[0],
-                                    "train/images_per_second": self.images_per_second, "epoch": epoch}, self.step)
+                        logger.log(
+                            {
+                                "train/loss": loss.item(),
+                                **{k: float(v) for k, v in extras.items()},
+                                "train/lr": self.scheduler.get_last_lr()[0],
+                                "train/images_per_second": self.images_per_second,
+                                "epoch": epoch,
+                            },
+                            self.step,
+                        )
                         progress.set_postfix(loss=f"{loss.item():.3f}")
                     if cfg.debug.preempt_at_step == self.step:
                         preemption.signum = signal.SIGTERM
@@ -236,8 +295,14 @@ def norm_label(cfg) -> str:
 
 def summary_keys(cfg, world_size: int, norm_schedule: dict) -> dict:
     """The fields a run's summary is grouped and paired by in the study reports."""
-    return {"world_size": world_size, "norm": cfg.norm.name, "label": norm_label(cfg), "batch": cfg.batch,
-            "seed": cfg.seed, "norm_schedule": norm_schedule}
+    return {
+        "world_size": world_size,
+        "norm": cfg.norm.name,
+        "label": norm_label(cfg),
+        "batch": cfg.batch,
+        "seed": cfg.seed,
+        "norm_schedule": norm_schedule,
+    }
 
 
 def announce_start(cfg, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None) -> None:
@@ -249,13 +314,18 @@ def announce_start(cfg, total_steps: int, step: int, env, run_dir: Path, estimat
         model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
         per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
         if estimate is None:
-            estimate = (f"a time estimate follows after {ESTIMATE_AFTER[1]} steps"
-                        if total_steps - step > ESTIMATE_AFTER[1] else "a short run")
-        print(f"[{cfg.task}] {cfg.data.name} / {model} / norm {label} at normalization batch "
-              f"{cfg.normalization_batch or 'all'} (per-device batch {per_device}, {env.world_size} "
-              f"process(es) on {env.device.type}): steps {step + 1}-{total_steps}, "
-              f"{KERNELS[fused.mode()]} BN/BRN/MABN kernels, run folder {run_dir}; {estimate}",
-              flush=True)
+            estimate = (
+                f"a time estimate follows after {ESTIMATE_AFTER[1]} steps"
+                if total_steps - step > ESTIMATE_AFTER[1]
+                else "a short run"
+            )
+        print(
+            f"[{cfg.task}] {cfg.data.name} / {model} / norm {label} at normalization batch "
+            f"{cfg.normalization_batch or 'all'} (per-device batch {per_device}, {env.world_size} "
+            f"process(es) on {env.device.type}): steps {step + 1}-{total_steps}, "
+            f"{KERNELS[fused.mode()]} BN/BRN/MABN kernels, run folder {run_dir}; {estimate}",
+            flush=True,
+        )
 
 
 KERNELS = {"0": "eager", "1": "compiled", "dynamic": "compiled (dynamic shapes)"}
@@ -278,9 +348,12 @@ def announce_estimate(step: int, first_step: int, seconds: float, total_steps: i
     if env.is_main:
         per_step = seconds / (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0])
         left = (total_steps - step) * per_step
-        print(f"\n[estimate] {per_step * 1000:.0f} ms per step over steps {first_step + ESTIMATE_AFTER[0] + 1}-{step} on this "
-              f"machine: about {left / 60:.1f} min for the {total_steps - step} steps left, evaluation aside",
-              flush=True)
+        print(
+            f"\n[estimate] {per_step * 1000:.0f} ms per step over steps "
+            f"{first_step + ESTIMATE_AFTER[0] + 1}-{step} on this "
+            f"machine: about {left / 60:.1f} min for the {total_steps - step} steps left, evaluation aside",
+            flush=True,
+        )
 
 
 def run_training(run_class, cfg, run_dir: str | Path) -> dict:
@@ -299,8 +372,12 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     announce_start(cfg, run.total_steps, run.step, run.env, run_dir)
     try:
         metrics = run.fit(logger, preemption)
-        summary = {**run.summary(metrics), "images_per_second": run.images_per_second, "steps": run.step,
-                   **summary_keys(cfg, run.env.world_size, run.norm_schedule)}
+        summary = {
+            **run.summary(metrics),
+            "images_per_second": run.images_per_second,
+            "steps": run.step,
+            **summary_keys(cfg, run.env.world_size, run.norm_schedule),
+        }
         logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
         summary["config"] = resolved(cfg)
@@ -318,6 +395,12 @@ def wandb_options(cfg) -> dict | None:
     """W&B init options from ``logger`` (None: W&B off); name, group and tags from the run."""
     if cfg.logger.name != "wandb":
         return None
-    return {"project": cfg.logger.project, "entity": cfg.logger.entity, "mode": cfg.logger.mode,
-            "group": cfg.logger.group, "job_type": cfg.task, "name": cfg.run_name,
-            "tags": [f"norm={cfg.norm.name}", f"batch={cfg.batch}", f"seed={cfg.seed}", *cfg.logger.tags]}
+    return {
+        "project": cfg.logger.project,
+        "entity": cfg.logger.entity,
+        "mode": cfg.logger.mode,
+        "group": cfg.logger.group,
+        "job_type": cfg.task,
+        "name": cfg.run_name,
+        "tags": [f"norm={cfg.norm.name}", f"batch={cfg.batch}", f"seed={cfg.seed}", *cfg.logger.tags],
+    }

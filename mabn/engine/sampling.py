@@ -11,8 +11,16 @@ class EpochSampler(Sampler[int]):
     """This process's share of a per-epoch permutation seeded by (seed, epoch), in whole
     batches, optionally starting ``start_batch`` batches into the epoch (resume)."""
 
-    def __init__(self, length: int, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ):
         self.length, self.batch_size, self.shuffle, self.seed = length, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start_batch = 0, 0
@@ -26,11 +34,11 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
-        mine = order[self.rank::self.world_size]
+        mine = order[self.rank :: self.world_size]
         if self.drop_last:
             per_rank = (self.length // self.world_size) // self.batch_size * self.batch_size
             mine = mine[:per_rank]
-        return mine[self.start_batch * self.batch_size:]
+        return mine[self.start_batch * self.batch_size :]
 
     def batches_per_epoch(self) -> int:
         """Whole batches per epoch and process (``drop_last``: the training sampler)."""

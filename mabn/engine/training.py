@@ -38,9 +38,11 @@ def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: b
     if env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    no_buffer_sync = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
@@ -52,12 +54,24 @@ def build_sgd(model: nn.Module, optim_cfg, images_per_step: int) -> torch.optim.
     """SGD with lr = base_lr * images_per_step / reference_batch (linear scaling); weight
     decay on all parameters, as the authors' code."""
     lr = optim_cfg.base_lr * images_per_step / optim_cfg.reference_batch
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=optim_cfg.momentum,
-                           weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.get("nesterov", False))
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        nesterov=optim_cfg.get("nesterov", False),
+    )
 
 
-def lr_factor(step: int, total_steps: int, schedule: str, milestones=(), gamma: float = 0.1,
-              warmup_steps: int = 0, warmup_factor: float = 1.0) -> float:
+def lr_factor(
+    step: int,
+    total_steps: int,
+    schedule: str,
+    milestones=(),
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_factor: float = 1.0,
+) -> float:
     """Multiplier of the base lr at ``step``: linear warm-up from ``warmup_factor``, then
     ``step`` (x gamma at each milestone) or ``cosine`` (to 0 at total_steps)."""
     if schedule == "step":
@@ -114,8 +128,10 @@ class Preemption:
         self.restore()
         if callable(previous):
             previous(signum, None)
-        raise SystemExit(f"stopped by signal {signal.Signals(signum).name} after saving a checkpoint: "
-                         "relaunch the same command (or let the scheduler requeue it) to resume")
+        raise SystemExit(
+            f"stopped by signal {signal.Signals(signum).name} after saving a checkpoint: "
+            "relaunch the same command (or let the scheduler requeue it) to resume"
+        )
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -137,7 +153,8 @@ def check_finite(loss: torch.Tensor, step: int, checkpoint) -> None:
     if not torch.isfinite(loss).all():
         raise FloatingPointError(
             f"loss is {loss.item()} at step {step}: stopped before updating the weights; the last good "
-            f"checkpoint is kept at {checkpoint}; lower optim.base_lr or check the data")
+            f"checkpoint is kept at {checkpoint}; lower optim.base_lr or check the data"
+        )
 
 
 def check_finite_weights(model: nn.Module, step: int, checkpoint) -> None:
@@ -145,4 +162,5 @@ def check_finite_weights(model: nn.Module, step: int, checkpoint) -> None:
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError(
             f"weights are not finite after step {step}: not saving them; the last good checkpoint is "
-            f"kept at {checkpoint}; lower optim.base_lr")
+            f"kept at {checkpoint}; lower optim.base_lr"
+        )

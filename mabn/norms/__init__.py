@@ -24,12 +24,23 @@ silently replace them. Parameter and buffer names follow ``nn.BatchNorm2d`` wher
 meaning is the same, so BN checkpoints load into ``BatchNorm2d``/``BatchRenorm2d``.
 """
 
-
 from .batch_norm import BatchNorm2d, BatchRenorm2d, SyncBatchNorm
 from .cross_iteration import CrossIterationBatchNorm2d
 from .group_norm import GroupNorm, GroupNormWS, InstanceNorm2d, LayerNorm2d
 from .moving_average import MABN2d
 from .norm_act import EvoNormB0, evonorm_s0, frn
 
-__all__ = ["BatchNorm2d", "BatchRenorm2d", "SyncBatchNorm", "CrossIterationBatchNorm2d", "GroupNorm", "GroupNormWS",
-           "InstanceNorm2d", "LayerNorm2d", "MABN2d", "EvoNormB0", "evonorm_s0", "frn"]
+__all__ = [
+    "BatchNorm2d",
+    "BatchRenorm2d",
+    "SyncBatchNorm",
+    "CrossIterationBatchNorm2d",
+    "GroupNorm",
+    "GroupNormWS",
+    "InstanceNorm2d",
+    "LayerNorm2d",
+    "MABN2d",
+    "EvoNormB0",
+    "evonorm_s0",
+    "frn",
+]

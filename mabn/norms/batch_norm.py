@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fused
-from .kernels import (_GroupBatchNormFunction, accumulation_dtype, ema_states, group_view, kernel_moments,
-                      kernel_view, num_groups)
+from .kernels import (
+    _GroupBatchNormFunction,
+    accumulation_dtype,
+    ema_states,
+    group_view,
+    kernel_moments,
+    kernel_view,
+    num_groups,
+)
 
 
 def relaxed(done: torch.Tensor, final: float, start: float, warmup: float, end: float) -> torch.Tensor:
@@ -41,8 +48,19 @@ def renorm_factors(var, mean, running_mean, running_var, r_max, d_max, eps: floa
     return r, d
 
 
-def batch_norm_train(x, weight, bias, running_mean, running_var, num_batches_tracked, groups: int,
-                     momentum: float, eps: float, num_iterations=None, schedule=None):
+def batch_norm_train(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    groups: int,
+    momentum: float,
+    eps: float,
+    num_iterations=None,
+    schedule=None,
+):
     """BatchNorm2d's grouped training forward (BatchRenorm2d's with ``num_iterations`` and its
     ``schedule`` (r_max, d_max, warmup_iters, r_max_iters, d_max_iters)) in plain tensor ops:
     y, the group statistics (mean, var) and BRN's (r, d), (G, C) each (1 and 0 for BN); the
@@ -86,11 +104,33 @@ class _FusedBatchNormFunction(torch.autograd.Function):
     fused_forward, fused_backward = fused.Fused(batch_norm_train), fused.Fused(batch_norm_backward)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, groups, momentum, eps,
-                num_iterations=None, schedule=None):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        groups,
+        momentum,
+        eps,
+        num_iterations=None,
+        schedule=None,
+    ):
         y, mean, var, r, d = _FusedBatchNormFunction.fused_forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, groups, momentum, eps, num_iterations,
-            schedule)
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            groups,
+            momentum,
+            eps,
+            num_iterations,
+            schedule,
+        )
         ctx.save_for_backward(x, weight.detach(), mean, var, r, d)  # a plain tensor: one compiled graph
         ctx.eps = eps
         return y
@@ -104,8 +144,7 @@ class _FusedBatchNormFunction(torch.autograd.Function):
 class _GroupedBatchStats(nn.Module):
     """Parameters and running statistics shared by BN and BRN (named as in nn.BatchNorm2d)."""
 
-    def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.1,
-                 device=None, dtype=None):
+    def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.1, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -119,12 +158,13 @@ class _GroupedBatchStats(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self):
-        return (f"{self.num_features}, normalization_batch={self.normalization_batch}, "
-                f"eps={self.eps}, momentum={self.momentum}")
+        return (
+            f"{self.num_features}, normalization_batch={self.normalization_batch}, "
+            f"eps={self.eps}, momentum={self.momentum}"
+        )
 
     def _eval_forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     @torch.no_grad()
     def _group_stats(self, x, groups):
@@ -179,17 +219,28 @@ class BatchNorm2d(_GroupedBatchStats):
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / self.num_batches_tracked.item()
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                True, momentum, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
+            )
         if self.momentum is None:
             raise ValueError("momentum=None (cumulative average) needs normalization_batch >= batch")
         if fused.applies(x, groups):
-            return _FusedBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                                 self.num_batches_tracked, groups, self.momentum, self.eps)
+            return _FusedBatchNormFunction.apply(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                groups,
+                self.momentum,
+                self.eps,
+            )
         var, mean, count = self._group_stats(x, groups)
         self._running_states(var, mean, count, last_only=True)
-        return _GroupBatchNormFunction.apply(x, mean, var, self.weight.expand(groups, -1),
-                                             self.bias.expand(groups, -1), self.eps)
+        return _GroupBatchNormFunction.apply(
+            x, mean, var, self.weight.expand(groups, -1), self.bias.expand(groups, -1), self.eps
+        )
 
 
 class BatchRenorm2d(_GroupedBatchStats):
@@ -208,9 +259,20 @@ class BatchRenorm2d(_GroupedBatchStats):
 
     schedule_options = ("warmup_iters", "r_max_iters", "d_max_iters")
 
-    def __init__(self, num_features, normalization_batch=None, eps=1e-5, momentum=0.01,
-                 r_max=3.0, d_max=5.0, warmup_iters=5000, r_max_iters=40000, d_max_iters=25000,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        normalization_batch=None,
+        eps=1e-5,
+        momentum=0.01,
+        r_max=3.0,
+        d_max=5.0,
+        warmup_iters=5000,
+        r_max_iters=40000,
+        d_max_iters=25000,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, normalization_batch, eps, momentum, device, dtype)
         if momentum is None:
             raise ValueError("brn needs a float momentum (running-statistics update rate)")
@@ -224,9 +286,11 @@ class BatchRenorm2d(_GroupedBatchStats):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
-                f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "
-                f"d_max_iters={self.d_max_iters}")
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+            f"warmup_iters={self.warmup_iters}, r_max_iters={self.r_max_iters}, "
+            f"d_max_iters={self.d_max_iters}"
+        )
 
     def _schedule(self):
         """The limits' schedule, in ``schedule_limits``'s order."""
@@ -242,8 +306,18 @@ class BatchRenorm2d(_GroupedBatchStats):
         groups = num_groups(x.shape[0], self.normalization_batch)
         if fused.applies(x, groups):
             return _FusedBatchNormFunction.apply(
-                x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked, groups,
-                self.momentum, self.eps, self.num_iterations, self._schedule())
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                groups,
+                self.momentum,
+                self.eps,
+                self.num_iterations,
+                self._schedule(),
+            )
         var, mean, count = self._group_stats(x, groups)
         means, vars_ = self._running_states(var, mean, count)
         r_max, d_max = self.limits()
@@ -279,8 +353,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     group (or in eval mode) it is BatchNorm2d.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, process_group=None,
-                 device=None, dtype=None):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, True, True, device, dtype)
         self.process_group = process_group
 
@@ -289,17 +362,22 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"syncbn expects NCHW input, got {x.dim()}D")
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1):
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        ):
             return super().forward(x)
         xf = x.to(accumulation_dtype(x))
-        local = torch.cat([xf.sum(dim=(0, 2, 3)), xf.square().sum(dim=(0, 2, 3)),
-                           xf.new_tensor([x.numel() // x.shape[1]])])
+        local = torch.cat(
+            [xf.sum(dim=(0, 2, 3)), xf.square().sum(dim=(0, 2, 3)), xf.new_tensor([x.numel() // x.shape[1]])]
+        )
         total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         channels = x.shape[1]
         count = total[-1]
         mean = total[:channels] / count
-        var = total[channels:2 * channels] / count - mean.square()
+        var = total[channels : 2 * channels] / count - mean.square()
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()

@@ -76,8 +76,18 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
 
     schedule_options = ("burnin",)
 
-    def __init__(self, num_features, normalization_batch=None, buffer_num=3, burnin=8, rho=1.0, eps=1e-5,
-                 momentum=0.1, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        normalization_batch=None,
+        buffer_num=3,
+        burnin=8,
+        rho=1.0,
+        eps=1e-5,
+        momentum=0.1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, normalization_batch, eps, momentum, device, dtype)
         if buffer_num < 0 or burnin < 0:
             raise ValueError(f"cbn buffer_num and burnin must be >= 0, got {buffer_num} and {burnin}")
@@ -94,8 +104,7 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
     def extra_repr(self):
         return f"{super().extra_repr()}, buffer_num={self.buffer_num}, burnin={self.burnin}, rho={self.rho}"
 
-    BUFFER_NAMES = ("past_mean", "past_second", "past_mean_offset", "past_second_offset", "past_dmean",
-                    "past_dsecond")
+    BUFFER_NAMES = ("past_mean", "past_second", "past_mean_offset", "past_second_offset", "past_dmean", "past_dsecond")
 
     def _allocate_buffer(self, patch_size: int, device=None):
         """The past entries, oldest first: mean and second moment (k, C); their derivatives with
@@ -114,8 +123,10 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
         if self._conv is not None:
             return
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"cbn needs a conv with groups=1, zero padding given as numbers; got groups="
-                             f"{conv.groups}, padding={conv.padding!r} ({conv.padding_mode}): use another norm here")
+            raise ValueError(
+                f"cbn needs a conv with groups=1, zero padding given as numbers; got groups="
+                f"{conv.groups}, padding={conv.padding!r} ({conv.padding_mode}): use another norm here"
+            )
         self._conv = (conv.stride, conv.padding, conv.dilation, tuple(conv.weight.shape))
         self._allocate_buffer(conv.weight[0].numel(), conv.weight.device)
         conv.register_forward_pre_hook(self._capture)  # a bound method: deepcopy maps it to the copy
@@ -152,13 +163,24 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
         self._running_states(var, mean, count, last_only=True)
         zero = torch.zeros_like(mean)
         if not (self._burned_in and x.requires_grad):  # plain BN, unbiased variance
-            return _CompensatedNormFunction.apply(x, self.weight, self.bias, mean, var + mean.square(), zero, zero,
-                                                  torch.ones_like(mean), count / max(count - 1, 1), self.eps)
+            return _CompensatedNormFunction.apply(
+                x,
+                self.weight,
+                self.bias,
+                mean,
+                var + mean.square(),
+                zero,
+                zero,
+                torch.ones_like(mean),
+                count / max(count - 1, 1),
+                self.eps,
+            )
         if captured is None:
             raise RuntimeError("cbn needs the conv that feeds it: build the model, then call mabn.wire_norms(model)")
         past_mean, past_second, share = self._window(mean, var + mean.square(), captured[1].detach().flatten(1))
-        y = _CompensatedNormFunction.apply(x, self.weight, self.bias, mean, var + mean.square(), past_mean,
-                                           past_second, share, 1.0, self.eps)
+        y = _CompensatedNormFunction.apply(
+            x, self.weight, self.bias, mean, var + mean.square(), past_mean, past_second, share, 1.0, self.eps
+        )
         self._push(captured, x, mean, var + mean.square())
         return y
 
@@ -172,8 +194,9 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
         means = torch.cat([self.past_mean + self.rho * moved_mean, mean])
         seconds = torch.cat([self.past_second + self.rho * moved_second, second])
         real = torch.arange(k, device=mean.device) >= k - self.past_count
-        kept = torch.cat([real.to(mean.dtype)[:, None].expand(k, mean.shape[1]),
-                          torch.ones_like(mean)]) * (seconds >= means.square())
+        kept = torch.cat([real.to(mean.dtype)[:, None].expand(k, mean.shape[1]), torch.ones_like(mean)]) * (
+            seconds >= means.square()
+        )
         # windows of k + 1 entries ending at each group: k before it (constants), then its own
         windows = [t.unfold(0, k + 1, 1) for t in (means * kept, seconds * kept, kept)]  # (G, C, k + 1)
         past_means, past_seconds = (w[..., :k].sum(-1) for w in windows[:2])
@@ -200,15 +223,23 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
             dmeans.append(mean_patch(conv_input[rows], shape[2:], stride, padding, dilation, outputs.shape[2:]))
             if shape[2:] == (1, 1) and padding == (0, 0) and shape[1] < shape[0]:
                 # 2 E[y x^T] = 2 (W E[x x^T] + b E[x]^T): cheaper than the weight gradient when in < out
-                pixels = conv_input[rows, :, ::stride[0], ::stride[1]].transpose(0, 1).reshape(shape[1], -1)
+                pixels = conv_input[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
                 moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
                 dseconds.append(moment if bias is None else moment + 2 * bias[:, None] * dmeans[-1])
             else:
-                dseconds.append(conv2d_weight(conv_input[rows], shape, outputs * (2.0 / positions), stride, padding,
-                                              dilation).flatten(1))
+                dseconds.append(
+                    conv2d_weight(
+                        conv_input[rows], shape, outputs * (2.0 / positions), stride, padding, dilation
+                    ).flatten(1)
+                )
         dmean, dsecond, flat = torch.stack(dmeans), torch.stack(dseconds, 1), weight.flatten(1)
-        new = {"past_mean": mean[-kept:], "past_second": second[-kept:], "past_mean_offset": (flat @ dmean.T).T,
-               "past_second_offset": torch.bmm(dsecond, flat.unsqueeze(-1))[..., 0].T, "past_dmean": dmean}
+        new = {
+            "past_mean": mean[-kept:],
+            "past_second": second[-kept:],
+            "past_mean_offset": (flat @ dmean.T).T,
+            "past_second_offset": torch.bmm(dsecond, flat.unsqueeze(-1))[..., 0].T,
+            "past_dmean": dmean,
+        }
         for name, values in new.items():
             buffer = getattr(self, name)
             buffer.copy_(torch.cat([buffer[kept:], values.to(dtype)]))
@@ -221,7 +252,13 @@ def mean_patch(x, kernel_size, stride, padding, dilation, output_size):
     samples and output positions, flattened as the weight's (in_channels, kh, kw)."""
     total = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
     rows, cols = output_size
-    patch = [total[:, i * dilation[0]: i * dilation[0] + stride[0] * (rows - 1) + 1: stride[0],
-                   j * dilation[1]: j * dilation[1] + stride[1] * (cols - 1) + 1: stride[1]].sum((1, 2))
-             for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    patch = [
+        total[
+            :,
+            i * dilation[0] : i * dilation[0] + stride[0] * (rows - 1) + 1 : stride[0],
+            j * dilation[1] : j * dilation[1] + stride[1] * (cols - 1) + 1 : stride[1],
+        ].sum((1, 2))
+        for i in range(kernel_size[0])
+        for j in range(kernel_size[1])
+    ]
     return torch.stack(patch, 1).flatten() / (len(x) * rows * cols)

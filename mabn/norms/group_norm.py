@@ -15,7 +15,8 @@ class GroupNorm(nn.GroupNorm):
         if num_channels % num_groups:
             raise ValueError(
                 f"gn: {num_channels} channels are not divisible by {num_groups} groups: "
-                f"set num_groups to a divisor of {num_channels}")
+                f"set num_groups to a divisor of {num_channels}"
+            )
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
 
 
@@ -59,7 +60,8 @@ class GroupNormWS(GroupNorm):
     def bind_conv(self, conv: nn.Conv2d) -> None:
         """Standardize ``conv``'s weight (idempotent)."""
         if parametrize.is_parametrized(conv, "weight") and any(
-                isinstance(p, StandardizeWeight) for p in conv.parametrizations.weight):
+            isinstance(p, StandardizeWeight) for p in conv.parametrizations.weight
+        ):
             return
         parametrize.register_parametrization(conv, "weight", StandardizeWeight(self.ws_eps))
         conv.register_load_state_dict_pre_hook(load_plain_weight)

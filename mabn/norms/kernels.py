@@ -36,14 +36,15 @@ def ema_states(initial: torch.Tensor, stats: torch.Tensor, momentum: float, last
         return final[None] if last_only else torch.stack([initial, final])
     keep = 1.0 - momentum
     if last_only:  # row G: keep^G * initial + sum_j momentum * keep^(G - 1 - j) * stats[j]
-        decay = keep ** steps
-        weights = momentum * torch.pow(keep, torch.arange(steps - 1, -1, -1, device=stats.device,
-                                                          dtype=stats.dtype)).unsqueeze(0)
+        decay = keep**steps
+        weights = momentum * torch.pow(
+            keep, torch.arange(steps - 1, -1, -1, device=stats.device, dtype=stats.dtype)
+        ).unsqueeze(0)
     else:
         k = torch.arange(steps + 1, device=stats.device, dtype=stats.dtype).unsqueeze(1)
         j = torch.arange(steps, device=stats.device, dtype=stats.dtype).unsqueeze(0)
         weights = torch.where(j < k, momentum * keep ** (k - 1 - j).clamp(min=0), 0.0)
-        decay = keep ** k
+        decay = keep**k
     # a (rows, G) x (G, C) product: a broadcast sum would write rows x G x C values; in the
     # statistics' dtype, as autocast would run the product in half precision
     with torch.autocast(stats.device.type, enabled=False):
@@ -96,8 +97,12 @@ def small_maps_on_cpu(flat: torch.Tensor) -> bool:
     """Whether ``kernel_moments`` shifts: fp32/fp64 on CPU, maps of at most 16 x 16 and at least
     2^18 values in all, where torch's statistics kernel costs up to 2x a shift plus sums (it is
     one pass on CUDA; below that size, the extra ops cost more than they save)."""
-    return (flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
-            and flat.shape[2] * flat.shape[3] <= 256 and flat.numel() >= 2 ** 18)
+    return (
+        flat.device.type == "cpu"
+        and flat.dtype in (torch.float32, torch.float64)
+        and flat.shape[2] * flat.shape[3] <= 256
+        and flat.numel() >= 2**18
+    )
 
 
 def kernel_moments(flat: torch.Tensor, dtype: torch.dtype):
@@ -109,16 +114,28 @@ def kernel_moments(flat: torch.Tensor, dtype: torch.dtype):
     """
     if not small_maps_on_cpu(flat):
         # fp32 statistics for half x, as the fp32 buffers ask
-        buffers = [None, None] if dtype == flat.dtype else [flat.new_zeros(flat.shape[1], dtype=dtype),
-                                                             flat.new_ones(flat.shape[1], dtype=dtype)]
+        buffers = (
+            [None, None]
+            if dtype == flat.dtype
+            else [flat.new_zeros(flat.shape[1], dtype=dtype), flat.new_ones(flat.shape[1], dtype=dtype)]
+        )
         return torch.batch_norm_update_stats(flat, *buffers, 0.0)
     shift = flat[:1, :, :1, :1]
     shifted = flat - shift
     count = flat.numel() // flat.shape[1]
     # sum(dy * (x - 0) / sqrt(1 + 0)) and sum(dy) with dy = x = shifted
     _, squares, sums = torch.ops.aten.native_batch_norm_backward(
-        shifted, shifted, None, flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1]), None, None,
-        False, 0.0, [False, True, True])
+        shifted,
+        shifted,
+        None,
+        flat.new_zeros(flat.shape[1]),
+        flat.new_ones(flat.shape[1]),
+        None,
+        None,
+        False,
+        0.0,
+        [False, True, True],
+    )
     offset = sums / count
     return shift.view(-1) + offset, squares / count - offset.square()
 
@@ -147,8 +164,16 @@ def gradient_sums(dy, x, mean, var, eps):
         dot = (group_view(dy, groups).to(dtype) * group_view(x, groups)).sum(dim=(1, 3))
         return total, (dot - mean * total) * torch.rsqrt(var + eps)
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
-        dy.reshape(flat.shape), flat, None, *kernel_values(len(x), mean, var), None, None, False, eps,
-        [False, True, True])
+        dy.reshape(flat.shape),
+        flat,
+        None,
+        *kernel_values(len(x), mean, var),
+        None,
+        None,
+        False,
+        eps,
+        [False, True, True],
+    )
     return group_sums(torch.stack([total, dot]), groups, channels).unbind()
 
 
@@ -172,7 +197,8 @@ class _GroupBatchNormFunction(torch.autograd.Function):
         inv_std = torch.rsqrt(var + ctx.eps)
         if groups == 1:
             dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dy, x, scale[0], None, None, mean[0], inv_std[0], True, ctx.eps, [True, True, True])
+                dy, x, scale[0], None, None, mean[0], inv_std[0], True, ctx.eps, [True, True, True]
+            )
             return dx, None, None, sum_dy_xhat[None], sum_dy[None], None
         count = x.numel() // (groups * channels)
         sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, var, ctx.eps)

@@ -98,9 +98,22 @@ class MABN2d(nn.Module):
 
     schedule_options = ("warmup_iters", "renorm_warmup_iters")
 
-    def __init__(self, num_features, normalization_batch=None, sma_window=16, momentum=0.02,
-                 eps=1e-5, warmup_iters=100, renorm_warmup_iters=1000, r_max=5.0,
-                 forward_stat="sma", backward_stat="sma", renorm=True, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        normalization_batch=None,
+        sma_window=16,
+        momentum=0.02,
+        eps=1e-5,
+        warmup_iters=100,
+        renorm_warmup_iters=1000,
+        r_max=5.0,
+        forward_stat="sma",
+        backward_stat="sma",
+        renorm=True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if forward_stat not in ("sma", "batch", "ema"):
             raise ValueError(f"mabn forward_stat must be sma, batch or ema, got {forward_stat!r}")
@@ -128,11 +141,13 @@ class MABN2d(nn.Module):
         self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self):
-        return (f"{self.num_features}, normalization_batch={self.normalization_batch}, "
-                f"sma_window={self.sma_window}, momentum={self.momentum}, eps={self.eps}, "
-                f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
-                f"r_max={self.r_max}, forward_stat={self.forward_stat}, "
-                f"backward_stat={self.backward_stat}, renorm={self.renorm}")
+        return (
+            f"{self.num_features}, normalization_batch={self.normalization_batch}, "
+            f"sma_window={self.sma_window}, momentum={self.momentum}, eps={self.eps}, "
+            f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
+            f"r_max={self.r_max}, forward_stat={self.forward_stat}, "
+            f"backward_stat={self.backward_stat}, renorm={self.renorm}"
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A BatchNorm2d checkpoint loads too: its second moment var + mean^2 seeds the EMA."""
@@ -154,20 +169,37 @@ class MABN2d(nn.Module):
             return F.batch_norm(x, zero, self.ema_chi2, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(x.shape[0], self.normalization_batch)
         if fused.applies(x, groups):
-            return _FusedMABNFunction.apply(x, self.weight, self.bias, self.ema_chi2, self.chi2_window, self.psi_window,
-                                            self.num_iterations, groups, self._options(),
-                                            self.backward_stat == "batch")
+            return _FusedMABNFunction.apply(
+                x,
+                self.weight,
+                self.bias,
+                self.ema_chi2,
+                self.chi2_window,
+                self.psi_window,
+                self.num_iterations,
+                groups,
+                self._options(),
+                self.backward_stat == "batch",
+            )
         with torch.no_grad():
-            var, r, use_window = mabn_statistics(x, groups, self.ema_chi2, self.chi2_window, self.num_iterations,
-                                                 *self._options())
+            var, r, use_window = mabn_statistics(
+                x, groups, self.ema_chi2, self.chi2_window, self.num_iterations, *self._options()
+            )
         if self.backward_stat == "batch":
             use_window = torch.zeros_like(use_window)
         return _MABNFunction.apply(x, self.weight, self.bias, var, r, self.psi_window, use_window, self.eps)
 
     def _options(self):
         """The statistics options of ``mabn_statistics``, in its order."""
-        return (self.momentum, self.eps, self.warmup_iters, self.renorm_warmup_iters, self.r_max,
-                self.forward_stat, self.renorm)
+        return (
+            self.momentum,
+            self.eps,
+            self.warmup_iters,
+            self.renorm_warmup_iters,
+            self.r_max,
+            self.forward_stat,
+            self.renorm,
+        )
 
 
 def window_in_use(iteration, groups: int, sma_window: int, warmup_iters: int):
@@ -179,8 +211,20 @@ def window_in_use(iteration, groups: int, sma_window: int, warmup_iters: int):
     return ((step >= sma_window) & (iteration >= warmup_iters)).unsqueeze(1)
 
 
-def mabn_statistics(x, groups: int, ema_chi2, chi2_window, num_iterations, momentum: float, eps: float,
-                    warmup_iters: int, renorm_warmup_iters: int, r_max: float, forward_stat: str, renorm: bool):
+def mabn_statistics(
+    x,
+    groups: int,
+    ema_chi2,
+    chi2_window,
+    num_iterations,
+    momentum: float,
+    eps: float,
+    warmup_iters: int,
+    renorm_warmup_iters: int,
+    r_max: float,
+    forward_stat: str,
+    renorm: bool,
+):
     """MABN2d's forward statistics: advance the chi2 window, the EMA and the iteration count (in
     place); return the normalizing chi2, r and the SMA mask, (G, C), (G, C), (G, 1)."""
     num_iterations.add_(1)
@@ -241,10 +285,12 @@ class _FusedMABNFunction(torch.autograd.Function):
     fused_forward, fused_backward = fused.Fused(mabn_train), fused.Fused(mabn_backward)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options,
-                batch_backward):
-        y, var, r, use_window = _FusedMABNFunction.fused_forward(x, weight, bias, ema_chi2, chi2_window,
-                                                                 num_iterations, groups, options, batch_backward)
+    def forward(
+        ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options, batch_backward
+    ):
+        y, var, r, use_window = _FusedMABNFunction.fused_forward(
+            x, weight, bias, ema_chi2, chi2_window, num_iterations, groups, options, batch_backward
+        )
         ctx.save_for_backward(x, weight.detach(), var, r, use_window)  # a plain tensor: one compiled graph
         ctx.psi_window = psi_window  # state advanced by backward, not a saved value
         ctx.eps = options[1]
@@ -253,6 +299,7 @@ class _FusedMABNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, var, r, use_window = ctx.saved_tensors
-        dx, dweight, dbias = _FusedMABNFunction.fused_backward(dy, x, weight, var, r, ctx.psi_window, use_window,
-                                                               ctx.eps)
+        dx, dweight, dbias = _FusedMABNFunction.fused_backward(
+            dy, x, weight, var, r, ctx.psi_window, use_window, ctx.eps
+        )
         return dx, dweight, dbias, *[None] * (len(ctx.needs_input_grad) - 3)

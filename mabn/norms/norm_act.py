@@ -24,8 +24,9 @@ class EvoNormB0(EvoNorm2dB0):
     consecutive samples gets its own batch variance, and the running variance is updated once
     per group, in order (as ``mabn.BatchNorm2d``)."""
 
-    def __init__(self, num_features, normalization_batch=None, apply_act=True, momentum=0.1, eps=1e-3,
-                 device=None, dtype=None):
+    def __init__(
+        self, num_features, normalization_batch=None, apply_act=True, momentum=0.1, eps=1e-3, device=None, dtype=None
+    ):
         super().__init__(num_features, apply_act=apply_act, momentum=momentum, eps=eps, device=device, dtype=dtype)
         self.normalization_batch = normalization_batch
 
@@ -40,10 +41,13 @@ def evonorm_s0(num_features, groups=32, group_size=None, apply_act=True, eps=1e-
     """timm's EvoNorm-S0 (group statistics, no batch dependence); a clear error for channels
     that ``groups`` does not divide."""
     if group_size is None and num_features % groups:
-        raise ValueError(f"evonorm_s0: {num_features} channels are not divisible by {groups} groups: "
-                         f"set groups to a divisor of {num_features}")
-    return EvoNorm2dS0(num_features, groups=groups, group_size=group_size, apply_act=apply_act, eps=eps,
-                       device=device, dtype=dtype)
+        raise ValueError(
+            f"evonorm_s0: {num_features} channels are not divisible by {groups} groups: "
+            f"set groups to a divisor of {num_features}"
+        )
+    return EvoNorm2dS0(
+        num_features, groups=groups, group_size=group_size, apply_act=apply_act, eps=eps, device=device, dtype=dtype
+    )
 
 
 def frn(num_features, apply_act=True, eps=1e-5, device=None, dtype=None):

@@ -17,10 +17,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from . import successors
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
 from .reporting import describe, keep_runs, load_summaries, publish
-from . import successors
 from .successors import SUCCESSORS
 
 BATCHES = (32, 16, 8, 4, 2, 1)
@@ -54,8 +54,13 @@ def errors_by_point(summaries: list[dict]) -> tuple[dict, list[tuple[int, int, f
     for s in summaries:
         points[(label(s), s["batch"])][s["seed"]] = s["top1_error"]
     gn = points.get(("gn", 32), {})
-    checks = [(b, seed, e, gn[seed]) for (name, b), runs in points.items() if name == "gn" and b != 32
-              for seed, e in runs.items() if seed in gn]
+    checks = [
+        (b, seed, e, gn[seed])
+        for (name, b), runs in points.items()
+        if name == "gn" and b != 32
+        for seed, e in runs.items()
+        if seed in gn
+    ]
     for batch in BATCHES:
         if gn:
             points[("gn", batch)] = dict(gn)
@@ -71,9 +76,15 @@ def batch_table(points) -> str:
     for name in NORMS:
         cells = [fmt(describe(v)) if (v := errors(points, name, b)) else "-" for b in BATCHES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "GN does not read the normalization batch: its row repeats its runs (see the claims).", "",
-              "The paper (ImageNet ResNet-50, REFERENCE.md section 2; GN: the GN paper at 32):", "",
-              lines[0], lines[1]]
+    lines += [
+        "",
+        "GN does not read the normalization batch: its row repeats its runs (see the claims).",
+        "",
+        "The paper (ImageNet ResNet-50, REFERENCE.md section 2; GN: the GN paper at 32):",
+        "",
+        lines[0],
+        lines[1],
+    ]
     for name in NORMS:
         lines.append(f"| {name} | " + " | ".join(str(PAPER_IMAGENET.get(name, {}).get(b, "-")) for b in BATCHES) + " |")
     return "\n".join(lines)
@@ -89,12 +100,24 @@ def plot_batches(points, path: Path) -> None:
     for name in NORMS:
         batches = [b for b in BATCHES if errors(points, name, b)]
         described = [describe(errors(points, name, b)) for b in batches]
-        ours.errorbar(batches, [d["mean"] for d in described], yerr=[d["ci95"] for d in described],
-                      marker="o", capsize=3, label=name, color=f"C{NORMS.index(name)}")
+        ours.errorbar(
+            batches,
+            [d["mean"] for d in described],
+            yerr=[d["ci95"] for d in described],
+            marker="o",
+            capsize=3,
+            label=name,
+            color=f"C{NORMS.index(name)}",
+        )
         reference = PAPER_IMAGENET.get(name, {})
         if len(reference) > 1:
-            paper.plot(sorted(reference), [reference[b] for b in sorted(reference)], "o-", label=name,
-                       color=f"C{NORMS.index(name)}")
+            paper.plot(
+                sorted(reference),
+                [reference[b] for b in sorted(reference)],
+                "o-",
+                label=name,
+                color=f"C{NORMS.index(name)}",
+            )
     for axes, title in ((ours, "Fashion-MNIST (this study): mean, 95 % interval"), (paper, "ImageNet (paper)")):
         axes.set_xscale("log", base=2)
         axes.set_xticks(BATCHES, [str(b) for b in BATCHES])
@@ -179,8 +202,10 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def noise_quartiles(records: list[dict]) -> dict[str, dict[int, list[float]]]:
     """{stat: {b: [first quartile, median, third quartile]}} of ``relative_noise``: the probe's
     aggregates that the report needs, small enough to keep with the run's summary."""
-    return {stat: {b: list(quartiles(values)) for b, values in sorted(per_batch.items())}
-            for stat, per_batch in relative_noise(records).items()}
+    return {
+        stat: {b: list(quartiles(values)) for b, values in sorted(per_batch.items())}
+        for stat, per_batch in relative_noise(records).items()
+    }
 
 
 def probe_table(noise) -> str:
@@ -208,8 +233,11 @@ def plot_probes(runs: dict[str, list[dict]], noise, path: Path) -> None:
         layer = records[0]["layer"] if records else None
         for stat, ax in stats_axes.items():
             for batch, style in ((32, "-"), (2, ":")):
-                series = [(r["step"], r["values"][0][0]) for r in records
-                          if r["layer"] == layer and r["stat"] == stat and r["batch"] == batch]
+                series = [
+                    (r["step"], r["values"][0][0])
+                    for r in records
+                    if r["layer"] == layer and r["stat"] == stat and r["batch"] == batch
+                ]
                 if series:
                     ax.plot(*zip(*series), style, lw=1, label=f"{run_name}, b={batch}")
             ax.set_title(f"{stat}, layer {layer}, channel 0", fontsize=9)
@@ -235,11 +263,15 @@ def plot_probes(runs: dict[str, list[dict]], noise, path: Path) -> None:
 # -- claims ----------------------------------------------------------------------------
 def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
     """One markdown paragraph per claim of the paper, with this study's evidence."""
-    get = lambda name, batch: errors(points, name, batch)  # noqa: E731
+    get = lambda name, batch: errors(points, name, batch)
     out = []
     tests = [
-        ("BN at normalization batch 2 is worse than BN at 32 (paper: 35.22 vs 23.41)",
-         ("bn", 2), ("bn", 32), "positive"),
+        (
+            "BN at normalization batch 2 is worse than BN at 32 (paper: 35.22 vs 23.41)",
+            ("bn", 2),
+            ("bn", 32),
+            "positive",
+        ),
         ("BRN at 2 is better than BN at 2 (paper: 30.29 vs 35.22)", ("bn", 2), ("brn", 2), "positive"),
         ("BRN at 4 is better than BN at 4 (paper: 26.88 vs 27.9)", ("bn", 4), ("brn", 4), "positive"),
         ("BRN at 2 is worse than MABN at 2 (paper: 30.29 vs 23.67)", ("brn", 2), ("mabn", 2), "positive"),
@@ -251,29 +283,43 @@ def claims(points, gn_checks, noise, inference: str | None) -> list[str]:
     for text, a, b, expect in tests:
         if get(*a) and get(*b):
             d = difference(get(*a), get(*b))
-            out.append(f"- **{text}.** {a[0]}@{a[1]} minus {b[0]}@{b[1]}: {fmt_diff(d)} points "
-                       f"(n = {len(get(*a))}, {len(get(*b))}): **{verdict(d, expect)}**.")
+            out.append(
+                f"- **{text}.** {a[0]}@{a[1]} minus {b[0]}@{b[1]}: {fmt_diff(d)} points "
+                f"(n = {len(get(*a))}, {len(get(*b))}): **{verdict(d, expect)}**."
+            )
     if get("gn", 32):
         same = all(e == ref for _, _, e, ref in gn_checks)
         checked = "; ".join(f"batch {b} seed {seed}: {e:.2f} vs {ref:.2f} at 32" for b, seed, e, ref in gn_checks)
-        out.append("- **GN is flat in the normalization batch (paper: 24.1 at every batch of the GN paper).** GN "
-                   "never reads it (per-sample statistics), so its runs at any normalization batch compute the "
-                   f"same thing: {fmt(describe(get('gn', 32)))} at every batch. "
-                   + (f"Checked by running it: {checked}: **{'supported' if same else 'not supported'}**."
-                      if gn_checks else "**Supported by construction** (no run at another batch yet)."))
+        out.append(
+            "- **GN is flat in the normalization batch (paper: 24.1 at every batch of the GN paper).** GN "
+            "never reads it (per-sample statistics), so its runs at any normalization batch compute the "
+            f"same thing: {fmt(describe(get('gn', 32)))} at every batch. "
+            + (
+                f"Checked by running it: {checked}: **{'supported' if same else 'not supported'}**."
+                if gn_checks
+                else "**Supported by construction** (no run at another batch yet)."
+            )
+        )
     if noise:
         median = {s: noise[s][2][1] for s in FORWARD + BACKWARD if 2 in noise.get(s, {})}
         if len(median) == 4:
             ok = min(median["g"], median["psi"]) > max(median["mu"], median["sigma2"])
-            out.append("- **The backward statistics are noisier at small normalization batch than the forward ones.** "
-                       "Median relative noise of a 2-sample estimate: "
-                       + ", ".join(f"{s} {v:.2f}" for s, v in median.items())
-                       + f": **{'supported' if ok else 'not supported'}** (fashion_probes.md).")
+            out.append(
+                "- **The backward statistics are noisier at small normalization batch than the forward ones.** "
+                "Median relative noise of a 2-sample estimate: "
+                + ", ".join(f"{s} {v:.2f}" for s, v in median.items())
+                + f": **{'supported' if ok else 'not supported'}** (fashion_probes.md)."
+            )
     if inference:
-        intervals = [(float(low), float(high)) for low, high in
-                     re.findall(r"interval of the per-round ratio ([\d.]+)-([\d.]+)", inference)]
-        out.append(f"- **MABN folded costs what BN costs at inference (authors: 237.88 iterations/s each).** {inference} "
-                   f"**{'supported (within noise)' if all(l <= 1 <= h for l, h in intervals) else 'not supported'}**.")
+        intervals = [
+            (float(low), float(high))
+            for low, high in re.findall(r"interval of the per-round ratio ([\d.]+)-([\d.]+)", inference)
+        ]
+        holds = "supported (within noise)" if all(low <= 1 <= high for low, high in intervals) else "not supported"
+        out.append(
+            f"- **MABN folded costs what BN costs at inference (authors: 237.88 iterations/s each).** {inference} "
+            f"**{holds}**."
+        )
     return out
 
 
@@ -300,63 +346,99 @@ def write_report(run_folders: Path, results: Path) -> None:
     """Every report of the study, from the runs under ``run_folders`` and those kept in
     ``results``/fashion_study_runs, into ``results``."""
     probe_runs = {name: records for name in PROBE_RUNS if (records := read_probes(run_folders / name))}
-    summaries, diverged, noise = kept_runs(run_folders, results / "fashion_study_runs",
-                                           probe_runs.get(PROBE_RUNS[0], []))
+    summaries, diverged, noise = kept_runs(
+        run_folders, results / "fashion_study_runs", probe_runs.get(PROBE_RUNS[0], [])
+    )
     if not summaries:
         raise SystemExit(f"error: no summary.json under {run_folders}: run bash scripts/fashion_study.sh first")
     results.mkdir(parents=True, exist_ok=True)
     points, gn_checks = errors_by_point(summaries)
     seeds = sorted({s["seed"] for s in summaries})
-    publish("Top-1 error (%) on Fashion-MNIST by normalization batch: mean ± half-width of the 95 % "
-            f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points), results / "fashion_study.md")
+    publish(
+        "Top-1 error (%) on Fashion-MNIST by normalization batch: mean ± half-width of the 95 % "
+        f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points),
+        results / "fashion_study.md",
+    )
     plot_batches(points, results / "fashion_study.png")
     if (results / "fashion_successor_runs").is_dir():  # the successors beside the new table
         successors.write_report(results)
-    publish("MABN ablation at normalization batch 2 (top-1 error %, mean ± 95 % half-width; difference to the "
-            "full MABN with Welch's 95 % interval).\n\n" + ablation_table(points)
-            + "".join(f"\n\nDiverged (not in the means): {name}: {why}" for name, why in diverged.items()),
-            results / "fashion_ablation.md")
+    publish(
+        "MABN ablation at normalization batch 2 (top-1 error %, mean ± 95 % half-width; difference to the "
+        "full MABN with Welch's 95 % interval).\n\n"
+        + ablation_table(points)
+        + "".join(f"\n\nDiverged (not in the means): {name}: {why}" for name, why in diverged.items()),
+        results / "fashion_ablation.md",
+    )
     if noise:
-        publish("Relative noise of each batch statistic estimated from b samples (median and quartiles over "
-                "steps and 3 layers, 4 channels each; RMS deviation from the 32-sample value over its RMS), "
-                "from the BN run at normalization batch 32, seed 0:\n\n" + probe_table(noise),
-                results / "fashion_probes.md")
+        publish(
+            "Relative noise of each batch statistic estimated from b samples (median and quartiles over "
+            "steps and 3 layers, 4 channels each; RMS deviation from the 32-sample value over its RMS), "
+            "from the BN run at normalization batch 32, seed 0:\n\n" + probe_table(noise),
+            results / "fashion_probes.md",
+        )
         if probe_runs:  # the trajectories need the run folders; a fresh clone keeps the committed plot
             plot_probes(probe_runs, noise, results / "fashion_probes.png")
     diagnostics = diagnostics_table(points, {label(s): s["norm"] for s in summaries})
     if diagnostics:
-        publish("Diagnostic runs (top-1 error %, mean ± 95 % half-width; difference to the base norm with "
-                "Welch's 95 % interval).\n\n" + diagnostics, results / "fashion_diagnostics.md")
+        publish(
+            "Diagnostic runs (top-1 error %, mean ± 95 % half-width; difference to the base norm with "
+            "Welch's 95 % interval).\n\n" + diagnostics,
+            results / "fashion_diagnostics.md",
+        )
     inference_path = results / "bench_inference_cpu.md"
     runtime_path = results / "bench_inference_onnxruntime_cpu.md"
-    inference = " ".join(path.read_text().strip().split("\n\n")[-1].replace("\n", " ")
-                         for path in (inference_path, runtime_path) if path.is_file()) or None
+    inference = (
+        " ".join(
+            path.read_text().strip().split("\n\n")[-1].replace("\n", " ")
+            for path in (inference_path, runtime_path)
+            if path.is_file()
+        )
+        or None
+    )
     notes = results / "REPORT_notes.md"
     report = [
-        "# Evidence report: the paper's claims on Fashion-MNIST", "",
+        "# Evidence report: the paper's claims on Fashion-MNIST",
+        "",
         f"Generated by `python scripts/study_report.py {run_folders}` from the runs of `bash scripts/fashion_study.sh` "
-        f"({len(summaries)} runs, seeds {seeds}). {recipe(summaries[0])}", "",
+        f"({len(summaries)} runs, seeds {seeds}). {recipe(summaries[0])}",
+        "",
         "A difference is given as mean [95 % interval] (Welch); a claim is *supported* when the interval lies on "
-        "its side of 0 (or contains 0, for \"within noise\").", "",
-        "## Claims", "", *claims(points, gn_checks, noise, inference), "",
-        "## Error vs normalization batch (fashion_study.md, fashion_study.png)", "",
+        'its side of 0 (or contains 0, for "within noise").',
+        "",
+        "## Claims",
+        "",
+        *claims(points, gn_checks, noise, inference),
+        "",
+        "## Error vs normalization batch (fashion_study.md, fashion_study.png)",
+        "",
         (results / "fashion_study.md").read_text(),
-        "## Ablation at normalization batch 2 (fashion_ablation.md)", "",
-        (results / "fashion_ablation.md").read_text()]
+        "## Ablation at normalization batch 2 (fashion_ablation.md)",
+        "",
+        (results / "fashion_ablation.md").read_text(),
+    ]
     if diagnostics:
         report += ["## Diagnostic runs (fashion_diagnostics.md)", "", (results / "fashion_diagnostics.md").read_text()]
     if noise:
-        report += ["## Batch statistics (fashion_probes.md, fashion_probes.png)", "",
-                   (results / "fashion_probes.md").read_text()]
+        report += [
+            "## Batch statistics (fashion_probes.md, fashion_probes.png)",
+            "",
+            (results / "fashion_probes.md").read_text(),
+        ]
     successors_md = results / "fashion_successors.md"
     if successors_md.is_file():
-        report += ["## MABN's successors on the same recipe (fashion_successors.md, fashion_successors.png)", "",
-                   successors_md.read_text()]
+        report += [
+            "## MABN's successors on the same recipe (fashion_successors.md, fashion_successors.png)",
+            "",
+            successors_md.read_text(),
+        ]
     if inference_path.is_file():
         report += ["## Inference cost (bench_inference_cpu.md)", "", inference_path.read_text()]
     if runtime_path.is_file():
-        report += ["## Inference cost where deployment happens (bench_inference_onnxruntime_cpu.md)", "",
-                   runtime_path.read_text()]
+        report += [
+            "## Inference cost where deployment happens (bench_inference_onnxruntime_cpu.md)",
+            "",
+            runtime_path.read_text(),
+        ]
     if notes.is_file():
         report += [notes.read_text()]
     publish("\n".join(report), results / "REPORT.md")
@@ -368,10 +450,13 @@ def recipe(summary: dict) -> str:
     if not c:
         return ""
     optim, model = c["optim"], c["model"]
-    return (f"Recipe, the same for every norm: {c['data']['name']} ({'crop + flip' if c['data'].get('augment') else 'no augmentation'}), "
-            f"{model['name']} {model.get('options', {})}, per-device batch {c['per_device_batch']}, {c['epochs']} epochs, "
-            f"SGD lr {optim['base_lr'] * c['per_device_batch'] / optim['reference_batch']:g} (momentum {optim['momentum']}, "
-            f"weight decay {optim['weight_decay']}), {optim['schedule']['name']} schedule, label smoothing "
-            f"{optim['label_smoothing']}; BRN and MABN iteration schedules scaled from a "
-            f"{c['norm'].get('schedule_reference_steps') or 'unscaled'}-step run (mabn/schedules.py).")
-
+    return (
+        f"Recipe, the same for every norm: {c['data']['name']} "
+        f"({'crop + flip' if c['data'].get('augment') else 'no augmentation'}), "
+        f"{model['name']} {model.get('options', {})}, per-device batch {c['per_device_batch']}, {c['epochs']} epochs, "
+        f"SGD lr {optim['base_lr'] * c['per_device_batch'] / optim['reference_batch']:g} "
+        f"(momentum {optim['momentum']}, "
+        f"weight decay {optim['weight_decay']}), {optim['schedule']['name']} schedule, label smoothing "
+        f"{optim['label_smoothing']}; BRN and MABN iteration schedules scaled from a "
+        f"{c['norm'].get('schedule_reference_steps') or 'unscaled'}-step run (mabn/schedules.py)."
+    )

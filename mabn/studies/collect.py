@@ -27,8 +27,12 @@ def classification_table(summaries: list[dict]) -> str:
     paper = all(is_paper_imagenet(s) for s in summaries)
     batches = sorted({b for row in errors.values() for b in row}, reverse=True)
     header = "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |"
-    lines = ["Top-1 error (%) by normalization batch" + (" (paper in brackets)" if paper else "")
-             + "; mean over seeds.", "", header, "|---" * (len(batches) + 1) + "|"]
+    lines = [
+        "Top-1 error (%) by normalization batch" + (" (paper in brackets)" if paper else "") + "; mean over seeds.",
+        "",
+        header,
+        "|---" * (len(batches) + 1) + "|",
+    ]
     for norm in sorted(errors):
         cells = []
         for b in batches:
@@ -38,13 +42,18 @@ def classification_table(summaries: list[dict]) -> str:
                 cell += f" ({PAPER_IMAGENET[norm][b]})"
             cells.append(cell)
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
-    lines += ["", "Training images/s: " + "; ".join(
-        f"{n}@{b}: {v:.0f}" for n in sorted(speed) for b, v in sorted(speed[n].items(), reverse=True))]
+    lines += [
+        "",
+        "Training images/s: "
+        + "; ".join(f"{n}@{b}: {v:.0f}" for n in sorted(speed) for b, v in sorted(speed[n].items(), reverse=True)),
+    ]
     return "\n".join(lines)
 
 
-CLAIM = re.compile(r"^- \*\*(?P<title>.+?)\*\* (?P<a>\w+)@(?P<ab>\d+) minus (?P<b>\w+)@(?P<bb>\d+): "
-                   r"(?P<diff>[-+][\d.]+) \[(?P<low>[-+][\d.]+), (?P<high>[-+][\d.]+)\].*?\*\*(?P<verdict>.+?)\*\*")
+CLAIM = re.compile(
+    r"^- \*\*(?P<title>.+?)\*\* (?P<a>\w+)@(?P<ab>\d+) minus (?P<b>\w+)@(?P<bb>\d+): "
+    r"(?P<diff>[-+][\d.]+) \[(?P<low>[-+][\d.]+), (?P<high>[-+][\d.]+)\].*?\*\*(?P<verdict>.+?)\*\*"
+)
 
 
 def beside_the_study(summaries: list[dict], study: Path) -> str:
@@ -58,39 +67,57 @@ def beside_the_study(summaries: list[dict], study: Path) -> str:
     cells = study_cells((study.parent / "fashion_study.md").read_text())
     report = study.read_text()
     study_seeds = len(re.search(r"seeds \[([\d, ]+)\]", report)[1].split(","))
-    lines = [f"The study ({study}: {study_seeds} seeds of its full recipe, mean ± 95 % half-width) for the same cells:",
-             "",
-             "| norm | batch | these runs | the study |", "|---|---|---|---|"]
-    lines += [f"| {norm} | {batch} | {sum(v) / len(v):.2f} | "
-              + ("{:.2f} ± {:.2f}".format(*cells[norm, batch]) if (norm, batch) in cells else "-") + " |"
-              for (norm, batch), v in sorted(errors.items())]
+    lines = [
+        f"The study ({study}: {study_seeds} seeds of its full recipe, mean ± 95 % half-width) for the same cells:",
+        "",
+        "| norm | batch | these runs | the study |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {norm} | {batch} | {sum(v) / len(v):.2f} | "
+        + ("{:.2f} ± {:.2f}".format(*cells[norm, batch]) if (norm, batch) in cells else "-")
+        + " |"
+        for (norm, batch), v in sorted(errors.items())
+    ]
     lines += ["", "The study's claims on these cells:", ""]
     for match in map(CLAIM.match, report.splitlines()):
         if not match or (match["a"], int(match["ab"])) not in errors or (match["b"], int(match["bb"])) not in errors:
             continue
-        mean = lambda norm, batch: sum(errors[norm, int(batch)]) / len(errors[norm, int(batch)])  # noqa: E731
+        mean = lambda norm, batch: sum(errors[norm, int(batch)]) / len(errors[norm, int(batch)])
         quick = mean(match["a"], match["ab"]) - mean(match["b"], match["bb"])
         low, high = float(match["low"]), float(match["high"])
         # the study's interval holds 0: agree when inside it; else: agree on the side of 0
         agrees = low <= quick <= high if low <= 0 <= high else (quick > 0) == (float(match["diff"]) > 0)
-        line = (f"- {match['title']} {match['a']}@{match['ab']} minus {match['b']}@{match['bb']}: {quick:+.2f} here, "
-                f"{match['diff']} [{match['low']}, {match['high']}] in the study ({match['verdict']}): ")
-        lines.append(line + ("these runs agree." if agrees else
-                             f"these runs disagree: they are {seeds} seed(s) of {steps} steps against the study's "
-                             f"{study_seeds} seeds of its full length (run length); the study ({study}) is the "
-                             "evidence."))
+        line = (
+            f"- {match['title']} {match['a']}@{match['ab']} minus {match['b']}@{match['bb']}: {quick:+.2f} here, "
+            f"{match['diff']} [{match['low']}, {match['high']}] in the study ({match['verdict']}): "
+        )
+        lines.append(
+            line
+            + (
+                "these runs agree."
+                if agrees
+                else f"these runs disagree: they are {seeds} seed(s) of {steps} steps against the study's "
+                f"{study_seeds} seeds of its full length (run length); the study ({study}) is the "
+                "evidence."
+            )
+        )
     return "\n".join(lines)
 
 
 def detection_table(summaries: list[dict]) -> str:
     keys = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-    lines = ["| start | norm | imgs/device | " + " | ".join(keys) + " | paper box/mask AP |",
-             "|---" * (len(keys) + 4) + "|"]
+    lines = [
+        "| start | norm | imgs/device | " + " | ".join(keys) + " | paper box/mask AP |",
+        "|---" * (len(keys) + 4) + "|",
+    ]
     for s in summaries:
         paper = PAPER_COCO.get((s["start"], s["norm"]))
-        lines.append(f"| {s['start']} | {s['norm']} | {s['batch']} | "
-                     + " | ".join(f"{s[k]:.2f}" for k in keys)
-                     + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |")
+        lines.append(
+            f"| {s['start']} | {s['norm']} | {s['batch']} | "
+            + " | ".join(f"{s[k]:.2f}" for k in keys)
+            + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |"
+        )
     return "\n".join(lines)
 
 

@@ -20,30 +20,78 @@ from .reporting import describe, keep_runs, load_summaries, publish
 from .successors import CBN_EARLY_WINDOW
 
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-ORDER = [("scratch", "bn", 1), ("scratch", "brn", 1), ("scratch", "gn", 1), ("scratch", "mabn", 1),
-         ("scratch", "cbn", 1), ("scratch", "gn_ws", 1), ("scratch", "evonorm_s0", 1), ("scratch", "mabn", 2), ("scratch", "syncbn", 2), ("finetune", "mabn", 2), ("finetune", "syncbn", 2)]
+ORDER = [
+    ("scratch", "bn", 1),
+    ("scratch", "brn", 1),
+    ("scratch", "gn", 1),
+    ("scratch", "mabn", 1),
+    ("scratch", "cbn", 1),
+    ("scratch", "gn_ws", 1),
+    ("scratch", "evonorm_s0", 1),
+    ("scratch", "mabn", 2),
+    ("scratch", "syncbn", 2),
+    ("finetune", "mabn", 2),
+    ("finetune", "syncbn", 2),
+]
 DIAGNOSTICS = {"cbn_burnin8it": CBN_EARLY_WINDOW}  # label -> what it is (runs kept, in no claim)
 CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, the other, expectation
-    ("BRN is better than BN from scratch (paper: 34.07 vs 32.38 box AP)", ("scratch", "brn", 1),
-     ("scratch", "bn", 1), "positive"),
-    ("MABN is better than BRN from scratch (paper: 36.50 vs 34.07)", ("scratch", "mabn", 1), ("scratch", "brn", 1),
-     "positive"),
-    ("MABN is better than BN from scratch (paper: 36.50 vs 32.38)", ("scratch", "mabn", 1), ("scratch", "bn", 1),
-     "positive"),
-    ("MABN is within noise of SyncBN from scratch, both over 2 processes x 2 images (paper: 36.50 vs 36.80)",
-     ("scratch", "mabn", 2), ("scratch", "syncbn", 2), "zero"),
-    ("Fine-tuned, MABN is within noise of SyncBN (paper: 38.42 vs 38.25)", ("finetune", "mabn", 2),
-     ("finetune", "syncbn", 2), "zero"),
+    (
+        "BRN is better than BN from scratch (paper: 34.07 vs 32.38 box AP)",
+        ("scratch", "brn", 1),
+        ("scratch", "bn", 1),
+        "positive",
+    ),
+    (
+        "MABN is better than BRN from scratch (paper: 36.50 vs 34.07)",
+        ("scratch", "mabn", 1),
+        ("scratch", "brn", 1),
+        "positive",
+    ),
+    (
+        "MABN is better than BN from scratch (paper: 36.50 vs 32.38)",
+        ("scratch", "mabn", 1),
+        ("scratch", "bn", 1),
+        "positive",
+    ),
+    (
+        "MABN is within noise of SyncBN from scratch, both over 2 processes x 2 images (paper: 36.50 vs 36.80)",
+        ("scratch", "mabn", 2),
+        ("scratch", "syncbn", 2),
+        "zero",
+    ),
+    (
+        "Fine-tuned, MABN is within noise of SyncBN (paper: 38.42 vs 38.25)",
+        ("finetune", "mabn", 2),
+        ("finetune", "syncbn", 2),
+        "zero",
+    ),
     # the successors' papers (REFERENCE.md section 4): other protocols, for the direction only
-    ("CBN is better than BN at 2 images per process (Yao et al.: CBN closes the small-batch gap; COCO 1x "
-     "with a frozen-BN backbone: CBN 38.4 vs SyncBN 38.5 box AP)", ("scratch", "cbn", 1), ("scratch", "bn", 1),
-     "positive"),
-    ("CBN is within noise of MABN from scratch (no paper compares them)", ("scratch", "cbn", 1),
-     ("scratch", "mabn", 1), "zero"),
-    ("GN+WS is better than GN from scratch (Qiao et al.; mmdetection Mask R-CNN R50-FPN 2x GN+WS 40.6 / "
-     "36.6)", ("scratch", "gn_ws", 1), ("scratch", "gn", 1), "positive"),
-    ("EvoNorm-S0 is better than GN from scratch (Liu et al.: S0 ahead of the batch-independent baselines; "
-     "unverified figures)", ("scratch", "evonorm_s0", 1), ("scratch", "gn", 1), "positive"),
+    (
+        "CBN is better than BN at 2 images per process (Yao et al.: CBN closes the small-batch gap; COCO 1x "
+        "with a frozen-BN backbone: CBN 38.4 vs SyncBN 38.5 box AP)",
+        ("scratch", "cbn", 1),
+        ("scratch", "bn", 1),
+        "positive",
+    ),
+    (
+        "CBN is within noise of MABN from scratch (no paper compares them)",
+        ("scratch", "cbn", 1),
+        ("scratch", "mabn", 1),
+        "zero",
+    ),
+    (
+        "GN+WS is better than GN from scratch (Qiao et al.; mmdetection Mask R-CNN R50-FPN 2x GN+WS 40.6 / 36.6)",
+        ("scratch", "gn_ws", 1),
+        ("scratch", "gn", 1),
+        "positive",
+    ),
+    (
+        "EvoNorm-S0 is better than GN from scratch (Liu et al.: S0 ahead of the batch-independent baselines; "
+        "unverified figures)",
+        ("scratch", "evonorm_s0", 1),
+        ("scratch", "gn", 1),
+        "positive",
+    ),
 ]
 
 
@@ -57,8 +105,11 @@ def eval_curve(run_dir: Path) -> dict:
 def kept_summaries(runs: Path, kept: Path) -> list[dict]:
     """The finished runs under ``runs`` (with their AP curves), kept in ``kept``, and the runs
     kept there before. A run cut short is left out."""
-    found = {Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))} for s in load_summaries(runs)
-             if s["steps"] == s["config"]["schedule"]["max_iter"]}
+    found = {
+        Path(s["path"]).name: s | {"curve": eval_curve(Path(s["path"]))}
+        for s in load_summaries(runs)
+        if s["steps"] == s["config"]["schedule"]["max_iter"]
+    }
     return list(keep_runs(found, kept).values())
 
 
@@ -80,8 +131,9 @@ def kept_pretraining(summaries: list[dict], kept: Path) -> dict[str, dict]:
 
 def pretraining(classifiers: dict[str, dict]) -> str:
     """The fine-tuned runs' starting classifiers and their test error, as a clause."""
-    return "".join(f"; {name}: {s['top1_error']:.2f} % top-1 error after {s['steps']} steps"
-                   for name, s in classifiers.items())
+    return "".join(
+        f"; {name}: {s['top1_error']:.2f} % top-1 error after {s['steps']} steps" for name, s in classifiers.items()
+    )
 
 
 def group(summaries: list[dict], expected_steps: int | None) -> dict:
@@ -101,14 +153,19 @@ def cell(values: list[float]) -> str:
 
 
 def table(runs: dict) -> str:
-    lines = ["| start | norm | processes x images | seeds | " + " | ".join(METRICS) + " | paper box / mask AP |",
-             "|---" * (len(METRICS) + 5) + "|"]
+    lines = [
+        "| start | norm | processes x images | seeds | " + " | ".join(METRICS) + " | paper box / mask AP |",
+        "|---" * (len(METRICS) + 5) + "|",
+    ]
     for key in [k for k in ORDER if k in runs] + sorted(set(runs) - set(ORDER)):
         group_runs = runs[key]
         paper = PAPER_COCO.get(key[:2])
-        lines.append(f"| {key[0]} | {key[1]} | {group_runs[0]['world_size']} x {group_runs[0]['batch']} | "
-                     f"{len(group_runs)} | " + " | ".join(cell([s[m] for s in group_runs]) for m in METRICS)
-                     + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {group_runs[0]['world_size']} x {group_runs[0]['batch']} | "
+            f"{len(group_runs)} | "
+            + " | ".join(cell([s[m] for s in group_runs]) for m in METRICS)
+            + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -117,9 +174,12 @@ def curve_table(runs: dict) -> list[str]:
     steps = sorted({int(k) for group_runs in runs.values() for s in group_runs for k in s.get("curve", {})})
     if not steps:
         return []
-    lines = ["Box AP during training (mean over seeds; lr x0.1 at the schedule's steps):", "",
-             "| start | norm | processes x images | " + " | ".join(f"{k} it" for k in steps) + " |",
-             "|---" * (len(steps) + 3) + "|"]
+    lines = [
+        "Box AP during training (mean over seeds; lr x0.1 at the schedule's steps):",
+        "",
+        "| start | norm | processes x images | " + " | ".join(f"{k} it" for k in steps) + " |",
+        "|---" * (len(steps) + 3) + "|",
+    ]
     for key in [k for k in ORDER if k in runs] + sorted(set(runs) - set(ORDER)):
         cells = []
         for step in steps:
@@ -142,16 +202,20 @@ def claims(runs: dict) -> list[str]:
             by_seed = [{s["seed"]: s[metric] for s in runs[key]} for key in (better, other)]
             paired = paired_difference(*by_seed)
             welch = difference(list(by_seed[0].values()), list(by_seed[1].values()))
-            parts.append(f"{metric.replace('_', ' ')} paired {fmt_diff(paired)} (Welch {fmt_diff(welch)}): "
-                         f"**{verdict(paired, expect)}**")
-        out.append(f"- **{text}.** {better[1]} minus {other[1]} ({better[0]}, {better[2]} vs {other[2]} "
-                   f"processes, n = {len(runs[better])}, {len(runs[other])}, {paired['n']} pairs): "
-                   + "; ".join(parts) + ".")
+            parts.append(
+                f"{metric.replace('_', ' ')} paired {fmt_diff(paired)} (Welch {fmt_diff(welch)}): "
+                f"**{verdict(paired, expect)}**"
+            )
+        out.append(
+            f"- **{text}.** {better[1]} minus {other[1]} ({better[0]}, {better[2]} vs {other[2]} "
+            f"processes, n = {len(runs[better])}, {len(runs[other])}, {paired['n']} pairs): " + "; ".join(parts) + "."
+        )
     return out
 
 
 def plot(runs: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -171,12 +235,14 @@ def plot(runs: dict, path: Path) -> None:
 
 def recipe(summary: dict) -> str:
     c = summary["config"]
-    return (f"Mask R-CNN {c['detector']['name']} (torchvision engine), {c['data']['name']} "
-            f"({c['data']['train_images']} training / {c['data']['val_images']} validation images of "
-            f"{c['data']['canvas_size']} px), {c['batch']} images per process, {c['schedule']['max_iter']} "
-            f"iterations (lr x0.1 at {list(c['schedule']['steps'])}), lr {c['optim']['base_lr']} per "
-            f"{c['optim']['reference_batch']} images, BRN's and MABN's schedules scaled from "
-            f"{c['norm'].get('schedule_reference_steps')} iterations, CBN's burn-in a fraction of the run")
+    return (
+        f"Mask R-CNN {c['detector']['name']} (torchvision engine), {c['data']['name']} "
+        f"({c['data']['train_images']} training / {c['data']['val_images']} validation images of "
+        f"{c['data']['canvas_size']} px), {c['batch']} images per process, {c['schedule']['max_iter']} "
+        f"iterations (lr x0.1 at {list(c['schedule']['steps'])}), lr {c['optim']['base_lr']} per "
+        f"{c['optim']['reference_batch']} images, BRN's and MABN's schedules scaled from "
+        f"{c['norm'].get('schedule_reference_steps')} iterations, CBN's burn-in a fraction of the run"
+    )
 
 
 def scaled_schedules(summaries: list[dict]) -> str:
@@ -185,8 +251,9 @@ def scaled_schedules(summaries: list[dict]) -> str:
     for s in summaries:
         for layer, options in (s.get("norm_schedule") or {}).items():
             layers.setdefault(layer, options)
-    return "; ".join(f"{layer} " + ", ".join(f"{k} {v}" for k, v in options.items())
-                     for layer, options in sorted(layers.items()))
+    return "; ".join(
+        f"{layer} " + ", ".join(f"{k} {v}" for k, v in options.items()) for layer, options in sorted(layers.items())
+    )
 
 
 def write_report(run_folders: Path, results: Path) -> str:
@@ -199,27 +266,41 @@ def write_report(run_folders: Path, results: Path) -> str:
     steps = summaries[0]["config"]["schedule"]["max_iter"]
     runs = group(summaries, steps)
     seeds = sorted({s["seed"] for s in summaries})
-    text = "\n".join([
-        "# Detection study: Mask R-CNN on generated scenes, from scratch and fine-tuned", "",
-        f"Recipe (configs/experiment/scenes_study.yaml, fixed before the runs): {recipe(summaries[0])} "
-        f"({scaled_schedules(summaries) or 'none recorded'}). Seeds {seeds}; seed k gives every norm the same "
-        "initialization and the same data order, so the runs pair by seed. "
-        "BN, BRN, GN, MABN and the successors run one process x 2 images; SyncBN, and MABN beside it, "
-        "2 processes x 2 images (gloo; 4 images per iteration at twice the lr, linear scaling, as the paper's "
-        "8 GPUs x 2), so each claim compares runs of one size. Fine-tuning starts from Fashion-MNIST ResNet-18 "
-        "classifiers trained with the run's own norm (configs/experiment/scenes_pretrain.yaml"
-        f"{pretraining(classifiers)}). Cells: mean ± half-width of the 95 % t-interval over seeds (range). "
-        "The paper's numbers are COCO Mask R-CNN R50-FPN 2x: a different scale, for the direction of each "
-        "comparison only.", "",
-        "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.", "",
-        table(runs), "", *curve_table(runs), "![box and mask AP](scenes_study.png)", "",
-        *(f"Diagnostic row {label}: {text}; in no claim.\n" for label, text in DIAGNOSTICS.items()
-          if any(key[1] == label for key in runs)),
-        "## The claims, one by one", "",
-        "Differences in AP points: the paired 95 % interval over the seeds both cells ran (the verdict), "
-        "Welch's beside it; 'within noise' means the interval holds 0.", "",
-        *claims(runs),
-    ])
+    text = "\n".join(
+        [
+            "# Detection study: Mask R-CNN on generated scenes, from scratch and fine-tuned",
+            "",
+            f"Recipe (configs/experiment/scenes_study.yaml, fixed before the runs): {recipe(summaries[0])} "
+            f"({scaled_schedules(summaries) or 'none recorded'}). Seeds {seeds}; seed k gives every norm the same "
+            "initialization and the same data order, so the runs pair by seed. "
+            "BN, BRN, GN, MABN and the successors run one process x 2 images; SyncBN, and MABN beside it, "
+            "2 processes x 2 images (gloo; 4 images per iteration at twice the lr, linear scaling, as the paper's "
+            "8 GPUs x 2), so each claim compares runs of one size. Fine-tuning starts from Fashion-MNIST ResNet-18 "
+            "classifiers trained with the run's own norm (configs/experiment/scenes_pretrain.yaml"
+            f"{pretraining(classifiers)}). Cells: mean ± half-width of the 95 % t-interval over seeds (range). "
+            "The paper's numbers are COCO Mask R-CNN R50-FPN 2x: a different scale, for the direction of each "
+            "comparison only.",
+            "",
+            "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.",
+            "",
+            table(runs),
+            "",
+            *curve_table(runs),
+            "![box and mask AP](scenes_study.png)",
+            "",
+            *(
+                f"Diagnostic row {label}: {text}; in no claim.\n"
+                for label, text in DIAGNOSTICS.items()
+                if any(key[1] == label for key in runs)
+            ),
+            "## The claims, one by one",
+            "",
+            "Differences in AP points: the paired 95 % interval over the seeds both cells ran (the verdict), "
+            "Welch's beside it; 'within noise' means the interval holds 0.",
+            "",
+            *claims(runs),
+        ]
+    )
     results.mkdir(parents=True, exist_ok=True)
     publish(text, results / "scenes_study.md")
     plot(runs, results / "scenes_study.png")

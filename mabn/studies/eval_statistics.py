@@ -54,7 +54,7 @@ def top1_error(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
     model.eval()
     wrong = 0
     for start in range(0, len(images), batch):
-        wrong += (model(images[start:start + batch]).argmax(1) != labels[start:start + batch]).sum().item()
+        wrong += (model(images[start : start + batch]).argmax(1) != labels[start : start + batch]).sum().item()
     return 100 * wrong / len(images)
 
 

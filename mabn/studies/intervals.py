@@ -44,8 +44,13 @@ def verdict(d: dict, expect: str) -> str:
     if math.isnan(d["low"]):
         return "not testable (fewer than 2 seeds)"
     if expect == "positive":
-        return "supported" if d["low"] > 0 else "not supported (the opposite holds)" if d["high"] < 0 \
+        return (
+            "supported"
+            if d["low"] > 0
+            else "not supported (the opposite holds)"
+            if d["high"] < 0
             else "not supported (within noise)"
+        )
     return "supported (within noise)" if d["low"] <= 0 <= d["high"] else "not supported"
 
 

@@ -10,7 +10,10 @@ PAPER_IMAGENET = {
 }
 # COCO Mask R-CNN R50-FPN 2x, (start, norm) -> box AP, mask AP
 PAPER_COCO = {
-    ("scratch", "bn"): (32.38, 29.07), ("scratch", "brn"): (34.07, 30.98),
-    ("scratch", "syncbn"): (36.80, 33.10), ("scratch", "mabn"): (36.50, 32.69),
-    ("finetune", "syncbn"): (38.25, 34.22), ("finetune", "mabn"): (38.42, 34.12),
+    ("scratch", "bn"): (32.38, 29.07),
+    ("scratch", "brn"): (34.07, 30.98),
+    ("scratch", "syncbn"): (36.80, 33.10),
+    ("scratch", "mabn"): (36.50, 32.69),
+    ("finetune", "syncbn"): (38.25, 34.22),
+    ("finetune", "mabn"): (38.42, 34.12),
 }

@@ -13,8 +13,9 @@ def check_start(cfg) -> None:
     if cfg.start not in ("scratch", "finetune"):
         raise ConfigError(f"start={cfg.start} is not scratch or finetune")
     if (cfg.start == "finetune") != bool(cfg.get("weights")):
-        raise ConfigError("start=finetune needs weights=/path/to/imagenet_weights.pt, and start=scratch none: "
-                          "set both or neither")
+        raise ConfigError(
+            "start=finetune needs weights=/path/to/imagenet_weights.pt, and start=scratch none: set both or neither"
+        )
 
 
 def split_paths(data_cfg, is_main: bool):
@@ -22,9 +23,13 @@ def split_paths(data_cfg, is_main: bool):
     on first use (by the main process; the others wait)."""
     if data_cfg.name == "fashion_scenes":
         if is_main:
-            for split, count in ((data_cfg.train_split, data_cfg.train_images), (data_cfg.val_split, data_cfg.val_images)):
-                generate_fashion_scenes(data_cfg.root, split, count, data_cfg.canvas_size,
-                                        fashion_root=data_cfg.fashion_root)
+            for split, count in (
+                (data_cfg.train_split, data_cfg.train_images),
+                (data_cfg.val_split, data_cfg.val_images),
+            ):
+                generate_fashion_scenes(
+                    data_cfg.root, split, count, data_cfg.canvas_size, fashion_root=data_cfg.fashion_root
+                )
         barrier()
     elif data_cfg.name != "coco":
         raise ConfigError(f"unknown data {data_cfg.name!r} for detection: use coco or fashion_scenes")

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data.datasets import register_coco_instances
+from detectron2.solver import build_lr_scheduler
 
+from ...config import ConfigError
 from ...detection.detectron2_registration import DETECTRON2_NAMES
-
-from detectron2.config import CfgNode, get_cfg  # noqa: E402  (after the one-line ImportError)
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
-from detectron2.solver import build_lr_scheduler  # noqa: E402
-
-from ...config import ConfigError  # noqa: E402
-from ..distributed import Distributed, barrier  # noqa: E402
-from .common import split_paths  # noqa: E402
+from ..distributed import Distributed, barrier
+from .common import split_paths
 
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 # torchvision's ImageNet normalization on the 0-255 scale (RGB), as train_imagenet.py's data
@@ -32,14 +30,18 @@ def detectron2_norm(norm_cfg) -> str:
     name = norm_cfg.name
     if name == "gn":
         if dict(norm_cfg.options) not in ({}, {"num_groups": 32}):
-            raise ConfigError(f"engine=detectron2 builds GN with 32 groups (its \"GN\"); got norm.options="
-                              f"{dict(norm_cfg.options)}: use num_groups=32 or engine=torchvision")
+            raise ConfigError(
+                f'engine=detectron2 builds GN with 32 groups (its "GN"); got norm.options='
+                f"{dict(norm_cfg.options)}: use num_groups=32 or engine=torchvision"
+            )
         return "GN"
     for d2_name, ours in DETECTRON2_NAMES.items():
         if ours == name:
             return d2_name
-    raise ConfigError(f"norm={name} is not wired to engine=detectron2 (its \"LN\" is a different layer): "
-                      f"use norm={'|'.join(['gn', *DETECTRON2_NAMES.values()])}, or engine=torchvision")
+    raise ConfigError(
+        f'norm={name} is not wired to engine=detectron2 (its "LN" is a different layer): '
+        f"use norm={'|'.join(['gn', *DETECTRON2_NAMES.values()])}, or engine=torchvision"
+    )
 
 
 def _environment(env: Distributed | None, cfg) -> tuple[int, bool, str]:
@@ -80,8 +82,10 @@ def build_detectron2_cfg(cfg, run_dir, env: Distributed | None = None) -> CfgNod
     fashion_scenes generates them first). Only detectron2's own keys, all primitives."""
     world_size, is_main, device = _environment(env, cfg)
     if cfg.detector.backbone not in DEPTHS:
-        raise ConfigError(f"detector.backbone={cfg.detector.backbone} is not a ResNet detectron2 builds: "
-                          f"use one of {', '.join(DEPTHS)}")
+        raise ConfigError(
+            f"detector.backbone={cfg.detector.backbone} is not a ResNet detectron2 builds: "
+            f"use one of {', '.join(DEPTHS)}"
+        )
     norm = detectron2_norm(cfg.norm)
     (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, is_main)
     if cfg.data.val_images_limit:
@@ -149,7 +153,8 @@ def build_detectron2_cfg(cfg, run_dir, env: Distributed | None = None) -> CfgNod
     solver.MOMENTUM, solver.NESTEROV = optim.momentum, bool(optim.get("nesterov", False))
     solver.WEIGHT_DECAY = solver.WEIGHT_DECAY_NORM = optim.weight_decay  # on all parameters
     solver.LR_SCHEDULER_NAME = {"step": "WarmupMultiStepLR", "cosine": "WarmupCosineLR"}.get(
-        optim.schedule.name, optim.schedule.name)
+        optim.schedule.name, optim.schedule.name
+    )
     solver.GAMMA = optim.schedule.gamma
     solver.STEPS = tuple(schedule.steps)
     solver.MAX_ITER = min(schedule.max_iter, cfg.max_steps or schedule.max_iter)

@@ -44,34 +44,38 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from detectron2.config import CfgNode
+from detectron2.data import (
+    DatasetFromList,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from omegaconf.errors import OmegaConfBaseException
 
+from ...config import ConfigError, first_line, resolved
+from ...convert import centralize_weights
+from ...data.faults import SkipUnreadable
 from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
-
-from detectron2.config import CfgNode  # noqa: E402  (after the one-line ImportError)
-from detectron2.data import (DatasetFromList, DatasetMapper, MetadataCatalog, build_detection_test_loader,  # noqa: E402
-                             build_detection_train_loader, get_detection_dataset_dicts)
-from detectron2.data.samplers import TrainingSampler  # noqa: E402
-from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
-from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-
-from ...config import ConfigError, first_line, resolved  # noqa: E402
-from ...convert import centralize_weights  # noqa: E402
-from ...wiring import wire_norms  # noqa: E402
-from ...data.faults import SkipUnreadable  # noqa: E402
-from .. import checkpoint as ckpt  # noqa: E402
-from ..distributed import Distributed, barrier, init_distributed  # noqa: E402
-from ..loggers import RunLogger  # noqa: E402
-from ...schedules import schedule_norms  # noqa: E402
-from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options  # noqa: E402
-from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap  # noqa: E402
-from .common import check_start  # noqa: E402
-from .detectron2_config import build_detectron2_cfg, build_lr_schedule  # noqa: E402
-from .detectron2_weights import load_backbone_weights  # noqa: E402
+from ...schedules import schedule_norms
+from ...wiring import wire_norms
+from .. import checkpoint as ckpt
+from ..distributed import Distributed, barrier, init_distributed
+from ..loggers import RunLogger
+from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options
+from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap
+from .common import check_start
+from .detectron2_config import build_detectron2_cfg, build_lr_schedule
+from .detectron2_weights import load_backbone_weights
 
 AP_METRICS = ("AP", "AP50", "AP75")
 
@@ -79,7 +83,8 @@ AP_METRICS = ("AP", "AP50", "AP75")
 # -- model --------------------------------------------------------------------------------
 def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
     """detectron2's Mask R-CNN with this suite's norm (options from ``cfg.norm``), backbone
-    weights if given, its norms wired (``mabn.wire_norms``), and weight centralization of the convs feeding MABN; checks that
+    weights if given, its norms wired (``mabn.wire_norms``), and weight centralization of the convs feeding MABN;
+    checks that
     detectron2 kept every layer built for the norm."""
     register_detectron2_norms({cfg.norm.name: resolved(cfg.norm.options)})
     with recording_norms() as made:
@@ -100,8 +105,10 @@ def check_norms_kept(model: torch.nn.Module, made: list, norm: str) -> None:
     if norm in DETECTRON2_NAMES and not made:
         raise RuntimeError(f"detectron2 built no {norm} layer: the norm registration did not reach its get_norm")
     if lost or frozen:
-        raise RuntimeError(f"detectron2 replaced {lost} of the {len(made)} {norm} layers it built "
-                           f"({frozen} FrozenBatchNorm2d in the model): check MODEL.BACKBONE.FREEZE_AT")
+        raise RuntimeError(
+            f"detectron2 replaced {lost} of the {len(made)} {norm} layers it built "
+            f"({frozen} FrozenBatchNorm2d in the model): check MODEL.BACKBONE.FREEZE_AT"
+        )
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -214,7 +221,7 @@ class Trainer(SimpleTrainer):
 class RunHook(HookBase):
     """This suite's logging, evaluation, checkpoints and preemption handling, after each step."""
 
-    def __init__(self, run: "Detectron2Run"):
+    def __init__(self, run: Detectron2Run):
         self.run = run
 
     def before_train(self):
@@ -228,10 +235,15 @@ class RunHook(HookBase):
             elapsed = time.perf_counter() - self.started - self.excluded
             run.images_per_second = (done - self.start_iter) * run.images_per_step / max(elapsed, 1e-9)
             trainer = self.trainer
-            run.logger.log({"train/loss": trainer.last_loss.item(),
-                            **{f"train/{k}": v.item() for k, v in trainer.last_losses.items()},
-                            "train/lr": run.scheduler.get_last_lr()[0],
-                            "train/images_per_second": run.images_per_second}, done)
+            run.logger.log(
+                {
+                    "train/loss": trainer.last_loss.item(),
+                    **{f"train/{k}": v.item() for k, v in trainer.last_losses.items()},
+                    "train/lr": run.scheduler.get_last_lr()[0],
+                    "train/images_per_second": run.images_per_second,
+                },
+                done,
+            )
         if cfg.debug.preempt_at_step == done:
             run.preemption.signum = signal.SIGTERM
         stop, save = between_steps(run.preemption, self.checkpoints, run.env.device)
@@ -270,8 +282,10 @@ class Detectron2Run:
             raise ConfigError(first_line(error, 1000)) from error
         classes = MetadataCatalog.get(self.d2cfg.DATASETS.TRAIN[0]).get("thing_classes", [])
         if len(classes) != self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            raise ConfigError(f"the train split has {len(classes)} categories and the val split "
-                              f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set")
+            raise ConfigError(
+                f"the train split has {len(classes)} categories and the val split "
+                f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set"
+            )
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
         self.norm_schedule = schedule_norms(self.model, self.total_steps, cfg.norm)
@@ -285,12 +299,21 @@ class Detectron2Run:
     def save(self, step: int) -> None:
         check_finite_weights(self.model, step, self.checkpoint_path)
         if self.env.is_main:
-            ckpt.save_atomic({
-                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.trainer.scaler.state_dict(),
-                "iteration": step, "rng": ckpt.rng_states(), "config": resolved(self.cfg),
-                "images_per_second": self.images_per_second, "wandb_run_id": self.wandb_run_id},
-                self.checkpoint_path, keep_previous=True)
+            ckpt.save_atomic(
+                {
+                    "model": unwrap(self.model).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.trainer.scaler.state_dict(),
+                    "iteration": step,
+                    "rng": ckpt.rng_states(),
+                    "config": resolved(self.cfg),
+                    "images_per_second": self.images_per_second,
+                    "wandb_run_id": self.wandb_run_id,
+                },
+                self.checkpoint_path,
+                keep_previous=True,
+            )
         barrier()
 
     def resume(self) -> bool:
@@ -310,10 +333,12 @@ class Detectron2Run:
         """COCO box and mask AP (%) on the validation split ("eval/" keys; undefined AP is 0)."""
         name = self.d2cfg.DATASETS.TEST[0]
         evaluator = OncePerImageEvaluator(name, tasks=("bbox", "segm"), distributed=True, use_fast_impl=False)
-        dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "val",
-                                    get_detection_dataset_dicts(name, filter_empty=False))
-        loader = build_detection_test_loader(dataset=dataset, mapper=as_is,
-                                             num_workers=self.d2cfg.DATALOADER.NUM_WORKERS)
+        dataset = detection_dataset(
+            self.d2cfg, self.cfg, self.run_dir, "val", get_detection_dataset_dicts(name, filter_empty=False)
+        )
+        loader = build_detection_test_loader(
+            dataset=dataset, mapper=as_is, num_workers=self.d2cfg.DATALOADER.NUM_WORKERS
+        )
         results = inference_on_dataset(unwrap(self.model), loader, evaluator)
         metrics = {}
         for ours, theirs in (("box", "bbox"), ("mask", "segm")):
@@ -332,10 +357,14 @@ class Detectron2Run:
         if self.env.world_size > 1:
             ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
             # statistics stay per process (the paper's per-GPU statistics); syncbn syncs itself
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_options
-                              else {"broadcast_buffers": False})
-            self.model = create_ddp_model(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          **no_buffer_sync)
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in ddp_options
+                else {"broadcast_buffers": False}
+            )
+            self.model = create_ddp_model(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+            )
         sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, self.step * self.cfg.batch)
         dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "train", self.train_dicts)
         loader = build_detection_train_loader(self.d2cfg, dataset=dataset, mapper=as_is, sampler=sampler)
@@ -344,17 +373,23 @@ class Detectron2Run:
         self.trainer = Trainer(self.model, loader, self.optimizer, self.amp, device.type, self.checkpoint_path)
         if self.scaler_state is not None:
             self.trainer.scaler.load_state_dict(self.scaler_state)
-        self.trainer.register_hooks([hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler),
-                                     RunHook(self)])
+        self.trainer.register_hooks(
+            [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler), RunHook(self)]
+        )
         if self.step < self.total_steps:
             self.trainer.train(self.step, self.total_steps)
             self.step = self.total_steps
 
     def summary(self, metrics: dict) -> dict:
         cfg = self.cfg
-        return {**{k.removeprefix("eval/"): v for k, v in metrics.items()}, "start": cfg.start,
-                "engine": "detectron2", "images_per_second": self.images_per_second, "steps": self.step,
-                **summary_keys(cfg, self.env.world_size, self.norm_schedule)}
+        return {
+            **{k.removeprefix("eval/"): v for k, v in metrics.items()},
+            "start": cfg.start,
+            "engine": "detectron2",
+            "images_per_second": self.images_per_second,
+            "steps": self.step,
+            **summary_keys(cfg, self.env.world_size, self.norm_schedule),
+        }
 
 
 def _local_world_size(world_size: int) -> int:

@@ -58,15 +58,23 @@ def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
     state, ignored = detectron2_resnet_state(load_weights_only(path))
     own = bottom_up.state_dict()
     plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
-    wrong = [f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}" for k, v in state.items()
-             if k in plain and v.shape != plain[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}"
+        for k, v in state.items()
+        if k in plain and v.shape != plain[k].shape
+    ]
     if wrong:
-        raise ValueError(f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone "
-                         "architecture")
+        raise ValueError(
+            f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
+        )
     missing, unexpected = bottom_up.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; use weights "
-                         "trained with the same backbone and norm layer")
+        raise ValueError(
+            f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; use weights "
+            "trained with the same backbone and norm layer"
+        )
     ignored += unexpected
     if ignored:
-        warnings.warn(f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}")
+        warnings.warn(
+            f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}", stacklevel=2
+        )

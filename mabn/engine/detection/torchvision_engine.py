@@ -16,13 +16,15 @@ from .common import check_start, split_paths
 
 def torchvision_options(detector_cfg) -> dict:
     """The detector config in torchvision's MaskRCNN argument names."""
-    return {"rpn_pre_nms_top_n_train": detector_cfg.rpn_pre_nms_train,
-            "rpn_post_nms_top_n_train": detector_cfg.rpn_post_nms_train,
-            "rpn_pre_nms_top_n_test": detector_cfg.rpn_pre_nms_test,
-            "rpn_post_nms_top_n_test": detector_cfg.rpn_post_nms_test,
-            "rpn_batch_size_per_image": detector_cfg.rpn_anchors_per_image,
-            "box_batch_size_per_image": detector_cfg.rois_per_image,
-            "box_detections_per_img": detector_cfg.detections_per_image}
+    return {
+        "rpn_pre_nms_top_n_train": detector_cfg.rpn_pre_nms_train,
+        "rpn_post_nms_top_n_train": detector_cfg.rpn_post_nms_train,
+        "rpn_pre_nms_top_n_test": detector_cfg.rpn_pre_nms_test,
+        "rpn_post_nms_top_n_test": detector_cfg.rpn_post_nms_test,
+        "rpn_batch_size_per_image": detector_cfg.rpn_anchors_per_image,
+        "box_batch_size_per_image": detector_cfg.rois_per_image,
+        "box_detections_per_img": detector_cfg.detections_per_image,
+    }
 
 
 class DetectionRun(TrainingRun):
@@ -45,9 +47,17 @@ class DetectionRun(TrainingRun):
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
         val_set = val_set.first(limit)
         detector = cfg.detector
-        model = build_maskrcnn(num_classes(self.coco_gt), norm_layer_from_config(cfg.norm), detector.backbone,
-                               cfg.weights, cfg.data.min_size, cfg.data.max_size, detector.channels,
-                               detector.fc_channels, **torchvision_options(detector))
+        model = build_maskrcnn(
+            num_classes(self.coco_gt),
+            norm_layer_from_config(cfg.norm),
+            detector.backbone,
+            cfg.weights,
+            cfg.data.min_size,
+            cfg.data.max_size,
+            detector.channels,
+            detector.fc_channels,
+            **torchvision_options(detector),
+        )
         return model, train_set, val_set
 
     def schedule(self):
@@ -61,8 +71,9 @@ class DetectionRun(TrainingRun):
         images, targets = batch
         device = self.env.device
         images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+        ]
         losses = self.model(images, targets)
         return sum(losses.values()), {f"train/{k}": v.detach() for k, v in losses.items()}
 
@@ -70,8 +81,9 @@ class DetectionRun(TrainingRun):
     def evaluate(self) -> dict:
         """COCO box and mask AP (%) on the validation images, over all processes."""
         self.model.eval()
-        sampler = EpochSampler(len(self.val_set), self.per_device_batch, False, 0,
-                               self.env.rank, self.env.world_size, drop_last=False)
+        sampler = EpochSampler(
+            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
+        )
         detections = {}  # image id -> its detections (an unreadable image's stand-in appears twice)
         for images, targets in self.loader(self.val_set, sampler):
             with torch.autocast(self.env.device.type, enabled=self.amp):
@@ -89,8 +101,11 @@ class DetectionRun(TrainingRun):
         return {f"eval/{k}": v for k, v in evaluate_coco(self.coco_gt, results, img_ids=self.val_ids).items()}
 
     def summary(self, metrics):
-        return {**{k.removeprefix("eval/"): v for k, v in metrics.items()}, "start": self.cfg.start,
-                "engine": "torchvision"}
+        return {
+            **{k.removeprefix("eval/"): v for k, v in metrics.items()},
+            "start": self.cfg.start,
+            "engine": "torchvision",
+        }
 
 
 def train(cfg, run_dir) -> dict:
