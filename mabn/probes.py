@@ -1,4 +1,4 @@
-"""Probes of the four batch statistics of the paper (REFERENCE.md section 1) during training.
+"""Probes of the four batch statistics of the paper (docs/method.md) during training.
 
 For a few channels of a few norm layers of any model, every ``every`` training steps:
 

@@ -6,7 +6,7 @@
     python scripts/collect_results.py runs/quickstart --study results/REPORT.md   # beside the study
 
 Classification runs give top-1 error (%) per norm (rows) and normalization batch (columns);
-detection runs give box/mask AP per norm. The paper's numbers (REFERENCE.md section 2) are
+detection runs give box/mask AP per norm. The paper's numbers (docs/papers.md, MABN's results) are
 printed beside them when the run is the paper's setting (ImageNet ResNet-50, COCO Mask R-CNN).
 """
 

@@ -1,4 +1,4 @@
-"""Slow, obvious references written from the formulas (REFERENCE.md sections 1 and 3).
+"""Slow, obvious references written from the formulas (docs/method.md; docs/papers.md, training setups).
 
 They loop over normalization batches one at a time and never call the library's layers."""
 

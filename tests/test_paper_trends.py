@@ -1,5 +1,5 @@
 """Opt-in (--runslow) checks of the paper's qualitative claim at CPU scale: at normalization
-batch 2, MABN keeps most of its accuracy where BN loses much of it (REFERENCE.md section 2:
+batch 2, MABN keeps most of its accuracy where BN loses much of it (docs/papers.md, MABN's results:
 ImageNet BN 23.41 -> 35.22, MABN 23.54 -> 23.67 top-1 error from batch 32 to 2)."""
 
 import subprocess

@@ -250,7 +250,7 @@ class BatchRenorm2d(_GroupedBatchStats):
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and ``d = clip((mu_B - mu) / sigma,
     -d_max, d_max)``, both without gradient; ``sigma = sqrt(running_var + eps)``. Running
     statistics follow BatchNorm2d's rule (once per group, in order) and each group's r, d use
-    the running statistics as they stand before that group. Schedule (REFERENCE.md section 3):
+    the running statistics as they stand before that group. Schedule (docs/papers.md, training setups):
     r_max = 1, d_max = 0 until ``warmup_iters`` training iterations, then both relax linearly
     to ``r_max`` at ``r_max_iters`` and ``d_max`` at ``d_max_iters``. With r_max = 1 and
     d_max = 0 it is BatchNorm2d. The iteration counts scale with the run length on request

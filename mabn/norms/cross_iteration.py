@@ -1,4 +1,4 @@
-"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), REFERENCE.md section 4."""
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), docs/papers.md (later small-batch remedies)."""
 
 from __future__ import annotations
 

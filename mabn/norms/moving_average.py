@@ -11,7 +11,7 @@ from .kernels import accumulation_dtype, gradient_sums, group_view, normalize, n
 
 
 class _MABNFunction(torch.autograd.Function):
-    """MABN's normalization with its own backward (REFERENCE.md section 1).
+    """MABN's normalization with its own backward (docs/method.md).
 
     Forward ``y = gamma * r * x * inv_std + beta`` per (group, channel), with
     ``inv_std = 1 / sqrt(var + eps)`` and r constants. Backward ``dx = (g - z * psi) * inv_std``
@@ -58,7 +58,7 @@ def window_average(history: torch.Tensor, current: torch.Tensor):
 
 
 class MABN2d(nn.Module):
-    """Moving Average Batch Normalization (Yan et al., ICLR 2020), REFERENCE.md section 1.
+    """Moving Average Batch Normalization (Yan et al., ICLR 2020), docs/method.md.
 
     Per channel, with chi2 the second moment mean(x^2) of a normalization batch and psi the
     backward statistic mean(g * z): no mean subtraction (pair with weight centralization of

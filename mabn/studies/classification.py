@@ -80,7 +80,7 @@ def batch_table(points) -> str:
         "",
         "GN does not read the normalization batch: its row repeats its runs (see the claims).",
         "",
-        "The paper (ImageNet ResNet-50, REFERENCE.md section 2; GN: the GN paper at 32):",
+        "The paper (ImageNet ResNet-50, docs/papers.md; GN: the GN paper at 32):",
         "",
         lines[0],
         lines[1],

@@ -65,7 +65,7 @@ CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, 
         ("finetune", "syncbn", 2),
         "zero",
     ),
-    # the successors' papers (REFERENCE.md section 4): other protocols, for the direction only
+    # the successors' papers (docs/papers.md, later small-batch remedies): other protocols, for the direction only
     (
         "CBN is better than BN at 2 images per process (Yao et al.: CBN closes the small-batch gap; COCO 1x "
         "with a frozen-BN backbone: CBN 38.4 vs SyncBN 38.5 box AP)",

@@ -1,4 +1,4 @@
-"""The papers' numbers that the studies print beside their own (REFERENCE.md section 2)."""
+"""The papers' numbers that the studies print beside their own (docs/papers.md, MABN's results)."""
 
 # ImageNet ResNet-50 top-1 error by normalization batch (authors' README/figure). GN: the GN
 # paper's value at 32 images per GPU only (its other columns vary the SGD batch, not this).
