@@ -1,4 +1,4 @@
-"""The README's snippet runs, and CI runs the README's test command."""
+"""The README's snippet runs, CI runs the README's test command, and docs/gpu.md lists the GPU check's parts."""
 
 import re
 import subprocess
@@ -8,6 +8,7 @@ import torch
 from hydra_configs import ROOT
 
 README = (ROOT / "README.md").read_text()
+GPU_DOC = (ROOT / "docs" / "gpu.md").read_text()
 
 
 def code_blocks(section: str, language: str) -> list[str]:
@@ -29,10 +30,17 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the check would run")
-def test_gpu_check_refuses_without_cuda_in_one_line_and_its_parts_are_in_the_readme():
+def test_gpu_check_refuses_without_cuda_in_one_line_and_its_parts_are_in_the_docs():
     result = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stdout == "" and result.stderr.strip().count("\n") == 0 and "no CUDA device" in result.stderr
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     for part in re.findall(r"^part (\w+) (\d+)", script, flags=re.M):
-        assert f"| {part[0]} |" in README, part
+        assert f"| {part[0]} |" in GPU_DOC, part
+
+
+def test_docs_layers_page_shows_the_readme_snippet_and_the_readme_stays_an_entry_page():
+    layers = (ROOT / "docs" / "layers.md").read_text()
+    (snippet,) = code_blocks("Use MABN in your own model", "python")
+    assert f"```python\n{snippet}```" in layers
+    assert len(README.splitlines()) <= 200
