@@ -6,7 +6,11 @@ functions and compiled with static shapes, the same math becomes a statistics re
 pass that writes y (a reduction and one pass that writes dx in the backward), faster than
 ``nn.BatchNorm2d`` on this CPU (``scripts/bench_norms.py``).
 
-The layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU (on CUDA, where inductor
+Compiling is opt-in, as it pays only over long runs: a library user gets the eager kernels unless
+``MABN_FUSED`` (1 or dynamic) is set or the program calls ``use``; the entry points compile for runs of
+at least ``fused_min_steps`` steps (``choose_for_run``), the benchmarks always (``use("1")``).
+
+Once on, the layers call ``Fused`` functions where ``applies``: fp32 tensors on CPU (on CUDA, where inductor
 generates Triton kernels, only with ``MABN_FUSED_CUDA=1``: off until measured there), outside an outer
 ``torch.compile``, without ``MABN_FUSED=0`` in the environment, for the first ``SHAPES`` input
 shapes (each costs a few seconds to compile once; with ``MABN_FUSED=dynamic``, for inputs whose
@@ -27,14 +31,23 @@ SHAPES = 64  # distinct input shapes compiled per process; new ones beyond go to
 _shapes = set()
 
 
-_chosen = None  # what a run chose for itself (choose_for_run); MABN_FUSED overrides it
+_chosen = None  # what the program chose (use, choose_for_run); MABN_FUSED overrides it
 
 
 def mode() -> str:
     """``MABN_FUSED``: "0" (off), "dynamic" (a graph for the first input size, then ones dynamic in
     the sizes that change, for inputs whose size changes from batch to batch; ungrouped layers
-    only) or "1" (static shapes, the default); without it, what ``choose_for_run`` chose."""
-    return os.environ.get("MABN_FUSED") or _chosen or "1"
+    only) or "1" (static shapes); without it, what the program chose (``use``, ``choose_for_run``),
+    else "0": a library user's first steps compile nothing."""
+    return os.environ.get("MABN_FUSED") or _chosen or "0"
+
+
+def use(chosen: str) -> str:
+    """Choose the kernels for this process ("0", "1" or "dynamic"; ``MABN_FUSED`` still wins);
+    returns the mode in force."""
+    global _chosen
+    _chosen = chosen
+    return mode()
 
 
 def choose_for_run(planned_steps: int, min_steps: int) -> str:
@@ -42,9 +55,7 @@ def choose_for_run(planned_steps: int, min_steps: int) -> str:
     training steps keeps the eager kernels (compiling costs about 30 s on a cold cache, which
     the compiled kernels save back only after about 2000 steps of the quick start's model);
     returns the mode in force."""
-    global _chosen
-    _chosen = "1" if planned_steps >= min_steps else "0"
-    return mode()
+    return use("1" if planned_steps >= min_steps else "0")
 
 
 def enabled() -> bool:

@@ -31,7 +31,8 @@ from torch import nn
 
 import mabn
 import mabn.fused
-from mabn.studies.reporting import machine, publish
+from mabn.provenance import machine
+from mabn.studies.reporting import publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
 RESNET50_SHAPES = [
@@ -225,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--eager-rows", action="store_true", help="also rows with the eager kernels, tagged [eager]")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     if args.eager:
         os.environ["MABN_FUSED"] = "0"
 

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 import mabn
+import mabn.fused
 from mabn.models import build_classifier
 from mabn.probes import BatchStatisticsProbe
-from mabn.studies.reporting import machine, publish
+from mabn.provenance import machine
+from mabn.studies.reporting import publish
 
 
 def setup(mode: str):
@@ -45,6 +47,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     runs = {mode: setup(mode) for mode in ("no probe", "off", "attached", "recording")}
     times = {mode: [] for mode in runs}

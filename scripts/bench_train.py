@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import mabn.fused
 from mabn.export import build_model
 from mabn.models import build_classifier
-from mabn.studies.reporting import machine, publish
+from mabn.provenance import machine
+from mabn.studies.reporting import publish
 
 # (label, norm name, options): the layers of the comparison at per-device batch 32
 CASES = [
@@ -114,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--norms", help="comma-separated labels of CASES to run (bn always runs)")
     parser.add_argument("--authors-cbn", type=Path, help="path to the authors' CBN.py, to time their layer too")
     args = parser.parse_args(argv)
+    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

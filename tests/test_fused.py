@@ -161,6 +161,8 @@ def test_a_failed_compilation_warns_once_and_the_layers_go_eager(monkeypatch):
 def test_a_run_compiles_only_when_it_is_long_enough_unless_mabn_fused_says(monkeypatch):
     monkeypatch.setattr(fused, "_chosen", None)
     monkeypatch.delenv("MABN_FUSED", raising=False)
+    assert fused.mode() == "0" and not fused.enabled()  # a library user, nothing chosen: eager
+    assert fused.use("1") == "1" and fused.enabled()  # opted in (the benchmarks)
     assert fused.choose_for_run(400, 2000) == "0" and not fused.enabled()  # the quick start: eager
     assert fused.choose_for_run(3750, 2000) == "1" and fused.enabled()  # the study: compiled
     monkeypatch.setenv("MABN_FUSED", "dynamic")  # the user's (or train_coco's) choice wins
