@@ -50,7 +50,8 @@ from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
 from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
-from mabn.studies.reporting import machine, publish  # noqa: E402
+from mabn.provenance import machine  # noqa: E402
+from mabn.studies.reporting import publish  # noqa: E402
 from mabn.wiring import wire_norms  # noqa: E402
 
 VARIANTS = {"bn-again": ("bn", []), "bn-wcopy": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}

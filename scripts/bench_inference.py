@@ -26,7 +26,8 @@ import torch
 
 import mabn
 from mabn.export import build_model
-from mabn.studies.reporting import describe, machine, publish
+from mabn.provenance import machine
+from mabn.studies.reporting import describe, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
 CASES = [

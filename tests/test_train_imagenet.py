@@ -15,12 +15,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from run_files import assert_same_run, read_metrics, read_summary, train_losses
 from torchrun import torchrun
-from wandb_records import history_and_config
+from wandb_records import history_and_config, run_group
 
 from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
 from mabn.engine.training import Preemption
+from mabn.serialization import load_weights_only
 
 SYNTHETIC = ["data=synthetic", "workers=0", "log_every_steps=2", "per_device_batch=8"]
 
@@ -330,6 +331,32 @@ def test_wandb_offline_run_holds_the_logged_metrics_and_config(tmp_path):
     assert any(h.get("final/eval/top1_error") == pytest.approx(summary["top1_error"]) for h in history)
     assert config["norm"]["name"] == "mabn" and config["norm"]["options"]["sma_window"] == 8
     assert config["batch"] == 4 and config["logger"]["group"] == "test-sweep"
+    assert run_group(run_file) == "test-sweep"
+    assert config["provenance"] == summary["provenance"]
+
+
+def test_a_sweeps_wandb_runs_share_the_sweeps_folder_as_group_by_default(tmp_path):
+    cfg = compose_config(
+        "train_imagenet", [*SYNTHETIC, "batch=4", "logger=wandb", "logger.mode=offline", "max_steps=2"]
+    )
+    run_dir = tmp_path / "fashion-sweep" / cfg.run_name
+    train(cfg, run_dir)
+    run_id = (run_dir / "wandb_run_id.txt").read_text()
+    (run_file,) = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    assert run_group(run_file) == "fashion-sweep"
+
+
+def test_summary_and_checkpoint_record_the_commit_versions_and_machine(tmp_path):
+    summary = train(compose_config("train_imagenet", [*SYNTHETIC, "batch=4", "max_steps=2"]), tmp_path)
+    recorded = summary["provenance"]
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert recorded["commit"] == head and isinstance(recorded["dirty"], bool)
+    assert recorded["torch"] == torch.__version__.split("+")[0] or recorded["torch"] == torch.__version__
+    assert recorded["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert recorded["timm"] and recorded["torchvision"] and "detectron2" in recorded
+    assert recorded["device"].startswith("CPU") and recorded["threads"] == torch.get_num_threads()
+    assert read_summary(tmp_path)["provenance"] == recorded
+    assert load_weights_only(tmp_path / "checkpoint.pt")["provenance"] == recorded
 
 
 @pytest.mark.multiprocess

@@ -33,6 +33,11 @@ def records(path):
             yield record
 
 
+def run_group(run_file) -> str:
+    """The W&B group an offline run file was started in."""
+    return next(record.run.run_group for record in records(run_file) if record.WhichOneof("record_type") == "run")
+
+
 def history_and_config(run_file):
     """(list of logged dicts, config dict) of an offline run file."""
     history, config = [], {}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .. import fused
 from ..config import ConfigError, first_line, resolved
 from ..probes import BatchStatisticsProbe
+from ..provenance import provenance
 from ..schedules import schedule_norms
 from . import checkpoint as ckpt
 from .distributed import barrier, init_distributed
@@ -175,6 +176,7 @@ class TrainingRun:
                     "config": resolved(self.cfg),
                     "images_per_second": self.images_per_second,
                     "wandb_run_id": self.wandb_run_id,
+                    "provenance": provenance(self.env.device),
                 },
                 ckpt.checkpoint_path(self.run_dir),
                 keep_previous=True,
@@ -293,15 +295,16 @@ def norm_label(cfg) -> str:
     return cfg.norm.get("label", cfg.norm.name)
 
 
-def summary_keys(cfg, world_size: int, norm_schedule: dict) -> dict:
-    """The fields a run's summary is grouped and paired by in the study reports."""
+def summary_keys(cfg, env, norm_schedule: dict) -> dict:
+    """The fields a run's summary is grouped and paired by in the study reports, and its provenance."""
     return {
-        "world_size": world_size,
+        "world_size": env.world_size,
         "norm": cfg.norm.name,
         "label": norm_label(cfg),
         "batch": cfg.batch,
         "seed": cfg.seed,
         "norm_schedule": norm_schedule,
+        "provenance": provenance(env.device),
     }
 
 
@@ -364,7 +367,9 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     summary_path = run_dir / "summary.json"
     if resumed and run.step >= run.total_steps and summary_path.is_file():
         return json.loads(summary_path.read_text())
-    logger = RunLogger(run_dir, run.env.is_main, wandb_options(cfg), resolved(cfg), run.wandb_run_id)
+    logger = RunLogger(
+        run_dir, run.env.is_main, wandb_options(cfg, run_dir), run_record(cfg, run.env), run.wandb_run_id
+    )
     run.wandb_run_id = logger.run_id
     if resumed and run.env.is_main:
         print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
@@ -376,7 +381,7 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
             **run.summary(metrics),
             "images_per_second": run.images_per_second,
             "steps": run.step,
-            **summary_keys(cfg, run.env.world_size, run.norm_schedule),
+            **summary_keys(cfg, run.env, run.norm_schedule),
         }
         logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
@@ -391,15 +396,21 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
         logger.finish()
 
 
-def wandb_options(cfg) -> dict | None:
-    """W&B init options from ``logger`` (None: W&B off); name, group and tags from the run."""
+def run_record(cfg, env) -> dict:
+    """What a run's logger records as its config: the resolved config and the provenance."""
+    return resolved(cfg) | {"provenance": provenance(env.device)}
+
+
+def wandb_options(cfg, run_dir) -> dict | None:
+    """W&B init options from ``logger`` (None: W&B off); name, group and tags from the run. The
+    group is ``logger.group``, else the sweep's folder (``<data>-<model>``: a sweep's runs share it)."""
     if cfg.logger.name != "wandb":
         return None
     return {
         "project": cfg.logger.project,
         "entity": cfg.logger.entity,
         "mode": cfg.logger.mode,
-        "group": cfg.logger.group,
+        "group": cfg.logger.group or Path(run_dir).resolve().parent.name,
         "job_type": cfg.task,
         "name": cfg.run_name,
         "tags": [f"norm={cfg.norm.name}", f"batch={cfg.batch}", f"seed={cfg.seed}", *cfg.logger.tags],

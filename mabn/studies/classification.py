@@ -20,7 +20,7 @@ from pathlib import Path
 from . import successors
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
-from .reporting import describe, keep_runs, load_summaries, publish
+from .reporting import describe, keep_runs, load_summaries, provenance_table, publish
 from .successors import SUCCESSORS
 
 BATCHES = (32, 16, 8, 4, 2, 1)
@@ -439,6 +439,7 @@ def write_report(run_folders: Path, results: Path) -> None:
             "",
             runtime_path.read_text(),
         ]
+    report += ["## Which code made the runs", "", provenance_table(summaries), ""]
     if notes.is_file():
         report += [notes.read_text()]
     publish("\n".join(report), results / "REPORT.md")

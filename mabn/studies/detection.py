@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .intervals import difference, fmt_diff, paired_difference, verdict
 from .papers import PAPER_COCO
-from .reporting import describe, keep_runs, load_summaries, publish
+from .reporting import describe, keep_runs, load_summaries, provenance_table, publish
 from .successors import CBN_EARLY_WINDOW
 
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -299,6 +299,10 @@ def write_report(run_folders: Path, results: Path) -> str:
             "Welch's beside it; 'within noise' means the interval holds 0.",
             "",
             *claims(runs),
+            "",
+            "## Which code made the runs",
+            "",
+            provenance_table(summaries),
         ]
     )
     results.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,17 @@
-"""Shared by the benchmarks and the studies: where a benchmark ran, the runs' summaries, a
+"""Shared by the benchmarks and the studies: the runs' summaries, a
 mean with its interval, and printing a markdown report that is also written to a file."""
 
 from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
-import torch
 from scipy import stats as scipy_stats
 
-
-def machine(device: str) -> str:
-    """The GPU's name, or the CPU and the number of threads torch uses."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from ..provenance import NOT_RECORDED, commit_label
 
 
 def describe(values: list[float]) -> dict:
@@ -52,3 +46,16 @@ def publish(text: str, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def provenance_table(summaries: list[dict]) -> str:
+    """Which code made the runs: one row per commit (``+changes``: with uncommitted changes), its
+    number of runs and their labels; runs kept before summaries recorded it are "not recorded"."""
+    runs = defaultdict(list)
+    for summary in summaries:
+        runs[commit_label(summary)].append(summary.get("label") or summary.get("norm", "?"))
+    lines = ["| commit | runs | norms |", "|---|---|---|"]
+    for commit in sorted(runs, key=lambda c: (c == NOT_RECORDED, c)):
+        shown = f"{commit} (made before run summaries recorded their commit)" if commit == NOT_RECORDED else commit
+        lines.append(f"| {shown} | {len(runs[commit])} | {', '.join(sorted(set(runs[commit])))} |")
+    return "\n".join(lines)

@@ -66,12 +66,13 @@ from ...config import ConfigError, first_line, resolved
 from ...convert import centralize_weights
 from ...data.faults import SkipUnreadable
 from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
+from ...provenance import provenance
 from ...schedules import schedule_norms
 from ...wiring import wire_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, barrier, init_distributed
 from ..loggers import RunLogger
-from ..run import announce_end, announce_start, load_run_checkpoint, summary_keys, wandb_options
+from ..run import announce_end, announce_start, load_run_checkpoint, run_record, summary_keys, wandb_options
 from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap
 from .common import check_start
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
@@ -310,6 +311,7 @@ class Detectron2Run:
                     "config": resolved(self.cfg),
                     "images_per_second": self.images_per_second,
                     "wandb_run_id": self.wandb_run_id,
+                    "provenance": provenance(self.env.device),
                 },
                 self.checkpoint_path,
                 keep_previous=True,
@@ -388,7 +390,7 @@ class Detectron2Run:
             "engine": "detectron2",
             "images_per_second": self.images_per_second,
             "steps": self.step,
-            **summary_keys(cfg, self.env.world_size, self.norm_schedule),
+            **summary_keys(cfg, self.env, self.norm_schedule),
         }
 
 
@@ -411,7 +413,9 @@ def train(cfg, run_dir) -> dict:
         summary_path = run_dir / "summary.json"
         if resumed and run.step >= run.total_steps and summary_path.is_file():
             return json.loads(summary_path.read_text())
-        run.logger = logger = RunLogger(run_dir, env.is_main, wandb_options(cfg), resolved(cfg), run.wandb_run_id)
+        run.logger = logger = RunLogger(
+            run_dir, env.is_main, wandb_options(cfg, run_dir), run_record(cfg, env), run.wandb_run_id
+        )
         run.wandb_run_id = logger.run_id
         run.preemption = preemption = Preemption()
         if resumed and env.is_main:
