@@ -116,7 +116,7 @@ def is_centralized(conv: nn.Module) -> bool:
 
 def inference_affine(norm: nn.Module):
     """(scale, shift) of an eval-mode BN-like norm, or None if it is not a per-channel affine."""
-    if isinstance(norm, norms.MABN2d):
+    if isinstance(norm, norms.MABN2d) or (isinstance(norm, norms.PowerNorm2d) and norm.scaling_groups is None):
         return norm.inference_scale(), norm.bias
     if isinstance(norm, norms.CrossIterationBatchNorm2d):
         return norm.inference_affine()

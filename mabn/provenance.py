@@ -15,11 +15,23 @@ PACKAGES = ("torch", "torchvision", "timm", "detectron2")
 NOT_RECORDED = "not recorded"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device) -> str:
-    """The GPU's name, or the CPU and the number of threads torch uses."""
+    """The GPU's name, or the CPU, the instruction set torch's CPU kernels use (CPU results differ
+    bit for bit between AVX2 and AVX512 machines) and the number of threads torch uses."""
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 @functools.cache

@@ -26,6 +26,7 @@ NORMS: dict[str, NormFactory] = {
     "evonorm_s0": norms.evonorm_s0,
     "frn": norms.frn,
     "gn_ws": norms.GroupNormWS,
+    "powernorm": norms.PowerNorm2d,
 }
 
 

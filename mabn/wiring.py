@@ -34,6 +34,7 @@ BATCH_STAT_NORMS = (
     norms.BatchRenorm2d,
     norms.MABN2d,
     norms.CrossIterationBatchNorm2d,
+    norms.PowerNorm2d,
 )
 PAIRED_NORMS = BATCH_STAT_NORMS + (nn.GroupNorm,) + NORM_ACT_LAYERS
 

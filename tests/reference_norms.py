@@ -123,3 +123,58 @@ class ReferenceBRN:
                 self.var = (1 - self.momentum) * self.var + self.momentum * var * n / (n - 1)
         self.iterations_done += 1
         return torch.cat(ys)
+
+
+class ReferencePowerNorm:
+    """PowerNorm step by step as the authors' layer computes it (docs/papers.md, relatives): every
+    normalization batch is one step t; group scaling by the formula (its gradient by autograd),
+    the rest by the written-out forward and approximate backward."""
+
+    def __init__(self, channels, alpha_fwd=0.9, alpha_bkw=0.9, eps=1e-5, warmup_iters=10000, scaling_groups=1):
+        self.alpha_fwd, self.alpha_bkw, self.eps, self.warmup = alpha_fwd, alpha_bkw, eps, warmup_iters
+        self.scaling_groups = scaling_groups
+        self.phi = torch.ones(channels, dtype=torch.float64)
+        self.u = torch.zeros(channels, dtype=torch.float64)
+        self.t = 0
+
+    def scale(self, x):
+        if self.scaling_groups is None:
+            return x
+        parts = []
+        for part in x.chunk(self.scaling_groups, dim=1):  # each group of channels, at each position
+            parts.append(part / (part.pow(2).mean(dim=1, keepdim=True) + 1e-5).sqrt())
+        return torch.cat(parts, dim=1)
+
+    def step(self, x, dy, gamma, beta, normalization_batch):
+        """One training iteration: y, dx, dgamma, dbeta; advances phi, u and t."""
+        ys, dxs = [], []
+        dgamma, dbeta = torch.zeros_like(gamma), torch.zeros_like(beta)
+        per_channel = lambda v: v[None, :, None, None]
+        for xk, dyk in zip(x.split(normalization_batch or len(x)), dy.split(normalization_batch or len(x))):
+            self.t += 1
+            xk = xk.detach().clone().requires_grad_(True)
+            scaled = self.scale(xk)
+            with torch.no_grad():
+                s = scaled.pow(2).mean(dim=(0, 2, 3))
+                divisor = s if self.t <= self.warmup else self.phi.clone()
+                if self.t < self.warmup:
+                    self.phi = self.phi * (self.t - 1) / self.t + s / self.t
+                self.phi = self.alpha_fwd * self.phi + (1 - self.alpha_fwd) * s
+                z = scaled / per_channel((divisor + self.eps).sqrt())
+                ys.append(per_channel(gamma) * z + per_channel(beta))
+                approximate = dyk * per_channel(gamma) - (1 - self.alpha_bkw) * per_channel(self.u) * z
+                self.u = self.u + (approximate * z).mean(dim=(0, 2, 3))
+                dscaled = approximate / per_channel((s + self.eps).sqrt())
+                dgamma += (dyk * z).sum(dim=(0, 2, 3))
+                dbeta += dyk.sum(dim=(0, 2, 3))
+            (dx,) = torch.autograd.grad(scaled, xk, dscaled) if self.scaling_groups else (dscaled,)
+            dxs.append(dx)
+        return torch.cat(ys), torch.cat(dxs), dgamma, dbeta
+
+    def eval(self, x, gamma, beta):
+        with torch.no_grad():
+            scaled = self.scale(x)
+            return (
+                gamma[None, :, None, None] * scaled / (self.phi + self.eps).sqrt()[None, :, None, None]
+                + beta[None, :, None, None]
+            )

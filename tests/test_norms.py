@@ -24,6 +24,7 @@ ALL_NORMS = {
     "in": {},
     "brn": {"normalization_batch": 2, "warmup_iters": 1, "r_max_iters": 3, "d_max_iters": 3},
     "mabn": {"normalization_batch": 2, "sma_window": 3, "warmup_iters": 2, "renorm_warmup_iters": 3},
+    "powernorm": {"normalization_batch": 2, "warmup_iters": 2},
 }
 
 

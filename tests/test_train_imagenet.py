@@ -157,7 +157,7 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
         (
             ["norm.name=mabnx"],
             "error: unknown norm 'mabnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, "
-            "mabn, syncbn",
+            "mabn, powernorm, syncbn",
         ),
         (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
         (

@@ -19,6 +19,7 @@ Names added (detectron2's own, "BN", "SyncBN", "GN", "FrozenBN", ..., are untouc
   ``evonorm_b0``, ``evonorm_s0``, ``frn``, ``gn_ws``); ``mabn.wire_norms(model)`` then gives CBN
   and GN+WS their convs and lets EvoNorm and FRN take the ReLU after them: this module teaches
   it detectron2's stem, blocks and ``Conv2d(norm=..., activation=...)``.
+- ``PowerNorm``: ``mabn.PowerNorm2d``, MABN's relative (``powernorm``)
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ DETECTRON2_NAMES = {
     "EvoNormS0": "evonorm_s0",
     "FRN": "frn",
     "GN_WS": "gn_ws",
+    "PowerNorm": "powernorm",
 }
 
 _options: dict[str, dict] = {}

@@ -1,9 +1,11 @@
 """The normalization layers of the comparison: BN, BRN and MABN with a normalization batch,
-SyncBN, GN, LN and IN, and MABN's successors: CBN, EvoNorm-B0/S0, FRN + TLU, GN + WS.
+SyncBN, GN, LN and IN, MABN's successors: CBN, EvoNorm-B0/S0, FRN + TLU, GN + WS, and its
+relative PowerNorm.
 
 One module per family: ``kernels`` (the normalization batch and one-pass kernels),
 ``batch_norm`` (BN, BRN, SyncBN), ``moving_average`` (MABN), ``cross_iteration`` (CBN),
-``group_norm`` (GN, LN, IN, GN + WS), ``norm_act`` (timm's EvoNorm and FRN layers).
+``group_norm`` (GN, LN, IN, GN + WS), ``norm_act`` (timm's EvoNorm and FRN layers),
+``power_norm`` (PowerNorm, and ``TokenNorm``: any of them over a transformer's tokens).
 
 Every layer takes the channel count first and accepts ``device``/``dtype``, so that timm,
 torchvision and detectron2 can build it through ``norm_layer(channels)``.
@@ -29,6 +31,7 @@ from .cross_iteration import CrossIterationBatchNorm2d
 from .group_norm import GroupNorm, GroupNormWS, InstanceNorm2d, LayerNorm2d
 from .moving_average import MABN2d
 from .norm_act import EvoNormB0, evonorm_s0, frn
+from .power_norm import PowerNorm2d, TokenNorm
 
 __all__ = [
     "BatchNorm2d",
@@ -40,6 +43,8 @@ __all__ = [
     "InstanceNorm2d",
     "LayerNorm2d",
     "MABN2d",
+    "PowerNorm2d",
+    "TokenNorm",
     "EvoNormB0",
     "evonorm_s0",
     "frn",
