@@ -7,9 +7,11 @@ import functools
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from . import norms
+from .mimicnorm import ChannelBias
 
 NormFactory = Callable[..., nn.Module]
 
@@ -27,6 +29,7 @@ NORMS: dict[str, NormFactory] = {
     "frn": norms.frn,
     "gn_ws": norms.GroupNormWS,
     "powernorm": norms.PowerNorm2d,
+    "mimicnorm": ChannelBias,  # the layer MimicNorm leaves in a norm's place (mabn.mimicnorm)
 }
 
 
@@ -45,16 +48,28 @@ def get_norm_factory(name: str) -> NormFactory:
         raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(sorted(NORMS))}") from None
 
 
-def norm_layer(name: str | NormFactory, **options) -> Callable[[int], nn.Module]:
+def norm_layer(name: str | NormFactory, gamma_init: float | None = None, **options) -> Callable[[int], nn.Module]:
     """A callable ``f(channels)`` building the norm, accepted by timm, torchvision and
-    detectron2. Options are checked now, so a misspelled one fails before the model is built."""
+    detectron2. Options are checked now, so a misspelled one fails before the model is built.
+    ``gamma_init``, for any norm: its gamma starts at this value instead of the layer's own
+    (Davis and Frank's revisited initialization: 0.1, docs/papers.md)."""
     factory = get_norm_factory(name) if isinstance(name, str) else name
     try:
         inspect.signature(factory).bind_partial(0, **options)
     except TypeError as error:
         label = name if isinstance(name, str) else getattr(factory, "__name__", repr(factory))
         raise TypeError(f"norm {label!r} does not take these options {sorted(options)}: {error}") from None
-    return functools.partial(factory, **options)
+    make = functools.partial(factory, **options)
+    return make if gamma_init is None else functools.partial(_with_gamma, make=make, gamma_init=gamma_init)
+
+
+def _with_gamma(*args, make: Callable[..., nn.Module], gamma_init: float, **kwargs) -> nn.Module:
+    """``make(*args, **kwargs)`` with its gamma set to ``gamma_init`` (keywords only: timm rebuilds
+    a partial from its function and keywords)."""
+    layer = make(*args, **kwargs)
+    with torch.no_grad():
+        layer.weight.fill_(gamma_init)
+    return layer
 
 
 def build_norm(name: str | NormFactory, num_channels: int, **options) -> nn.Module:

@@ -35,3 +35,9 @@ run experiment=fashion_study norm=cbn,evonorm_b0 batch=16,8,4,1                 
 # are ruled out by scripts/eval_statistics.py): the same layer without its window (buffer_num=0,
 # i.e. BN with the biased variance, eps outside the root, gamma starting at 1)
 run experiment=fashion_study norm=cbn batch=2 norm.options.buffer_num=0 +norm.label=cbn_k0
+# MABN's relatives from its own literature on the same recipe, fixed before their runs (docs/studies.md):
+# PowerNorm with the authors' defaults (warm-up 1000, scaled with the recipe's other counts; one
+# scaling group), its whole curve
+KEPT=results/fashion_relative_runs
+run experiment=fashion_study norm=powernorm batch=32,2                                # 6: the curve's ends
+run experiment=fashion_study norm=powernorm batch=16,8,4,1                            # 12: the rest of it

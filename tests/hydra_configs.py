@@ -48,3 +48,8 @@ def experiments_of(config_name: str) -> list[str]:
 def base_norms() -> list[str]:
     """The norm options that are layers (bn, mabn, cbn, gn_ws, ...), not MABN's variants (mabn_no_wc, ...)."""
     return [name for name in group_options("norm") if not name.startswith("mabn_")]
+
+
+def detection_norms() -> list[str]:
+    """``base_norms`` a detector takes: all but MimicNorm, a classification method."""
+    return [name for name in base_norms() if name != "mimicnorm"]

@@ -42,7 +42,7 @@ def test_unknown_norm_and_option_errors_name_the_fix():
     with pytest.raises(
         ValueError,
         match=r"unknown norm 'bnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, "
-        r"mabn, powernorm, syncbn",
+        r"mabn, mimicnorm, powernorm, syncbn",
     ):
         mabn.norm_layer("bnx")
     with pytest.raises(TypeError, match=r"norm 'gn' does not take these options \['sma_window'\]"):

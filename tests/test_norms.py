@@ -395,3 +395,12 @@ def test_the_backward_saves_no_more_than_x_and_per_group_channel_values(name, no
     window = 2 * layer.sma_window * per_channel if name == "mabn" else 0
     extra = saved_bytes(layer, x, torch.randn_like(x)) - x.numel() * x.element_size()
     assert 0 <= extra <= 8 * groups * per_channel + window
+
+
+@pytest.mark.parametrize("name", sorted(set(mabn.NORMS) - {"mimicnorm"}))  # mimicnorm's layer is a bias alone
+def test_gamma_init_starts_every_norms_gamma_there(name):
+    """Davis and Frank's revisited initialization, for any norm by name."""
+    options = {"num_groups": 4} if name in ("gn", "gn_ws") else {"groups": 4} if name == "evonorm_s0" else {}
+    layer = mabn.build_norm(name, 8, gamma_init=0.1, **options)
+    assert torch.equal(layer.weight.detach(), torch.full((8,), 0.1))
+    assert not torch.equal(mabn.build_norm(name, 8, **options).weight.detach(), torch.full((8,), 0.1))

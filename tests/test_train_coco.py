@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra_configs import ROOT, base_norms, compose_config, experiments_of, group_options, sweep_jobs
+from hydra_configs import ROOT, compose_config, detection_norms, experiments_of, group_options, sweep_jobs
 from omegaconf import OmegaConf
 from run_files import assert_same_run, read_metrics, read_summary
 from torchrun import torchrun
@@ -90,7 +90,7 @@ def test_coco_comparison_sweeps_the_papers_norms_from_scratch():
     assert len({c.run_name for c in configs}) == 5
 
 
-@pytest.mark.parametrize("norm", base_norms())
+@pytest.mark.parametrize("norm", detection_norms())
 def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
     cfg = compose_config("train_coco", [*scenes, f"norm={norm}", "max_steps=2"])
     summary = train(cfg, tmp_path)

@@ -17,6 +17,7 @@ from run_files import assert_same_run, read_metrics, read_summary, train_losses
 from torchrun import torchrun
 from wandb_records import history_and_config, run_group
 
+import mabn.norms
 from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
@@ -157,7 +158,7 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_exactly_like_an_uninterrupted_r
         (
             ["norm.name=mabnx"],
             "error: unknown norm 'mabnx': choose one of bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gn, gn_ws, in, ln, "
-            "mabn, powernorm, syncbn",
+            "mabn, mimicnorm, powernorm, syncbn",
         ),
         (["data=imagenet", "data.root=/no/imagenet"], "error: ImageNet folder /no/imagenet/train missing"),
         (
@@ -424,3 +425,14 @@ def test_a_checkpoint_that_is_more_than_tensors_is_refused_with_one_line(tmp_pat
         ConfigError, match=r"checkpoint.pt holds more than tensors and plain Python values, so it is not loaded"
     ):
         train(cfg, tmp_path)
+
+
+def test_bn_small_gamma_starts_gammas_at_a_tenth_and_trains_them_at_a_hundredth_of_the_lr(tmp_path):
+    cfg = compose_config("train_imagenet", [*SYNTHETIC, "norm=bn_small_gamma", "batch=4", "max_steps=2"])
+    run = ClassificationRun(cfg, tmp_path)
+    gammas = [m.weight for m in run.model.modules() if isinstance(m, mabn.norms.BatchNorm2d)]
+    assert gammas and all(torch.all((g == 0.1) | (g == 0)) for g in gammas)  # timm zero-inits each block's last
+    assert any(torch.all(g == 0.1) for g in gammas)
+    others, small = run.optimizer.param_groups
+    assert small["lr"] == pytest.approx(others["lr"] / 100) and {id(p) for p in small["params"]} == set(map(id, gammas))
+    assert len(others["params"]) + len(small["params"]) == len(list(run.model.parameters()))

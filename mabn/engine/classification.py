@@ -10,11 +10,12 @@ from ..data.fashion_mnist import FashionMNIST
 from ..data.faults import SkipUnreadable
 from ..data.imagenet import imagenet_datasets
 from ..data.synthetic import SyntheticImages
+from ..mimicnorm import center_after_steps, mimic
 from ..models import build_classifier
 from .distributed import all_reduce_sum
 from .run import TrainingRun, run_training
 from .sampling import EpochSampler
-from .training import norm_layer_from_config
+from .training import norm_layer_from_config, unwrap
 
 
 def build_datasets(data_cfg, run_dir=None):
@@ -47,6 +48,8 @@ class ClassificationRun(TrainingRun):
 
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir, cfg.per_device_batch)
+        if cfg.norm.get("mimic", False):
+            center_after_steps(self.optimizer, unwrap(self.model))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     def build(self):
@@ -56,6 +59,8 @@ class ClassificationRun(TrainingRun):
         model = build_classifier(
             cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm), **cfg.model.options
         )
+        if cfg.norm.get("mimic", False):  # a method of the whole model (mabn.mimicnorm)
+            mimic(model, num_classes, cfg.norm.logits_normalization_batch)
         return model, subset(train, cfg.data.train_samples_limit), subset(val, cfg.data.val_samples_limit)
 
     def schedule(self):

@@ -116,7 +116,7 @@ class TrainingRun:
         self.amp = cfg.amp and self.env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         images_per_step = per_device_batch * self.env.world_size
-        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step)
+        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step, cfg.norm.get("gamma_lr_factor", 1.0))
         self.sampler = EpochSampler(
             len(train_set), per_device_batch, True, cfg.seed, self.env.rank, self.env.world_size
         )

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import registry
 from ..convert import centralize_weights
+from ..probes import norm_layers
 from ..wiring import wire_norms
 from .distributed import Distributed, all_reduce_max
 
@@ -21,6 +22,11 @@ from .distributed import Distributed, all_reduce_max
 def norm_layer_from_config(norm_cfg):
     """``norm_layer(channels)`` for the configured norm (``norm.name`` + ``norm.options``)."""
     return registry.norm_layer(norm_cfg.name, **norm_cfg.options)
+
+
+def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
+    """The per-channel weights (gamma) of the model's norm layers."""
+    return [module.weight for _, module in norm_layers(model)]
 
 
 def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: bool = False) -> nn.Module:
@@ -50,12 +56,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_sgd(model: nn.Module, optim_cfg, images_per_step: int) -> torch.optim.SGD:
+def build_sgd(model: nn.Module, optim_cfg, images_per_step: int, gamma_lr_factor: float = 1.0) -> torch.optim.SGD:
     """SGD with lr = base_lr * images_per_step / reference_batch (linear scaling); weight
-    decay on all parameters, as the authors' code."""
+    decay on all parameters, as the authors' code. With ``gamma_lr_factor`` (``norm.gamma_lr_factor``:
+    Davis and Frank's 1/100), the norms' gammas learn at that fraction of the lr."""
     lr = optim_cfg.base_lr * images_per_step / optim_cfg.reference_batch
+    parameters = model.parameters()
+    if gamma_lr_factor != 1:
+        gammas = {id(gamma) for gamma in norm_gammas(unwrap(model))}
+        others = [p for p in model.parameters() if id(p) not in gammas]
+        parameters = [{"params": others}, {"params": norm_gammas(unwrap(model)), "lr": lr * gamma_lr_factor}]
     return torch.optim.SGD(
-        model.parameters(),
+        parameters,
         lr=lr,
         momentum=optim_cfg.momentum,
         weight_decay=optim_cfg.weight_decay,

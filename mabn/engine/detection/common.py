@@ -9,7 +9,13 @@ from ..distributed import barrier
 
 
 def check_start(cfg) -> None:
-    """``start`` (scratch | finetune) and ``weights`` must agree."""
+    """``start`` (scratch | finetune) and ``weights`` must agree; the norm must be one a detector
+    can take (not MimicNorm, a classification method)."""
+    if cfg.norm.get("mimic", False):
+        raise ConfigError(
+            "norm=mimicnorm is a classification method (no norm in the body, one BatchNorm1d on the logits) "
+            "and a detector has no logits to normalize: use it with train_imagenet.py"
+        )
     if cfg.start not in ("scratch", "finetune"):
         raise ConfigError(f"start={cfg.start} is not scratch or finetune")
     if (cfg.start == "finetune") != bool(cfg.get("weights")):

@@ -290,7 +290,7 @@ class Detectron2Run:
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
         self.norm_schedule = schedule_norms(self.model, self.total_steps, cfg.norm)
-        self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step)
+        self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, cfg.norm.get("gamma_lr_factor", 1.0))
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
         self.scaler_state = self.rng_states = None
