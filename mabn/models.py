@@ -1,4 +1,4 @@
-"""Classifiers of the comparison: timm ResNets built with any norm."""
+"""Classifiers of the comparison: timm ResNets and a timm Vision Transformer built with any norm."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from collections.abc import Callable
 
 import timm
 from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from .norms import LayerNorm2d, TokenNorm
 
 
 def small_resnet(
@@ -28,10 +31,30 @@ def small_resnet(
     return model
 
 
+def token_norm_layer(norm_layer: Callable) -> Callable[[int], nn.Module]:
+    """A transformer's ``norm_layer(dim)`` from a (N, C, H, W) norm's: ``ln`` is the transformer's own
+    LayerNorm, over each token's channels (timm's, eps 1e-6); every other norm normalizes each channel
+    over the batch and the tokens (``TokenNorm``), with its normalization batch."""
+    if getattr(norm_layer, "func", norm_layer) is LayerNorm2d:
+        return lambda dim, **factory: nn.LayerNorm(dim, eps=1e-6, **factory)
+    return lambda dim, **factory: TokenNorm(norm_layer(dim, **factory))
+
+
+def vit_tiny(num_classes: int, in_chans: int, norm_layer: Callable, **options) -> VisionTransformer:
+    """timm's Vision Transformer (ViT-Ti: 192 channels, 12 blocks, 3 heads unless ``options`` say
+    otherwise) with every LayerNorm replaced by the norm (``token_norm_layer``)."""
+    shape = {"embed_dim": 192, "depth": 12, "num_heads": 3} | options
+    return VisionTransformer(
+        num_classes=num_classes, in_chans=in_chans, norm_layer=token_norm_layer(norm_layer), **shape
+    )
+
+
 def build_classifier(name: str, num_classes: int, in_chans: int, norm_layer: Callable, **options) -> nn.Module:
-    """``small_resnet`` or any timm model name (resnet50 as in the paper, resnet18, ...)."""
+    """``small_resnet``, ``vit_tiny`` or any timm model name (resnet50 as in the paper, resnet18, ...)."""
     if name == "small_resnet":
         return small_resnet(num_classes, in_chans, norm_layer, **options)
+    if name == "vit_tiny":
+        return vit_tiny(num_classes, in_chans, norm_layer, **options)
     if name not in timm.list_models():
         raise ValueError(f"unknown model {name!r}: use small_resnet or a timm model name such as resnet50")
     return timm.create_model(

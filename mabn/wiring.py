@@ -45,6 +45,8 @@ def conv_norm_pairs(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             last_conv = (name, module)
+        elif isinstance(module, norms.TokenNorm):  # over a transformer's tokens: no conv feeds it
+            last_conv = None
         elif isinstance(module, PAIRED_NORMS):
             channels = getattr(module, "num_features", getattr(module, "num_channels", None))
             if channels is None:
