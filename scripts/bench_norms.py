@@ -31,6 +31,7 @@ from torch import nn
 
 import mabn
 import mabn.fused
+from mabn.benchmark import saved_bytes
 from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
@@ -126,27 +127,6 @@ def step(layer, x, dy, dtype=None):
     y.backward(dy)
     if x.is_cuda:
         torch.cuda.synchronize()
-
-
-def saved_bytes(layer, x, dy, dtype=None) -> int:
-    """Bytes of the tensors the layer saves for its backward (each storage counted once;
-    values kept as attributes of an autograd Function's ctx are not seen)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
-        torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None),
-    ):
-        out = layer(x)
-    out.backward(dy)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return sum(storages.values())
 
 
 def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=False):

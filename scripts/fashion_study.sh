@@ -41,3 +41,5 @@ run experiment=fashion_study norm=cbn batch=2 norm.options.buffer_num=0 +norm.la
 KEPT=results/fashion_relative_runs
 run experiment=fashion_study norm=powernorm batch=32,2                                # 6: the curve's ends
 run experiment=fashion_study norm=powernorm batch=16,8,4,1                            # 12: the rest of it
+# BN with the revisited initialization (gamma 0.1, its lr / 100) and MimicNorm, the curve's ends
+run experiment=fashion_study norm=bn_small_gamma,mimicnorm batch=32,2                 # 12

@@ -2,8 +2,6 @@
 own layer where the definition is torch's (BN)."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +9,8 @@ from reference_norms import ReferenceBRN, ReferenceMABN
 from torch import nn
 
 import mabn
+from mabn.benchmark import saved_bytes
 from mabn.norms import BatchNorm2d, BatchRenorm2d, MABN2d
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from bench_norms import saved_bytes
 
 ALL_NORMS = {
     "bn": {"normalization_batch": 2},

@@ -11,7 +11,7 @@ import sys
 import pytest
 from hydra_configs import ROOT
 
-from mabn.studies import classification, intervals, successors, tables
+from mabn.studies import classification, intervals, relatives, successors, tables
 
 
 def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():
@@ -202,3 +202,26 @@ def test_the_committed_classification_report_regenerates_unchanged_from_its_kept
     for name in ("REPORT.md", "fashion_study.md", "fashion_ablation.md", "fashion_probes.md", "fashion_successors.md"):
         generated = (results / name).read_text().replace(str(results), "results")
         assert generated == (ROOT / "results" / name).read_text(), name
+
+
+def test_the_committed_relatives_report_regenerates_unchanged(tmp_path):
+    """From the kept runs alone (a fresh clone), memory column included."""
+    committed = ROOT / "results" / "fashion_relatives.md"
+    if not committed.is_file():
+        pytest.skip("no relatives' report committed yet")
+    results = tmp_path / "results"
+    for kept in ("fashion_relative_runs", "fashion_study_runs", "fashion_vit_runs"):
+        if (ROOT / "results" / kept).is_dir():
+            shutil.copytree(ROOT / "results" / kept, results / kept)
+    assert relatives.write_report(results) == committed.read_text().rstrip("\n")
+
+
+def test_the_relatives_claims_from_made_up_runs(tmp_path):
+    runs = {("bn", 32): [11.0, 11.2, 11.1], ("bn", 2): [13.0, 13.4, 13.2], ("mabn", 2): [10.8, 10.9, 11.0]}
+    runs |= {("powernorm", 2): [10.9, 11.0, 10.8], ("powernorm", 32): [10.9, 11.1, 11.0]}
+    text = successors.report(runs, 3, rows=relatives.RELATIVES, claims=relatives.CLAIMS, diagnostics=[])
+    claims = [line for line in text.splitlines() if line.startswith("- **")]
+    assert len(claims) == len(relatives.CLAIMS)
+    assert "**PowerNorm at 2 is better than BN at 2" in text and "**supported**" in text
+    assert text.count("pending (no runs yet)") == 4  # mimicnorm and bn_small_gamma have no runs
+    assert "| powernorm | 11.00 ± 0.25 | - | - | - | 10.90 ± 0.25 | - |" in text and "| mimicnorm |" not in text

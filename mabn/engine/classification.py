@@ -43,6 +43,16 @@ def subset(dataset, size):
     return dataset if not size or size >= len(dataset) else torch.utils.data.Subset(dataset, range(size))
 
 
+def build_model(cfg, num_classes: int, in_chans: int) -> nn.Module:
+    """The run's classifier with its norm, as it starts training (before wiring and the device)."""
+    model = build_classifier(
+        cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm), **cfg.model.options
+    )
+    if cfg.norm.get("mimic", False):  # a method of the whole model (mabn.mimicnorm)
+        mimic(model, num_classes, cfg.norm.logits_normalization_batch)
+    return model
+
+
 class ClassificationRun(TrainingRun):
     """ResNet on ImageNet / Fashion-MNIST / synthetic data; schedule in epochs."""
 
@@ -56,11 +66,7 @@ class ClassificationRun(TrainingRun):
         cfg = self.cfg
         check_normalization_batch(cfg, cfg.per_device_batch)
         train, val, num_classes, in_chans = build_datasets(cfg.data, self.run_dir)
-        model = build_classifier(
-            cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm), **cfg.model.options
-        )
-        if cfg.norm.get("mimic", False):  # a method of the whole model (mabn.mimicnorm)
-            mimic(model, num_classes, cfg.norm.logits_normalization_batch)
+        model = build_model(cfg, num_classes, in_chans)
         return model, subset(train, cfg.data.train_samples_limit), subset(val, cfg.data.val_samples_limit)
 
     def schedule(self):

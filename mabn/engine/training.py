@@ -56,9 +56,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_sgd(model: nn.Module, optim_cfg, images_per_step: int, gamma_lr_factor: float = 1.0) -> torch.optim.SGD:
-    """SGD with lr = base_lr * images_per_step / reference_batch (linear scaling); weight
-    decay on all parameters, as the authors' code. With ``gamma_lr_factor`` (``norm.gamma_lr_factor``:
+def build_sgd(model: nn.Module, optim_cfg, images_per_step: int, gamma_lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """SGD (``optim.name`` sgd, the default) or AdamW (adamw: ``betas``; the transformers' usual
+    choice) with lr = base_lr * images_per_step / reference_batch (linear scaling); weight decay on
+    all parameters, as the authors' code. With ``gamma_lr_factor`` (``norm.gamma_lr_factor``:
     Davis and Frank's 1/100), the norms' gammas learn at that fraction of the lr."""
     lr = optim_cfg.base_lr * images_per_step / optim_cfg.reference_batch
     parameters = model.parameters()
@@ -66,6 +67,8 @@ def build_sgd(model: nn.Module, optim_cfg, images_per_step: int, gamma_lr_factor
         gammas = {id(gamma) for gamma in norm_gammas(unwrap(model))}
         others = [p for p in model.parameters() if id(p) not in gammas]
         parameters = [{"params": others}, {"params": norm_gammas(unwrap(model)), "lr": lr * gamma_lr_factor}]
+    if optim_cfg.get("name", "sgd") == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     return torch.optim.SGD(
         parameters,
         lr=lr,

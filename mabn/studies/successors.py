@@ -71,7 +71,6 @@ DIAGNOSTICS = [
     ),
     (("cbn_burnin8it", 2), CBN_EARLY_WINDOW, [("cbn", 2), ("cbn_k0", 2), ("bn", 2)]),
 ]
-DIAGNOSTIC_ROWS = tuple(dict.fromkeys(cell[0] for cell, _, _ in DIAGNOSTICS))
 
 
 def load_runs(folder: Path) -> dict:
@@ -90,8 +89,17 @@ def cell_difference(runs: dict, a, b) -> dict | None:
     return difference(runs[a], runs[b]) if a in runs and b in runs else None
 
 
-def report(runs: dict, seeds: int) -> str:
-    """The successors' table and one line per claim whose cells exist (others are listed as pending)."""
+def report(
+    runs: dict,
+    seeds: int,
+    rows=SUCCESSORS,
+    claims=CLAIMS,
+    diagnostics=DIAGNOSTICS,
+    batches=BATCHES,
+    what="Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe",
+) -> str:
+    """The table of ``rows`` (the successors by default; a family of norms) and one line per claim
+    whose cells exist (others are listed as pending), then the diagnostic runs."""
 
     def cell(values):
         mean, n = sum(values) / len(values), len(values)
@@ -99,17 +107,17 @@ def report(runs: dict, seeds: int) -> str:
         return text if n == seeds else f"{text} (n={n})"
 
     lines = [
-        f"Top-1 error (%) on Fashion-MNIST by normalization batch, the study's recipe: mean ± 95 % "
-        f"half-width over seeds (n = seeds where not {seeds}).",
+        f"{what}: mean ± 95 % half-width over seeds (n = seeds where not {seeds}).",
         "",
-        "| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
-        "|---" * (len(BATCHES) + 1) + "|",
+        "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---" * (len(batches) + 1) + "|",
     ]
-    for norm in SUCCESSORS + DIAGNOSTIC_ROWS:
-        if any((norm, b) in runs for b in BATCHES):
-            name = norm if norm in SUCCESSORS else f"{norm} (diagnostic)"
+    diagnostic_rows = tuple(dict.fromkeys(cell[0] for cell, _, _ in diagnostics))
+    for norm in tuple(rows) + diagnostic_rows:
+        if any((norm, b) in runs for b in batches):
+            name = norm if norm in rows else f"{norm} (diagnostic)"
             lines.append(
-                f"| {name} | " + " | ".join(cell(runs[norm, b]) if (norm, b) in runs else "-" for b in BATCHES) + " |"
+                f"| {name} | " + " | ".join(cell(runs[norm, b]) if (norm, b) in runs else "-" for b in batches) + " |"
             )
     lines += [
         "",
@@ -117,14 +125,14 @@ def report(runs: dict, seeds: int) -> str:
         "from its kept runs):",
         "",
     ]
-    for title, a, b, expect in CLAIMS:
+    for title, a, b, expect in claims:
         d = cell_difference(runs, a, b)
         name = f"{a[0]}@{a[1]} minus {b[0]}@{b[1]}"
         if d is None:
             lines.append(f"- **{title}.** {name}: pending (no runs yet).")
         else:
             lines.append(f"- **{title}.** {name}: {fmt_diff(d)} points: **{verdict(d, expect)}**.")
-    diagnostics = [(a, text, others) for a, text, others in DIAGNOSTICS if a in runs]
+    diagnostics = [(a, text, others) for a, text, others in diagnostics if a in runs]
     if diagnostics:
         lines += ["", "Diagnostic runs (a difference is mean [Welch's 95 % interval], in top-1 error points):", ""]
     for a, text, others in diagnostics:
