@@ -23,8 +23,8 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
     ``norm`` built with ``options``, sharing the affine parameters (and, where the new layer
     has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
     Then ``wire_norms`` (CBN and GN+WS get their convs, EvoNorm and FRN the ReLU after them)
-    and, if ``centralize`` (default: ``norm == "mabn"``), centralize the weights of the convs
-    feeding each MABN layer. Returns the new root module."""
+    and, unless ``centralize`` is False, centralize the weights of the convs feeding each layer
+    that asks for it (``centralize_conv``: MABN). Returns the new root module."""
 
     def swap(module):
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine:
@@ -40,7 +40,7 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
         return module
 
     model = wire_norms(swap(model))
-    if norm == "mabn" if centralize is None else centralize:
+    if centralize is not False:
         centralize_weights(model)
     return model
 
@@ -98,9 +98,10 @@ def plain_state_dict(state: dict) -> dict:
 
 def centralize_weights(model: nn.Module) -> nn.Module:
     """Centralize (as a parametrization, so gradients flow through it) the weight of every
-    conv feeding a MABN layer. Idempotent. State dicts of the plain model still load."""
+    conv feeding a layer whose class asks for it (``centralize_conv = True``: MABN, which subtracts
+    no mean). Idempotent. State dicts of the plain model still load."""
     for _, conv, _, norm in conv_norm_pairs(model):
-        if not isinstance(norm, norms.MABN2d) or is_centralized(conv):
+        if not getattr(norm, "centralize_conv", False) or is_centralized(conv):
             continue
         parametrize.register_parametrization(conv, "weight", Centralize())
         conv.register_load_state_dict_pre_hook(load_plain_weight)

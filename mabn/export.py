@@ -121,15 +121,14 @@ def op_counts(model) -> Counter:
 
 
 def build_model(model_name: str, norm: str, num_classes: int = 1000, **options) -> nn.Module:
-    """A classifier of the suite (timm name or small_resnet) with ``norm``, wired, centralized for mabn."""
+    """A classifier of the suite (timm name or small_resnet) with ``norm``, wired, its convs centralized
+    where the norm asks for it (MABN)."""
     from . import registry
     from .convert import centralize_weights
     from .models import build_classifier
 
     model = wire_norms(build_classifier(model_name, num_classes, 3, registry.norm_layer(norm, **options)))
-    if norm == "mabn":
-        centralize_weights(model)
-    return model
+    return centralize_weights(model)
 
 
 def main(argv=None) -> int:

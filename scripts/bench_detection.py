@@ -131,7 +131,7 @@ class TorchvisionCase:
             **torchvision_options(cfg.detector),
         )
         wire_norms(self.model)  # as mabn.engine.training.prepare_model: CBN reads its conv's weight
-        if cfg.norm.get("centralize_weights", False):
+        if cfg.norm.get("centralize_weights", True):
             centralize_weights(self.model)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()

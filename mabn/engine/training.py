@@ -36,7 +36,7 @@ def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: b
     DDP does not broadcast buffers: every process keeps its own normalization statistics
     (the paper's per-GPU statistics); syncbn synchronizes them itself."""
     wire_norms(model)
-    if norm_cfg.get("centralize_weights", False):
+    if norm_cfg.get("centralize_weights", True):  # false: the ablation without it
         centralize_weights(model)
     model.to(env.device)
     if channels_last and env.device.type == "cuda":

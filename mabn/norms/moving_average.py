@@ -97,6 +97,7 @@ class MABN2d(nn.Module):
     """
 
     schedule_options = ("warmup_iters", "renorm_warmup_iters")
+    centralize_conv = True  # no mean is subtracted: the conv that feeds it is centralized (mabn.centralize_weights)
 
     def __init__(
         self,

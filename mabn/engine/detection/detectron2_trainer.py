@@ -93,7 +93,7 @@ def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
     wire_norms(model)
-    if cfg.norm.get("centralize_weights", False):
+    if cfg.norm.get("centralize_weights", True):  # false: the ablation without it
         centralize_weights(model)
     check_norms_kept(model, made, d2cfg.MODEL.RESNETS.NORM)
     return model
