@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..norms.batch_norm import _GroupedBatchStats
+from ..serialization import load_weights_only
 
 RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, _GroupedBatchStats)
 
@@ -84,7 +85,7 @@ def load_detection_checkpoint(checkpoint: Path, scratch: Path):
     from ..engine.detection.torchvision_engine import DetectionRun
     from ..engine.training import unwrap
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_weights_only(checkpoint)  # a checkpoint runs no code when read
     cfg = OmegaConf.create(state["config"])
     if cfg.engine.name != "torchvision":
         raise ValueError(f"{checkpoint}: engine {cfg.engine.name!r}; this check reads torchvision-engine runs")
