@@ -29,7 +29,7 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
     def swap(module):
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine:
             new = build_norm(norm, module.num_features, **options)
-            new.to(device=module.weight.device)
+            new.to(device=module.weight.device, dtype=module.weight.dtype)  # the model's dtype: buffers too
             new.weight, new.bias = module.weight, module.bias
             for name in SHARED_STATE:
                 if hasattr(new, name) and getattr(module, name, None) is not None:

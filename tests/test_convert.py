@@ -47,8 +47,8 @@ def test_unknown_norm_and_option_errors_name_the_fix():
         mabn.norm_layer("bnx")
     with pytest.raises(TypeError, match=r"norm 'gn' does not take these options \['sma_window'\]"):
         mabn.norm_layer("gn", sma_window=4)
-    with pytest.raises(ValueError, match=r"gn: 48 channels are not divisible by 32 groups"):
-        mabn.build_norm("gn", 48)
+    assert [mabn.build_norm("gn", c).num_groups for c in (48, 16, 72, 64, 7)] == [24, 16, 24, 32, 7]
+    assert mabn.build_norm("gn_ws", 48, num_groups=8).num_groups == 8
 
 
 def test_register_norm_makes_a_name_available_everywhere():
@@ -183,3 +183,17 @@ def test_folding_leaves_group_norm_alone():
         folded = fold_norms(copy.deepcopy(model))
         torch.testing.assert_close(folded(x), expected)
     assert len(norm_modules(folded)) == 20
+
+
+@pytest.mark.parametrize("norm", sorted(set(mabn.NORMS) - {"syncbn", "mimicnorm"}))
+def test_a_float64_model_converted_trains_and_evaluates_in_float64(norm):
+    """Norm buffers follow the model's dtype (a float64 model converted to mabn used to fail in eval)."""
+    model = mabn.convert_model(torchvision.models.resnet18(num_classes=4).double(), norm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+    assert model.eval()(x).dtype == torch.float64

@@ -8,16 +8,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
+def groups_for(channels: int, groups: int) -> int:
+    """The group count a layer of ``channels`` takes for a setting of ``groups``: the largest divisor of
+    ``channels`` not above it (the setting itself where it divides them), so one setting converts a
+    whole model whose widths it does not all divide (16, 48, 72 channels with 32 groups: 16, 24, 24)."""
+    return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+
+
 class GroupNorm(nn.GroupNorm):
-    """Group Normalization (Wu & He, 2018), channels first, 32 groups by default."""
+    """Group Normalization (Wu & He, 2018), channels first, 32 groups by default (fewer where 32 does
+    not divide the channels: ``groups_for``)."""
 
     def __init__(self, num_channels, num_groups=32, eps=1e-5, affine=True, device=None, dtype=None):
-        if num_channels % num_groups:
-            raise ValueError(
-                f"gn: {num_channels} channels are not divisible by {num_groups} groups: "
-                f"set num_groups to a divisor of {num_channels}"
-            )
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        super().__init__(groups_for(num_channels, num_groups), num_channels, eps, affine, device, dtype)
 
 
 class LayerNorm2d(GroupNorm):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 
+from .group_norm import groups_for
 from .kernels import num_groups
 
 NORM_ACT_LAYERS = (EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d)
@@ -38,13 +39,10 @@ class EvoNormB0(EvoNorm2dB0):
 
 
 def evonorm_s0(num_features, groups=32, group_size=None, apply_act=True, eps=1e-5, device=None, dtype=None):
-    """timm's EvoNorm-S0 (group statistics, no batch dependence); a clear error for channels
-    that ``groups`` does not divide."""
-    if group_size is None and num_features % groups:
-        raise ValueError(
-            f"evonorm_s0: {num_features} channels are not divisible by {groups} groups: "
-            f"set groups to a divisor of {num_features}"
-        )
+    """timm's EvoNorm-S0 (group statistics, no batch dependence), with fewer groups where ``groups``
+    does not divide the channels (``mabn.norms.group_norm.groups_for``, as GN)."""
+    if group_size is None:
+        groups = groups_for(num_features, groups)
     return EvoNorm2dS0(
         num_features, groups=groups, group_size=group_size, apply_act=apply_act, eps=eps, device=device, dtype=dtype
     )

@@ -97,7 +97,8 @@ TRANSFORMER_CLAIMS = [
 
 
 def summaries(folder: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    """The finished runs' summaries kept in ``folder`` (a diverged run, kept with its reason only, is not one)."""
+    return [s for path in sorted(folder.glob("*.json")) if "config" in (s := json.loads(path.read_text()))]
 
 
 def memory_table(kept: list[dict], labels, channels: int = 1, classes: int = 10) -> list[str]:
