@@ -43,3 +43,6 @@ run experiment=fashion_study norm=powernorm batch=32,2                          
 run experiment=fashion_study norm=powernorm batch=16,8,4,1                            # 12: the rest of it
 # BN with the revisited initialization (gamma 0.1, its lr / 100) and MimicNorm, the curve's ends
 run experiment=fashion_study norm=bn_small_gamma,mimicnorm batch=32,2                 # 12
+# 6: why PowerNorm trails BN and MABN here (a diagnosis, not the study's recipe): without its group
+# scaling (each position's channels divided by their root mean square, the authors' default of one group)
+run experiment=fashion_study norm=powernorm batch=32,2 norm.options.scaling_groups=null +norm.label=powernorm_noscale

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mabn.studies.relatives import RELATIVES, write_report
+from mabn.studies.relatives import KEPT_LABELS, write_report
 from mabn.studies.reporting import keep_runs, load_summaries
 
 
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     for runs, folder, labels in (
-        (args.runs, "fashion_relative_runs", RELATIVES),
+        (args.runs, "fashion_relative_runs", KEPT_LABELS),
         (args.vit_runs, "fashion_vit_runs", None),
     ):
         if runs:

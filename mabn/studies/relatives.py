@@ -68,6 +68,17 @@ CLAIMS = [
         "positive",
     ),
 ]
+# diagnostic runs (their own norm.label, not the study's recipe): (cell, what it changes, cells to compare with)
+DIAGNOSTICS = [
+    (
+        ("powernorm_noscale", 2),
+        "PowerNorm without its group scaling (scaling_groups=None; the authors' layer divides each position's "
+        "channels by their root mean square first)",
+        [("powernorm", 2), ("bn", 2), ("mabn", 2)],
+    ),
+    (("powernorm_noscale", 32), "the same at 32", [("powernorm", 32), ("bn", 32)]),
+]
+KEPT_LABELS = RELATIVES + tuple(dict.fromkeys(cell[0] for cell, _, _ in DIAGNOSTICS))  # the runs this report keeps
 TRANSFORMER = ("ln", "bn", "powernorm", "mabn")
 TRANSFORMER_CLAIMS = [
     (
@@ -148,7 +159,7 @@ def write_report(results: Path) -> str:
         "",
         "## On the Fashion-MNIST study's recipe (small ResNet)",
         "",
-        report(runs, seeds, rows=RELATIVES, claims=CLAIMS, diagnostics=[], batches=BATCHES),
+        report(runs, seeds, rows=RELATIVES, claims=CLAIMS, diagnostics=DIAGNOSTICS, batches=BATCHES),
         "",
         "Price in memory: what a training step of the study's model (per-device batch 32) saves for its "
         "backward, counted with saved-tensor hooks (exact, device independent); MimicNorm's paper reports "
