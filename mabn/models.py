@@ -25,10 +25,17 @@ def small_resnet(
         in_chans=in_chans,
         channels=tuple(widths),
         norm_layer=norm_layer,
+        zero_init_last=zero_init_last(norm_layer),
     )
     model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=stem_stride, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def zero_init_last(norm_layer: Callable) -> bool:
+    """timm's ResNets start each block's last gamma at 0, unless the norm was given its own initial
+    gamma (``gamma_init``, Davis and Frank's 0.1 for every gamma): then every gamma starts there."""
+    return getattr(norm_layer, "keywords", {}).get("gamma_init") is None
 
 
 def token_norm_layer(norm_layer: Callable) -> Callable[[int], nn.Module]:
@@ -57,6 +64,8 @@ def build_classifier(name: str, num_classes: int, in_chans: int, norm_layer: Cal
         return vit_tiny(num_classes, in_chans, norm_layer, **options)
     if name not in timm.list_models():
         raise ValueError(f"unknown model {name!r}: use small_resnet or a timm model name such as resnet50")
+    if name.startswith(("resnet", "resnext", "wide_resnet")):  # timm's ResNet family
+        options = {"zero_init_last": zero_init_last(norm_layer)} | options
     return timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, **options
     )
