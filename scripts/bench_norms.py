@@ -32,6 +32,7 @@ from torch import nn
 import mabn
 import mabn.fused
 from mabn.benchmark import saved_bytes
+from mabn.external import load_module
 from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
@@ -114,10 +115,7 @@ def load_checkout(root: Path):
 
 
 def load_authors(path):
-    spec = importlib.util.spec_from_file_location("authors_mabn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, "authors_mabn")
 
 
 def step(layer, x, dy, dtype=None):

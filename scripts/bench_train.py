@@ -13,7 +13,6 @@ with AMP and channels_last on CUDA as in train_imagenet.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from torch import nn
 
 import mabn.fused
 from mabn.export import build_model
+from mabn.external import load_module
 from mabn.models import build_classifier
 from mabn.provenance import machine
 from mabn.studies.reporting import publish
@@ -80,9 +80,7 @@ class AuthorsCBN(nn.Module):
 
 def authors_cbn_model(model_name, path):
     """``model_name`` with the authors' CBN (buffer 3, no burn-in, as the ``cbn`` rows) after every conv."""
-    spec = importlib.util.spec_from_file_location("authors_cbn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path, "authors_cbn")
     model = build_classifier(
         model_name, 1000, 3, lambda c, **_: AuthorsCBN(module.CBatchNorm2d, c, buffer_num=3, burnin=0)
     )

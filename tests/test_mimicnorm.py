@@ -3,14 +3,13 @@ logits, centred convs), by name through train_imagenet.py, refused by train_coco
 the authors' ResNet-18 where their code is given (``MIMICNORM_SOURCE=<checkout of github
 Kid-key/MimicNorm>/ImageNet/models/resnet_nobn.py``, outside this repository)."""
 
-import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
+from authors_code import authors_module
 from hydra_configs import ROOT, compose_config
 from torch import nn
 
@@ -71,15 +70,7 @@ def test_train_imagenet_trains_mimicnorm_and_train_coco_refuses_it_in_one_line(t
 
 
 def authors_resnet18():
-    source = os.environ.get("MIMICNORM_SOURCE")
-    if not source:
-        pytest.skip(
-            "the authors' model is not given (MIMICNORM_SOURCE=<their checkout>/ImageNet/models/resnet_nobn.py)"
-        )
-    spec = importlib.util.spec_from_file_location("authors_resnet_nobn", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.resnet18_cbn(num_classes=10)
+    return authors_module("MIMICNORM_SOURCE", "ImageNet/models/resnet_nobn.py").resnet18_cbn(num_classes=10)
 
 
 def test_mimicnorm_equals_the_authors_resnet18():

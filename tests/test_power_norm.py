@@ -3,11 +3,9 @@ normalization batch, for maps and token sequences; and against the authors' laye
 their code is given (``POWERNORM_SOURCE=/path/to/fairseq/modules/norms/mask_powernorm.py``, from a
 checkout of github sIncerass/powernorm outside this repository)."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from authors_code import authors_module
 from reference_norms import ReferencePowerNorm
 from test_norms import assert_close, batches
 
@@ -82,14 +80,7 @@ def test_powernorm_by_name_with_options_and_a_bad_group_count_in_one_line():
 
 
 def authors_layer():
-    source = os.environ.get("POWERNORM_SOURCE")
-    if not source:
-        pytest.skip(
-            "the authors' layer is not given: POWERNORM_SOURCE=<checkout>/fairseq/modules/norms/mask_powernorm.py"
-        )
-    spec = importlib.util.spec_from_file_location("authors_mask_powernorm", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = authors_module("POWERNORM_SOURCE", "fairseq/modules/norms/mask_powernorm.py")
     if not hasattr(torch.autograd.function.FunctionCtx, "saved_variables"):  # removed from torch since their code
         torch.autograd.function.FunctionCtx.saved_variables = property(lambda ctx: ctx.saved_tensors)
     return module.MaskPowerNorm
