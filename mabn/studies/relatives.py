@@ -200,7 +200,7 @@ def vit_recipe(summary: dict) -> str:
     m, o = c["model"]["options"], c["optim"]
     return (
         f"ViT with {m['embed_dim']} channels, {m['depth']} blocks, {m['num_heads']} heads, {m['img_size']} px "
-        f"images in {m['patch_size']}-px patches; {c['optim'].get('name', 'sgd')} lr "
+        f"images in {m['patch_size']}-px patches; {o.get('name', 'sgd')} lr "
         f"{o['base_lr'] * c['per_device_batch'] / o['reference_batch']:g} at per-device batch {c['per_device_batch']}, "
         f"weight decay {o['weight_decay']}, {o['schedule']['name']} schedule, {c['epochs']} epoch(s); seeds per cell "
         "as the table's n."

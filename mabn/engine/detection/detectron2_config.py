@@ -10,12 +10,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# first: without detectron2 it raises the one-line error, before detectron2's own imports would fail
+from ...detection.detectron2_registration import DETECTRON2_NAMES
+
+# isort: split
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.solver import build_lr_scheduler
 
 from ...config import ConfigError
-from ...detection.detectron2_registration import DETECTRON2_NAMES
 from ..distributed import Distributed, barrier
 from .common import split_paths
 

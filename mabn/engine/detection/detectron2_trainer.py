@@ -44,6 +44,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# first: without detectron2 it raises the one-line error, before detectron2's own imports would fail
+from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
+
+# isort: split
 from detectron2.config import CfgNode
 from detectron2.data import (
     DatasetFromList,
@@ -65,7 +70,6 @@ from omegaconf.errors import OmegaConfBaseException
 from ...config import ConfigError, first_line, resolved
 from ...convert import centralize_weights
 from ...data.faults import SkipUnreadable
-from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
 from ...provenance import provenance
 from ...schedules import schedule_norms
 from ...wiring import wire_norms
