@@ -35,7 +35,13 @@ from mabn.models import build_classifier  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
 
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-SUITE_NORMS = {"mabn": mabn.MABN2d, "brn": mabn.BatchRenorm2d, "bn": mabn.BatchNorm2d, "syncbn": mabn.SyncBatchNorm}
+SUITE_NORMS = {
+    "mabn": mabn.MABN2d,
+    "brn": mabn.BatchRenorm2d,
+    "bn": mabn.BatchNorm2d,
+    "syncbn": mabn.SyncBatchNorm,
+    "powernorm": mabn.PowerNorm2d,
+}
 USERS_OF_GET_NORM = (
     "detectron2.layers",
     "detectron2.layers.blocks",
@@ -91,7 +97,7 @@ def test_norm_names_build_suite_layers_in_backbone_fpn_and_heads(norm, scenes, t
         == d2cfg.MODEL.FPN.NORM
         == d2cfg.MODEL.ROI_BOX_HEAD.NORM
         == d2cfg.MODEL.ROI_MASK_HEAD.NORM
-        == {"mabn": "MABN", "brn": "BRN", "bn": "BN_NB", "syncbn": "SyncBN_ANY"}[norm]
+        == {"mabn": "MABN", "brn": "BRN", "bn": "BN_NB", "syncbn": "SyncBN_ANY", "powernorm": "PowerNorm"}[norm]
     )
     counts = {name: sum(isinstance(m, kind) for m in modules) for name, modules in parts(model).items()}
     assert counts == {"body": 20, "fpn": 8, "box": 4, "mask": 4}  # R18: stem + 16 block convs + 3 shortcuts
