@@ -26,10 +26,8 @@ def main(cfg):
         return kept
     try:
         check_numbers(cfg)
-        if cfg.engine.name == "detectron2":
-            from mabn.engine.detection.detectron2_trainer import train
-        else:
-            from mabn.engine.detection.torchvision_engine import train
+        from mabn.engine.detection import train
+
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

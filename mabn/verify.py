@@ -40,10 +40,7 @@ def rerun(kept: dict, run_dir: Path) -> dict:
         from .engine.classification import train
     else:
         os.environ.setdefault("MABN_FUSED", "dynamic")  # the kernels train_coco.py runs
-        if cfg.engine.name == "detectron2":
-            from .engine.detection.detectron2_trainer import train
-        else:
-            from .engine.detection.torchvision_engine import train
+        from .engine.detection import train
     return train(cfg, run_dir)
 
 

@@ -13,17 +13,7 @@ import argparse
 from pathlib import Path
 
 from mabn.studies.relatives import KEPT_LABELS, write_report
-from mabn.studies.reporting import keep_runs, load_summaries
-
-
-def keep_summaries(runs: Path, kept: Path, labels=None) -> int:
-    """Keep the summaries of the finished runs under ``runs`` (those of ``labels`` only, if given) in
-    ``kept``/<run name>.json."""
-    found = {
-        Path(s["path"]).name: s for s in load_summaries(runs) if labels is None or s.get("label", s["norm"]) in labels
-    }
-    keep_runs(found, kept)
-    return len(found)
+from mabn.studies.reporting import keep_finished
 
 
 def main(argv=None) -> None:
@@ -32,14 +22,14 @@ def main(argv=None) -> None:
     parser.add_argument("--vit-runs", type=Path, help="the transformer study's runs folder to collect from first")
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
-    for runs, folder, labels in (
-        (args.runs, "fashion_relative_runs", KEPT_LABELS),
-        (args.vit_runs, "fashion_vit_runs", None),
+    relatives = lambda summary: summary.get("label", summary["norm"]) in KEPT_LABELS
+    for runs, folder, select in (
+        (args.runs, "fashion_relative_runs", relatives),
+        (args.vit_runs, "fashion_vit_runs", lambda summary: True),
     ):
         if runs:
-            print(
-                f"kept {keep_summaries(runs, args.results / folder, labels)} run summaries in {args.results / folder}"
-            )
+            kept = args.results / folder
+            print(f"kept {keep_finished(runs, kept, select)} run summaries in {kept}")
     write_report(args.results)
 
 

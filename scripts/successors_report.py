@@ -12,15 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mabn.studies.reporting import keep_runs, load_summaries
+from mabn.studies.reporting import keep_finished
 from mabn.studies.successors import SUCCESSORS, write_report
-
-
-def keep_summaries(runs: Path, kept: Path) -> int:
-    """Keep the summaries of the successors' runs under ``runs`` in ``kept``/<run name>.json."""
-    found = {Path(s["path"]).name: s for s in load_summaries(runs) if s["norm"] in SUCCESSORS}
-    keep_runs(found, kept)
-    return len(found)
 
 
 def main(argv=None) -> None:
@@ -30,7 +23,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     kept = args.results / "fashion_successor_runs"
     if args.runs:
-        print(f"kept {keep_summaries(args.runs, kept)} run summaries in {kept}")
+        print(f"kept {keep_finished(args.runs, kept, lambda s: s['norm'] in SUCCESSORS)} run summaries in {kept}")
     write_report(args.results)
 
 

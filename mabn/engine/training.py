@@ -64,9 +64,9 @@ def build_sgd(model: nn.Module, optim_cfg, images_per_step: int, gamma_lr_factor
     lr = optim_cfg.base_lr * images_per_step / optim_cfg.reference_batch
     parameters = model.parameters()
     if gamma_lr_factor != 1:
-        gammas = {id(gamma) for gamma in norm_gammas(unwrap(model))}
-        others = [p for p in model.parameters() if id(p) not in gammas]
-        parameters = [{"params": others}, {"params": norm_gammas(unwrap(model)), "lr": lr * gamma_lr_factor}]
+        gammas = norm_gammas(unwrap(model))
+        others = [p for p in model.parameters() if all(p is not gamma for gamma in gammas)]
+        parameters = [{"params": others}, {"params": gammas, "lr": lr * gamma_lr_factor}]
     if optim_cfg.get("name", "sgd") == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     return torch.optim.SGD(

@@ -41,6 +41,14 @@ def keep_runs(found: dict[str, dict], kept: Path) -> dict[str, dict]:
     return dict(sorted(runs.items()))
 
 
+def keep_finished(runs: Path, kept: Path, select=lambda summary: True) -> int:
+    """Keep the summaries of the finished runs under ``runs`` that ``select`` takes in
+    ``kept``/<run folder name>.json (``keep_runs``); returns how many."""
+    found = {Path(s["path"]).name: s for s in load_summaries(runs) if select(s)}
+    keep_runs(found, kept)
+    return len(found)
+
+
 def publish(text: str, out: Path | None) -> None:
     print(text)
     if out:
