@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The detection study (configs/experiment/scenes_study.yaml): Mask R-CNN from scratch at one
-# process x 2 images with BN, BRN, GN, MABN and the successors CBN, GN+WS and EvoNorm-S0, 5 seeds
-# each, paired by seed (seed k: the same initialization and data order for every norm); then the
-# 2 processes x 2 images pairs (SyncBN vs MABN, from scratch and fine-tuned), 3 seeds each.
+# process x 2 images with BN, BRN, GN, MABN, the successors CBN, GN+WS and EvoNorm-S0 and the
+# relative PowerNorm, 5 seeds each, paired by seed (seed k: the same initialization and data
+# order for every norm); then the 2 processes x 2 images pairs (SyncBN vs MABN, from scratch and fine-tuned), 3 seeds each.
 # Seed by seed, so every finished seed completes the pairs; on this machine two one-thread runs
 # at a time from one queue across seeds (7 norms per seed would leave a core idle at the end of
 # every seed in a per-seed multirun). Every step resumes a run cut short and skips a finished one,
@@ -22,7 +22,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/scenes_study}
 KEPT=${KEPT:-results/scenes_study_runs}
 PRETRAINED=runs/scenes_pretrain/fashion_mnist-resnet18
-NORMS=(bn brn gn mabn cbn gn_ws evonorm_s0)
+NORMS=(bn brn gn mabn cbn gn_ws evonorm_s0 powernorm)
 kept() { [ -f "$KEPT/$1.json" ]; }
 report() {  # one report at a time (two runs may finish together)
     mkdir -p "$OUT" && flock "$OUT/.report.lock" "$PYTHON" scripts/scenes_report.py > /dev/null \

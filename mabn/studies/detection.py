@@ -28,6 +28,7 @@ ORDER = [
     ("scratch", "cbn", 1),
     ("scratch", "gn_ws", 1),
     ("scratch", "evonorm_s0", 1),
+    ("scratch", "powernorm", 1),
     ("scratch", "mabn", 2),
     ("scratch", "syncbn", 2),
     ("finetune", "mabn", 2),
@@ -91,6 +92,20 @@ CLAIMS = [  # text, (start, norm, processes) that should score higher or equal, 
         ("scratch", "evonorm_s0", 1),
         ("scratch", "gn", 1),
         "positive",
+    ),
+    # MABN's relative (docs/papers.md): its paper is about transformers and has no detection figures
+    (
+        "PowerNorm is better than BN at 2 images per process (Shen et al.: its running quadratic mean "
+        "and approximate backward fix BN's batch-statistics failure; no detection figures)",
+        ("scratch", "powernorm", 1),
+        ("scratch", "bn", 1),
+        "positive",
+    ),
+    (
+        "PowerNorm is within noise of MABN from scratch (no paper compares them)",
+        ("scratch", "powernorm", 1),
+        ("scratch", "mabn", 1),
+        "zero",
     ),
 ]
 
