@@ -6,7 +6,7 @@ point checks its config and fails on bad input before torch, timm and the layers
 import importlib
 
 _HOMES = {
-    ".convert": ("centralize_weights", "convert_model", "fold_norms"),
+    ".convert": ("convert_model", "fold_norms"),
     ".norms": (
         "BatchNorm2d",
         "BatchRenorm2d",
@@ -22,7 +22,7 @@ _HOMES = {
         "TokenNorm",
     ),
     ".registry": ("NORMS", "build_norm", "norm_layer", "register_norm"),
-    ".wiring": ("wire_norms",),
+    ".wiring": ("centralize_weights", "wire_norms"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = list(_HOME)

@@ -1,5 +1,5 @@
-"""Model surgery: swap BatchNorm2d layers for any norm, centralize the weights of the convs
-that feed MABN, and fold norms into convs for inference.
+"""Model surgery: swap BatchNorm2d layers for any norm (then wire them, ``mabn.wiring``), and
+fold norms into convs for inference.
 
 "The conv that feeds a norm" is ``mabn.wiring.conv_norm_pairs``'s.
 """
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import norms
-from .norms.group_norm import load_plain_weight
+from .centralization import Centralize
 from .registry import build_norm
 from .wiring import BATCH_STAT_NORMS, conv_norm_pairs, wire_norms
 
@@ -22,9 +22,8 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
     """Replace every trainable ``nn.BatchNorm2d`` (incl. SyncBatchNorm) of ``model`` by
     ``norm`` built with ``options``, sharing the affine parameters (and, where the new layer
     has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
-    Then ``wire_norms`` (CBN and GN+WS get their convs, EvoNorm and FRN the ReLU after them)
-    and, unless ``centralize`` is False, centralize the weights of the convs feeding each layer
-    that asks for it (``centralize_conv``: MABN). Returns the new root module."""
+    Then ``wire_norms`` (CBN and GN+WS get their convs, EvoNorm and FRN the ReLU after them,
+    MABN centralized convs unless ``centralize`` is False). Returns the new root module."""
 
     def swap(module):
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.affine:
@@ -39,44 +38,7 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
             module.add_module(name, swap(child))
         return module
 
-    model = wire_norms(swap(model))
-    if centralize is not False:
-        centralize_weights(model)
-    return model
-
-
-def centered(weight: torch.Tensor) -> torch.Tensor:
-    """W - mean(W) over all dimensions but the first (per output channel)."""
-    return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
-
-
-class _Centered(torch.autograd.Function):
-    """``centered`` as an autograd function. The map is a linear symmetric projection, so its
-    gradient is the same projection of the incoming one, computed by plain (twice
-    differentiable) ops: two passes over the weight each way, where autograd's chain (neg,
-    expand, div, add) makes four in the backward. No custom forward-mode rule: torch.compile
-    cannot trace one (torch 2.14)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(weight):
-        return centered(weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass  # linear: nothing to save
-
-    @staticmethod
-    def backward(ctx, grad):
-        return centered(grad)
-
-
-class Centralize(nn.Module):
-    """Weight centralization: W - mean(W) over (in_channels, kh, kw), per output channel."""
-
-    def forward(self, weight):
-        return _Centered.apply(weight)
+    return wire_norms(swap(model), centralize=centralize is not False)
 
 
 def plain_state_dict(state: dict) -> dict:
@@ -94,25 +56,6 @@ def plain_state_dict(state: dict) -> dict:
             name, value = name.removesuffix(".parametrizations.weight.original") + ".weight", Centralize()(value)
         plain[name] = value
     return plain
-
-
-def centralize_weights(model: nn.Module) -> nn.Module:
-    """Centralize (as a parametrization, so gradients flow through it) the weight of every
-    conv feeding a layer whose class asks for it (``centralize_conv = True``: MABN, which subtracts
-    no mean). Idempotent. State dicts of the plain model still load."""
-    for _, conv, _, norm in conv_norm_pairs(model):
-        if not getattr(norm, "centralize_conv", False) or is_centralized(conv):
-            continue
-        parametrize.register_parametrization(conv, "weight", Centralize())
-        conv.register_load_state_dict_pre_hook(load_plain_weight)
-    return model
-
-
-def is_centralized(conv: nn.Module) -> bool:
-    """Whether ``conv.weight`` is centralized by ``centralize_weights``."""
-    return parametrize.is_parametrized(conv, "weight") and any(
-        isinstance(p, Centralize) for p in conv.parametrizations.weight
-    )
 
 
 def inference_affine(norm: nn.Module):

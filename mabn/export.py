@@ -124,11 +124,9 @@ def build_model(model_name: str, norm: str, num_classes: int = 1000, **options) 
     """A classifier of the suite (timm name or small_resnet) with ``norm``, wired, its convs centralized
     where the norm asks for it (MABN)."""
     from . import registry
-    from .convert import centralize_weights
     from .models import build_classifier
 
-    model = wire_norms(build_classifier(model_name, num_classes, 3, registry.norm_layer(norm, **options)))
-    return centralize_weights(model)
+    return wire_norms(build_classifier(model_name, num_classes, 3, registry.norm_layer(norm, **options)))
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@
   many output channels as the norm has channels, and no other norm in between. This holds for
   timm, torchvision and detectron2 ResNets, FPNs and ROI heads (conv, then its norm, or a conv
   owning ``.norm``).
+- Its conv's weight centralized: MABN subtracts no mean, so the conv feeding it trains with
+  W - mean(W) per output channel (``centralize_weights``, ``mabn.centralization``).
 - The ReLU after it: a norm + activation layer (EvoNorm, FRN + TLU) replaces a norm and the
   ReLU that follows it. Where a ReLU follows the norm directly, the block stops applying it;
   everywhere else (before a residual add, whose ReLU stays, in FPNs, in shortcuts) the layer's
@@ -13,6 +15,10 @@
   torchvision's ResNets, ``nn.Sequential`` conv-norm-ReLU runs; detectron2's blocks are added
   by ``mabn.detection.detectron2_registration``); a norm + activation layer in a module of
   another type keeps its activation, with a warning.
+
+A norm that needs any of these (``mabn.norms.wired.NeedsWiring``) refuses to train until
+``wire_norms`` has run: a model built with ``norm_layer=`` (timm, torchvision, detectron2's
+``build_model``) and trained unwired would otherwise be a different model than the paper's.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from collections.abc import Callable
 import timm.models.resnet as timm_resnet
 import torchvision.models.resnet as tv_resnet
 from torch import nn
+from torch.nn.utils import parametrize
 from torchvision.models._utils import IntermediateLayerGetter
 
 from . import norms
+from .centralization import Centralize, is_centralized
+from .norms.group_norm import load_plain_weight
 from .norms.norm_act import NORM_ACT_LAYERS, drop_activation
+from .norms.wired import NeedsWiring
 
 BATCH_STAT_NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -65,6 +75,21 @@ def bind_convs(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, norms.CrossIterationBatchNorm2d) and module._conv is None:
             raise ValueError(f"cbn at {name} is not fed by a conv of its width: use another norm there")
+    return model
+
+
+def centralize_weights(model: nn.Module) -> nn.Module:
+    """Centralize (as a parametrization, so gradients flow through it) the weight of every
+    conv feeding a layer whose class asks for it (``centralize_conv = True``: MABN, which subtracts
+    no mean). Idempotent. State dicts of the plain model still load."""
+    for _, conv, _, norm in conv_norm_pairs(model):
+        if not getattr(norm, "centralize_conv", False) or is_centralized(conv):
+            continue
+        parametrize.register_parametrization(conv, "weight", Centralize())
+        conv.register_load_state_dict_pre_hook(load_plain_weight)
+    for module in model.modules():
+        if getattr(module, "centralize_conv", False):
+            module.wired = True  # a layer no conv feeds (over tokens) needs nothing more
     return model
 
 
@@ -177,7 +202,17 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def wire_norms(model: nn.Module) -> nn.Module:
-    """``bind_convs`` then ``fuse_activations``: call once a model is built with any norm
-    (``convert_model`` and the suite's entry points do). Returns the model."""
-    return fuse_activations(bind_convs(model))
+def wire_norms(model: nn.Module, centralize: bool = True) -> nn.Module:
+    """Give every norm what it needs of the model around it: ``bind_convs``, then
+    ``centralize_weights`` (``centralize=False``: the ablation that trains MABN without it),
+    then ``fuse_activations``; every layer that needs wiring is then marked ``wired`` (until then
+    it refuses to train). Call once a model is built with any norm (``convert_model`` and the
+    suite's entry points do); idempotent. Returns the model."""
+    bind_convs(model)
+    if centralize:
+        centralize_weights(model)
+    fuse_activations(model)
+    for module in model.modules():
+        if isinstance(module, NeedsWiring):
+            module.wired = True
+    return model

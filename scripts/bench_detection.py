@@ -44,7 +44,6 @@ os.environ.setdefault("MABN_FUSED", "dynamic")  # as train_coco.py
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mabn.config import register_resolvers  # noqa: E402
-from mabn.convert import centralize_weights, conv_norm_pairs  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
@@ -52,7 +51,7 @@ from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
 from mabn.provenance import machine  # noqa: E402
 from mabn.studies.reporting import publish  # noqa: E402
-from mabn.wiring import wire_norms  # noqa: E402
+from mabn.wiring import conv_norm_pairs, wire_norms  # noqa: E402
 
 VARIANTS = {"bn-again": ("bn", []), "bn-wcopy": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
 
@@ -130,9 +129,7 @@ class TorchvisionCase:
             cfg.detector.fc_channels,
             **torchvision_options(cfg.detector),
         )
-        wire_norms(self.model)  # as mabn.engine.training.prepare_model: CBN reads its conv's weight
-        if cfg.norm.get("centralize_weights", True):
-            centralize_weights(self.model)
+        wire_norms(self.model, centralize=cfg.norm.get("centralize_weights", True))  # as the engines
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)

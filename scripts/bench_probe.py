@@ -32,7 +32,7 @@ def setup(mode: str):
     torch.manual_seed(0)
     norm = mabn.norm_layer("mabn", normalization_batch=2, sma_window=16)
     model = build_classifier("small_resnet", 10, 1, norm, widths=(16, 32, 64, 128), stem_stride=2)
-    mabn.centralize_weights(model)
+    mabn.wire_norms(model)
     probe = None
     if mode == "off":
         probe = BatchStatisticsProbe(model, every=125)  # built, never attached

@@ -78,7 +78,7 @@ def main(argv=None):
     for label, norm, options in NORMS:
         layer = mabn.norm_layer(norm, **options) if norm else (lambda channels, **_: nn.Identity())
         model = build_classifier("small_resnet", 10, 1, layer, widths=widths, stem_stride=args.stem_stride)
-        mabn.centralize_weights(model)  # where the norm asks for it (MABN)
+        mabn.wire_norms(model)
         runs[label] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     times = {label: [] for label in runs}
     for round_ in range(args.rounds + 1):

@@ -22,6 +22,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def standalone_layers(monkeypatch):
+    """Layers trained on their own, outside any model: nothing around them to wire
+    (mabn.norms.wired), so they train as wired ones."""
+    from mabn.norms.wired import NeedsWiring
+
+    monkeypatch.setattr(NeedsWiring, "wired", True)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

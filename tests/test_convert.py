@@ -10,8 +10,10 @@ import torchvision
 from torch import nn
 
 import mabn
-from mabn.convert import conv_norm_pairs, fold_norms, is_centralized
+from mabn.centralization import is_centralized
+from mabn.convert import fold_norms
 from mabn.registry import NORMS
+from mabn.wiring import conv_norm_pairs
 
 OPTIONS = {
     "bn": {"normalization_batch": 2},
@@ -73,7 +75,7 @@ def test_register_norm_makes_a_name_available_everywhere():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_norm_layer_builds_every_norm_of_the_family(family, name):
-    model = FAMILIES[family](norm_layer=mabn.norm_layer(name, **OPTIONS[name]))
+    model = mabn.wire_norms(FAMILIES[family](norm_layer=mabn.norm_layer(name, **OPTIONS[name])))
     expected = type(mabn.build_norm(name, 64, **OPTIONS[name]))
     found = norm_modules(model)
     assert len(found) == 20 and all(type(m) is expected for m in found)

@@ -21,18 +21,23 @@ import detectron2.layers.batch_norm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 from hydra_configs import ROOT, compose_config  # noqa: E402
 from run_files import read_metrics, read_summary  # noqa: E402
 from torchrun import torchrun  # noqa: E402
 
 import mabn  # noqa: E402
-from mabn.convert import centralize_weights, conv_norm_pairs, is_centralized  # noqa: E402
+from mabn.centralization import is_centralized  # noqa: E402
 from mabn.detection import detectron2_registration as registration  # noqa: E402
 from mabn.engine.detection.detectron2_config import build_detectron2_cfg  # noqa: E402
 from mabn.engine.detection.detectron2_trainer import RunHook, Trainer, build_detectron2_model, train  # noqa: E402
 from mabn.engine.detection.detectron2_weights import load_backbone_weights  # noqa: E402
 from mabn.models import build_classifier  # noqa: E402
+from mabn.norms.wired import NeedsWiring  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
+from mabn.wiring import centralize_weights, conv_norm_pairs  # noqa: E402
+
+WIRED_SUITE_NAMES = {name for name in mabn.NORMS if isinstance(mabn.build_norm(name, 64), NeedsWiring)}
 
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 SUITE_NORMS = {
@@ -356,3 +361,26 @@ def test_paper_r50_fpn_has_the_norm_in_69_places(scenes, tmp_path):
     )
     assert model.roi_heads.box_head.fc1.out_features == 1024 and not d2cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert model.backbone.bottom_up.res3[0].conv2.stride == (2, 2)  # torchvision's v1.5 stride placement
+
+
+WIRED_NAMES = sorted(d2 for d2, name in registration.DETECTRON2_NAMES.items() if name in WIRED_SUITE_NAMES)
+
+
+def test_the_detectron2_names_that_need_wiring():
+    assert WIRED_NAMES == ["CBN", "EvoNormB0", "EvoNormS0", "FRN", "GN_WS", "MABN"]
+
+
+@pytest.mark.parametrize("name", WIRED_NAMES)
+def test_build_model_unwired_refuses_its_first_training_step(name, scenes, tmp_path):
+    """As a detectron2 user: the norm string in the config, detectron2's build_model, training."""
+    cfg = compose_config("train_coco", [*scenes, "norm=bn"])
+    d2cfg = build_detectron2_cfg(cfg, tmp_path)
+    for node in (d2cfg.MODEL.RESNETS, d2cfg.MODEL.FPN, d2cfg.MODEL.ROI_BOX_HEAD, d2cfg.MODEL.ROI_MASK_HEAD):
+        node.NORM = name
+    registration.register_detectron2_norms()
+    model = build_model(d2cfg).train()
+    images = torch.randn(1, 3, 64, 64)
+    with pytest.raises(RuntimeError, match=r"is not wired \(.+\): call mabn\.wire_norms\(model\)") as error:
+        model.backbone(images)
+    assert "\n" not in str(error.value)
+    mabn.wire_norms(model).backbone(images)

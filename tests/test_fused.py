@@ -11,6 +11,8 @@ from torch._dynamo.utils import counters
 import mabn
 from mabn import fused
 
+pytestmark = pytest.mark.usefixtures("standalone_layers")  # each layer on its own, outside a model
+
 CASES = [
     ("bn", {"normalization_batch": 2}),
     ("bn", {"normalization_batch": 4, "momentum": 0.3}),

@@ -12,6 +12,8 @@ import mabn
 from mabn.benchmark import saved_bytes
 from mabn.norms import BatchNorm2d, BatchRenorm2d, MABN2d
 
+pytestmark = pytest.mark.usefixtures("standalone_layers")  # each layer on its own, outside a model
+
 ALL_NORMS = {
     "bn": {"normalization_batch": 2},
     "syncbn": {},

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import mabn
 from mabn import BatchNorm2d, BatchRenorm2d, MABN2d
 from mabn.probes import BatchStatisticsProbe, group_statistics
 
@@ -83,7 +84,7 @@ def test_mabn_smoothed_and_brn_schedule_values_are_the_layers_own():
         lambda c: MABN2d(c, normalization_batch=2, sma_window=4, warmup_iters=0),
         lambda c: BatchRenorm2d(c, normalization_batch=2, warmup_iters=1, r_max_iters=4, d_max_iters=4),
     ):
-        model = net(norm)
+        model = mabn.wire_norms(net(norm))
         probe = BatchStatisticsProbe(model, layers=1, channels=2, every=1, batches=(2,)).attach()
         layer = probe.layers[0][1]
         for step in range(1, 4):

@@ -16,10 +16,11 @@ from torchrun import torchrun
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
-from mabn.convert import conv_norm_pairs, is_centralized
+from mabn.centralization import is_centralized
 from mabn.engine.detection import torchvision_engine
 from mabn.engine.detection.torchvision_engine import DetectionRun, train
 from mabn.studies.eval_statistics import detection_backbone_input, load_detection_checkpoint
+from mabn.wiring import conv_norm_pairs
 
 COCO_EXPERIMENTS = sorted(set(experiments_of("train_coco")) - set(experiments_of("train_imagenet")))
 AP_KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")

@@ -8,6 +8,7 @@ from run_files import read_summary
 from torch import nn
 
 import mabn
+import mabn.centralization
 from mabn.engine.classification import train
 from mabn.models import vit_tiny
 from mabn.norms import TokenNorm
@@ -21,7 +22,7 @@ def token_norms(model):
 
 @pytest.mark.parametrize("name", ["ln", "bn", "powernorm", "mabn", "gn"])
 def test_every_layernorm_of_every_block_is_replaced(name):
-    model = vit_tiny(10, 1, mabn.norm_layer(name), **SMALL)
+    model = mabn.wire_norms(vit_tiny(10, 1, mabn.norm_layer(name), **SMALL))
     norms = token_norms(model)
     assert len(norms) == 2 * SMALL["depth"] + 1  # norm1 and norm2 of each block, the final norm
     for block in model.blocks:
@@ -52,7 +53,7 @@ def reference_bn(x):
 
 def test_the_patch_embedding_is_not_taken_for_the_conv_that_feeds_mabn():
     model = mabn.centralize_weights(vit_tiny(10, 1, mabn.norm_layer("mabn"), **SMALL))
-    assert not mabn.convert.is_centralized(model.patch_embed.proj)
+    assert not mabn.centralization.is_centralized(model.patch_embed.proj)
 
 
 @pytest.mark.parametrize("norm", ["ln", "bn", "powernorm", "mabn"])

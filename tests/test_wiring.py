@@ -11,7 +11,10 @@ from timm.layers import EvoNorm2dS0
 from torch import nn
 
 import mabn
+from mabn.centralization import is_centralized
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn
+from mabn.norms.wired import NeedsWiring
+from mabn.wiring import conv_norm_pairs
 
 NORM_ACT = {"evonorm_b0": {}, "evonorm_s0": {"groups": 4}, "frn": {}}
 SUCCESSORS = {"cbn": {"burnin": 1}, "gn_ws": {"num_groups": 4}, **NORM_ACT}
@@ -144,6 +147,7 @@ def test_gn_ws_standardizes_the_convs_that_feed_it():
     torch.testing.assert_close(weight, plain["layer1.0.conv1.weight"])
 
 
+@pytest.mark.usefixtures("standalone_layers")
 def test_evonorm_b0_normalization_batch_is_timm_layer_per_group_in_turn():
     layer = mabn.build_norm("evonorm_b0", 4, normalization_batch=2)
     reference = timm.layers.EvoNorm2dB0(4)
@@ -176,3 +180,25 @@ def test_every_successor_trains_a_converted_resnet(name):
     assert torch.isfinite(loss)
     model.eval()
     assert torch.isfinite(model(x)).all()
+
+
+NEEDS_WIRING = sorted(name for name in mabn.NORMS if isinstance(mabn.build_norm(name, 64), NeedsWiring))
+
+
+def test_the_norms_that_need_wiring_say_so():
+    assert NEEDS_WIRING == ["cbn", "evonorm_b0", "evonorm_s0", "frn", "gn_ws", "mabn"]
+
+
+@pytest.mark.parametrize("name", NEEDS_WIRING)
+def test_an_unwired_model_refuses_its_first_training_step_in_one_line(name):
+    model = torchvision.models.resnet18(num_classes=4, norm_layer=mabn.norm_layer(name))
+    with pytest.raises(RuntimeError, match=r"is not wired \(.+\): call mabn\.wire_norms\(model\)") as error:
+        model(torch.randn(2, 3, 32, 32))
+    assert "\n" not in str(error.value)
+    mabn.wire_norms(model)(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_mabn_trains_uncentralized_when_asked_explicitly():
+    model = torchvision.models.resnet18(num_classes=4, norm_layer=mabn.norm_layer("mabn"))
+    mabn.wire_norms(model, centralize=False)(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert not any(is_centralized(conv) for _, conv, _, _ in conv_norm_pairs(model))

@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import registry
-from ..convert import centralize_weights
 from ..probes import norm_layers
 from ..wiring import wire_norms
 from .distributed import Distributed, all_reduce_max
@@ -35,9 +34,7 @@ def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: b
 
     DDP does not broadcast buffers: every process keeps its own normalization statistics
     (the paper's per-GPU statistics); syncbn synchronizes them itself."""
-    wire_norms(model)
-    if norm_cfg.get("centralize_weights", True):  # false: the ablation without it
-        centralize_weights(model)
+    wire_norms(model, centralize=norm_cfg.get("centralize_weights", True))  # false: the ablation without it
     model.to(env.device)
     if channels_last and env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

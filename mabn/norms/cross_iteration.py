@@ -9,6 +9,7 @@ from torch.nn.grad import conv2d_weight
 
 from .batch_norm import _GroupedBatchStats
 from .kernels import gradient_sums, normalize, num_groups, per_sample
+from .wired import NeedsWiring
 
 
 class _CompensatedNormFunction(torch.autograd.Function):
@@ -44,7 +45,7 @@ class _CompensatedNormFunction(torch.autograd.Function):
         return dx.to(dy.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0), *[None] * 7
 
 
-class CrossIterationBatchNorm2d(_GroupedBatchStats):
+class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
     """Cross-Iteration BN (CBN), the authors' ``CBatchNorm2d`` (``two_stage=True``,
     ``out_p=False``), with a normalization batch.
 
@@ -75,6 +76,8 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
     """
 
     schedule_options = ("burnin",)
+
+    wiring = "the conv feeding it read at each step"
 
     def __init__(
         self,
@@ -152,6 +155,7 @@ class CrossIterationBatchNorm2d(_GroupedBatchStats):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x):
+        self.check_wired()
         captured, self._captured = self._captured, None
         if not self.training:
             return self._eval_forward(x)

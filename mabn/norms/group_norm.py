@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .wired import NeedsWiring
+
 
 def groups_for(channels: int, groups: int) -> int:
     """The group count a layer of ``channels`` takes for a setting of ``groups``: the largest divisor of
@@ -51,14 +53,20 @@ class StandardizeWeight(nn.Module):
         return ((flat - mean) * torch.rsqrt(var + self.eps)).view_as(weight)
 
 
-class GroupNormWS(GroupNorm):
+class GroupNormWS(NeedsWiring, GroupNorm):
     """GroupNorm whose feeding conv is weight-standardized (GN+WS): ``bind_conv`` (called by
     ``mabn.wire_norms``) registers ``StandardizeWeight`` as a parametrization of that conv, so
     gradients flow through the standardization and plain conv checkpoints still load."""
 
+    wiring = "the conv feeding it standardized"
+
     def __init__(self, num_channels, num_groups=32, eps=1e-5, ws_eps=1e-6, affine=True, device=None, dtype=None):
         super().__init__(num_channels, num_groups, eps, affine, device, dtype)
         self.ws_eps = ws_eps
+
+    def forward(self, x):
+        self.check_wired()
+        return super().forward(x)
 
     def bind_conv(self, conv: nn.Conv2d) -> None:
         """Standardize ``conv``'s weight (idempotent)."""

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import fused
 from .kernels import accumulation_dtype, gradient_sums, group_view, normalize, num_groups, per_sample
+from .wired import NeedsWiring
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -57,7 +58,7 @@ def window_average(history: torch.Tensor, current: torch.Tensor):
     return averages, sequence[-window:]
 
 
-class MABN2d(nn.Module):
+class MABN2d(NeedsWiring, nn.Module):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020), docs/method.md.
 
     Per channel, with chi2 the second moment mean(x^2) of a normalization batch and psi the
@@ -90,14 +91,15 @@ class MABN2d(nn.Module):
     Ablations: ``forward_stat`` "sma" (default), "batch" (current group only) or "ema"
     (normalize by the EMA after warm-up, r = 1); ``backward_stat`` "sma" (default) or
     "batch"; ``renorm=False`` holds r at 1. Weight centralization is a property of the conv,
-    see ``mabn.convert.centralize_weights``.
+    see ``mabn.wire_norms``.
 
     Training uses no host synchronization (no ``.item()``, no branch on tensor values).
     Gradient checkpointing would advance the windows twice per step: not supported.
     """
 
     schedule_options = ("warmup_iters", "renorm_warmup_iters")
-    centralize_conv = True  # no mean is subtracted: the conv that feeds it is centralized (mabn.centralize_weights)
+    centralize_conv = True  # no mean is subtracted: the conv that feeds it is centralized (mabn.wire_norms)
+    wiring = "the conv feeding it centralized"
 
     def __init__(
         self,
@@ -165,6 +167,7 @@ class MABN2d(nn.Module):
         return self.weight * torch.rsqrt(self.ema_chi2 + self.eps)
 
     def forward(self, x):
+        self.check_wired()
         if not self.training:
             zero = torch.zeros_like(self.ema_chi2)
             return F.batch_norm(x, zero, self.ema_chi2, self.weight, self.bias, False, 0.0, self.eps)

@@ -16,14 +16,18 @@ from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 
 from .group_norm import groups_for
 from .kernels import num_groups
+from .wired import NeedsWiring
 
 NORM_ACT_LAYERS = (EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d)
+TAKES_ACTIVATION = "the ReLU after it taken over, or its activation off"
 
 
-class EvoNormB0(EvoNorm2dB0):
+class EvoNormB0(NeedsWiring, EvoNorm2dB0):
     """timm's EvoNorm-B0 with a normalization batch: each group of ``normalization_batch``
     consecutive samples gets its own batch variance, and the running variance is updated once
     per group, in order (as ``mabn.BatchNorm2d``)."""
+
+    wiring = TAKES_ACTIVATION
 
     def __init__(
         self, num_features, normalization_batch=None, apply_act=True, momentum=0.1, eps=1e-3, device=None, dtype=None
@@ -32,25 +36,46 @@ class EvoNormB0(EvoNorm2dB0):
         self.normalization_batch = normalization_batch
 
     def forward(self, x):
+        self.check_wired()
         groups = num_groups(x.shape[0], self.normalization_batch) if self.training else 1
         if groups == 1:
             return super().forward(x)
         return torch.cat([super(EvoNormB0, self).forward(part) for part in x.chunk(groups)])
 
 
+class EvoNormS0(NeedsWiring, EvoNorm2dS0):
+    """timm's EvoNorm-S0 (group statistics, no batch dependence)."""
+
+    wiring = TAKES_ACTIVATION
+
+    def forward(self, x):
+        self.check_wired()
+        return super().forward(x)
+
+
+class FilterResponseNormTlu(NeedsWiring, FilterResponseNormTlu2d):
+    """timm's Filter Response Normalization with TLU."""
+
+    wiring = TAKES_ACTIVATION
+
+    def forward(self, x):
+        self.check_wired()
+        return super().forward(x)
+
+
 def evonorm_s0(num_features, groups=32, group_size=None, apply_act=True, eps=1e-5, device=None, dtype=None):
-    """timm's EvoNorm-S0 (group statistics, no batch dependence), with fewer groups where ``groups``
-    does not divide the channels (``mabn.norms.group_norm.groups_for``, as GN)."""
+    """EvoNorm-S0, with fewer groups where ``groups`` does not divide the channels
+    (``mabn.norms.group_norm.groups_for``, as GN)."""
     if group_size is None:
         groups = groups_for(num_features, groups)
-    return EvoNorm2dS0(
+    return EvoNormS0(
         num_features, groups=groups, group_size=group_size, apply_act=apply_act, eps=eps, device=device, dtype=dtype
     )
 
 
 def frn(num_features, apply_act=True, eps=1e-5, device=None, dtype=None):
-    """timm's Filter Response Normalization with TLU (``rms=True``: the paper's nu^2 = mean x^2)."""
-    return FilterResponseNormTlu2d(num_features, apply_act=apply_act, eps=eps, device=device, dtype=dtype)
+    """FRN + TLU (``rms=True``: the paper's nu^2 = mean x^2)."""
+    return FilterResponseNormTlu(num_features, apply_act=apply_act, eps=eps, device=device, dtype=dtype)
 
 
 def drop_activation(layer) -> None:

@@ -68,7 +68,6 @@ from detectron2.utils.env import seed_all_rng
 from omegaconf.errors import OmegaConfBaseException
 
 from ...config import ConfigError, first_line, resolved
-from ...convert import centralize_weights
 from ...data.faults import SkipUnreadable
 from ...provenance import provenance
 from ...schedules import schedule_norms
@@ -96,9 +95,7 @@ def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
         model = build_model(d2cfg)
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
-    wire_norms(model)
-    if cfg.norm.get("centralize_weights", True):  # false: the ablation without it
-        centralize_weights(model)
+    wire_norms(model, centralize=cfg.norm.get("centralize_weights", True))  # false: the ablation without it
     check_norms_kept(model, made, d2cfg.MODEL.RESNETS.NORM)
     return model
 
