@@ -21,7 +21,9 @@ SHARED_STATE = ("running_mean", "running_var", "num_batches_tracked")
 def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, **options) -> nn.Module:
     """Replace every trainable ``nn.BatchNorm2d`` (incl. SyncBatchNorm) of ``model`` by
     ``norm`` built with ``options``, sharing the affine parameters (and, where the new layer
-    has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    has them, the running statistics), like ``nn.SyncBatchNorm.convert_sync_batchnorm``. A norm +
+    activation layer of timm (``BatchNormAct2d``: EfficientNet, ...) becomes
+    ``nn.Sequential(new norm, its dropout, its activation)``, so the activation stays.
     Then ``wire_norms`` (CBN and GN+WS get their convs, EvoNorm and FRN the ReLU after them,
     MABN centralized convs unless ``centralize`` is False). Returns the new root module."""
 
@@ -33,7 +35,10 @@ def convert_model(model: nn.Module, norm: str, centralize: bool | None = None, *
             for name in SHARED_STATE:
                 if hasattr(new, name) and getattr(module, name, None) is not None:
                     setattr(new, name, getattr(module, name))
-            return new
+            if not hasattr(module, "act"):
+                return new
+            after = [getattr(module, name, nn.Identity()) for name in ("drop", "act")]  # timm's BatchNormAct2d
+            return nn.Sequential(new, *[m for m in after if not isinstance(m, nn.Identity)])
         for name, child in module.named_children():
             module.add_module(name, swap(child))
         return module

@@ -187,15 +187,45 @@ def test_folding_leaves_group_norm_alone():
     assert len(norm_modules(folded)) == 20
 
 
-@pytest.mark.parametrize("norm", sorted(set(mabn.NORMS) - {"syncbn", "mimicnorm"}))
-def test_a_float64_model_converted_trains_and_evaluates_in_float64(norm):
-    """Norm buffers follow the model's dtype (a float64 model converted to mabn used to fail in eval)."""
-    model = mabn.convert_model(torchvision.models.resnet18(num_classes=4).double(), norm)
+MOBILE_NETS = {  # models nobody here wrote: grouped and depthwise convs, widths 32 does not divide
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=4),
+    "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=4),
+    "efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=4),  # timm's BatchNormAct2d
+}
+FOLDABLE = {"bn", "brn", "cbn", "mabn"}  # and powernorm without group scaling (scaling_groups=None), not its default
+
+
+@pytest.mark.parametrize("net", sorted(MOBILE_NETS))
+def test_converting_a_mobile_net_to_bn_keeps_its_outputs(net):
+    """The converted model is the same network (every activation, dropout and shortcut kept)."""
+    original = MOBILE_NETS[net]().double()
+    eps = {m.eps for m in original.modules() if isinstance(m, nn.BatchNorm2d)}.pop()  # 1e-3 in torchvision's
+    converted = mabn.convert_model(copy.deepcopy(original), "bn", eps=eps)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    outputs = []
+    for model in (converted, original):
+        torch.manual_seed(1)  # the same dropout masks
+        outputs.append(model(x))
+    torch.testing.assert_close(*outputs)
+
+
+@pytest.mark.parametrize("net", sorted(MOBILE_NETS))
+@pytest.mark.parametrize("name", sorted(set(mabn.NORMS) - {"syncbn"}))
+def test_every_norm_converts_a_mobile_net_trains_evaluates_and_folds(net, name):
+    """In float64: buffers follow the model's dtype (a float64 model converted to mabn used to fail
+    in eval); CBN takes grouped and depthwise convs; the group norms pick a group count per layer."""
+    options = {**OPTIONS.get(name, {}), **({"burnin": 1} if name == "cbn" else {})}
+    model = mabn.convert_model(MOBILE_NETS[net]().double(), name, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    for _ in range(2):
+    for _ in range(3):
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
     assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
-    assert model.eval()(x).dtype == torch.float64
+    expected = model.eval()(x)
+    assert expected.dtype == torch.float64 and expected.isfinite().all()
+    if name in FOLDABLE:
+        folded = fold_norms(copy.deepcopy(model))
+        assert not any(type(m) is type(mabn.build_norm(name, 8)) for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, atol=1e-9, rtol=1e-9)

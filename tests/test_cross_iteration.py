@@ -55,26 +55,41 @@ class ReferenceCBN:
         return torch.cat(results)
 
 
-def conv_and_cbn(kernel_size=3, **options):
-    """A conv (3x3 by default; 1x1 takes the second-moment path of convs that widen) and its CBN."""
-    conv = nn.Conv2d(3, 4, kernel_size, stride=2, padding=kernel_size // 2, bias=True).double()
+def conv_and_cbn(kernel_size=3, in_channels=3, groups=1, **options):
+    """A conv (3x3 by default; 1x1 takes the second-moment path of convs that widen; grouped or
+    depthwise with ``groups``) and its CBN."""
+    conv = nn.Conv2d(in_channels, 4, kernel_size, stride=2, padding=kernel_size // 2, groups=groups).double()
     norm = mabn.CrossIterationBatchNorm2d(4, **options).double()
     model = mabn.wire_norms(nn.Sequential(conv, norm))
     return model
 
 
 @pytest.mark.parametrize(
-    "group_size,buffer_num,burnin,kernel_size",
-    [(8, 3, 2, 3), (2, 3, 1, 3), (2, 5, 0, 3), (4, 0, 1, 3), (8, 3, 2, 1), (2, 3, 1, 1)],
+    "group_size,buffer_num,burnin,kernel_size,in_channels,groups",
+    [
+        (8, 3, 2, 3, 3, 1),
+        (2, 3, 1, 3, 3, 1),
+        (2, 5, 0, 3, 3, 1),
+        (4, 0, 1, 3, 3, 1),
+        (8, 3, 2, 1, 3, 1),
+        (2, 3, 1, 1, 3, 1),
+        (2, 3, 1, 3, 6, 2),  # grouped
+        (4, 3, 1, 3, 4, 4),  # depthwise
+        (2, 3, 1, 1, 2, 2),  # depthwise 1x1 that widens
+    ],
 )
-def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, buffer_num, burnin, kernel_size):
+def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(
+    group_size, buffer_num, burnin, kernel_size, in_channels, groups
+):
     torch.manual_seed(0)
-    model = conv_and_cbn(kernel_size, normalization_batch=group_size, buffer_num=buffer_num, burnin=burnin, rho=1.0)
+    model = conv_and_cbn(
+        kernel_size, in_channels, groups, normalization_batch=group_size, buffer_num=buffer_num, burnin=burnin, rho=1.0
+    )
     conv, norm = model
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
-    ref_conv = nn.Conv2d(3, 4, kernel_size, stride=2, padding=kernel_size // 2).double()
+    ref_conv = nn.Conv2d(in_channels, 4, kernel_size, stride=2, padding=kernel_size // 2, groups=groups).double()
     ref_conv.load_state_dict(conv.state_dict())
     gamma = norm.weight.detach().clone().requires_grad_(True)
     beta = norm.bias.detach().clone().requires_grad_(True)
@@ -82,7 +97,7 @@ def test_cbn_matches_the_reference_across_burn_in_and_buffer_fill(group_size, bu
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     ref_optimizer = torch.optim.SGD([*ref_conv.parameters(), gamma, beta], lr=0.2)
     for step in range(9):
-        x = (torch.randn(8, 3, 6, 6, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+        x = (torch.randn(8, in_channels, 6, 6, dtype=torch.float64) * 2 + 1).requires_grad_(True)
         dy = torch.randn(8, 4, 3, 3, dtype=torch.float64)  # 6 px, stride 2
         xr = x.detach().clone().requires_grad_(True)
         y, yr = model(x), reference(ref_conv, xr, gamma, beta, group_size)
@@ -177,5 +192,5 @@ def test_cbn_without_its_conv_says_how_to_give_it_one():
     norm = mabn.build_norm("cbn", 4, burnin=0)
     with pytest.raises(RuntimeError, match="wire_norms"):
         norm(torch.randn(2, 4, 3, 3, requires_grad=True))
-    with pytest.raises(ValueError, match="groups=1"):
-        norm.bind_conv(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="zero padding"):
+        norm.bind_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))

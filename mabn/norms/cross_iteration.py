@@ -63,8 +63,9 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
 
     Groups of a batch are consecutive steps, as MABN's (its preceding groups, whose weight is
     today's, enter uncompensated). The derivatives are closed forms of a conv's weight
-    gradient (``dmu_c/dW[c]`` is the mean input patch, ``dnu_c/dW[c] = 2 mean(y_c * patch)``),
-    computed only for the groups that stay in the buffer, where the authors call
+    gradient (``dmu_c/dW[c]`` is the mean input patch, ``dnu_c/dW[c] = 2 mean(y_c * patch)``;
+    for a grouped or depthwise conv, over the input channels of c's group, as the authors'
+    ``autograd.grad`` gives them), computed only for the groups that stay in the buffer, where the authors call
     ``autograd.grad`` twice per layer and step. The layer needs its conv: ``bind_conv`` (done by
     ``mabn.wire_norms`` for every model of the suite) records the conv's input and weight at
     each forward. Defaults are the numbers of the authors' shipped configs (``buffer_num=3,
@@ -99,8 +100,8 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         self.buffer_num, self.burnin, self.rho = buffer_num, burnin, rho
         self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("past_count", torch.tensor(0, dtype=torch.long, device=device))
-        self._allocate_buffer(0, device)
-        self._conv = None  # (stride, padding, dilation, weight shape) of the bound conv
+        self._allocate_buffer(0, device=device)
+        self._conv = None  # (stride, padding, dilation, weight shape, groups) of the bound conv
         self._captured = None  # the bound conv's (input, weight) of the current forward
         self._burned_in = False  # host-side cache of num_iterations > burnin
 
@@ -109,15 +110,16 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
 
     BUFFER_NAMES = ("past_mean", "past_second", "past_mean_offset", "past_second_offset", "past_dmean", "past_dsecond")
 
-    def _allocate_buffer(self, patch_size: int, device=None):
+    def _allocate_buffer(self, patch_size: int, conv_groups: int = 1, device=None):
         """The past entries, oldest first: mean and second moment (k, C); their derivatives with
-        respect to the conv weight, (k, K) (the same for every channel) and (C, k, K); and the
+        respect to the conv weight, (k, G K) (the mean input patch: the same for every channel
+        of a conv group, the group's K-long slice for a grouped conv) and (C, k, K); and the
         derivatives dotted with the weight they were taken at, (k, C), so that a compensation is
         ``dmu/dW . W - offset`` without keeping old weights. ``past_count`` of them (the newest)
         are real."""
         k, c = self.buffer_num, self.num_features
         like = {"device": device if device is not None else self.running_mean.device, "dtype": self.running_mean.dtype}
-        shapes = ((k, c), (k, c), (k, c), (k, c), (k, patch_size), (c, k, patch_size))
+        shapes = ((k, c), (k, c), (k, c), (k, c), (k, conv_groups * patch_size), (c, k, patch_size))
         for name, shape in zip(self.BUFFER_NAMES, shapes):
             self.register_buffer(name, torch.zeros(shape, **like))
 
@@ -125,13 +127,13 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         """Take the weight and input of ``conv``, the conv that feeds this layer (idempotent)."""
         if self._conv is not None:
             return
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(
-                f"cbn needs a conv with groups=1, zero padding given as numbers; got groups="
-                f"{conv.groups}, padding={conv.padding!r} ({conv.padding_mode}): use another norm here"
+                f"cbn needs a conv with zero padding given as numbers; got padding={conv.padding!r} "
+                f"({conv.padding_mode}): use another norm here"
             )
-        self._conv = (conv.stride, conv.padding, conv.dilation, tuple(conv.weight.shape))
-        self._allocate_buffer(conv.weight[0].numel(), conv.weight.device)
+        self._conv = (conv.stride, conv.padding, conv.dilation, tuple(conv.weight.shape), conv.groups)
+        self._allocate_buffer(conv.weight[0].numel(), conv.groups, conv.weight.device)
         conv.register_forward_pre_hook(self._capture)  # a bound method: deepcopy maps it to the copy
 
     def _capture(self, conv, args):
@@ -188,12 +190,20 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         self._push(captured, x, mean, var + mean.square())
         return y
 
+    def _dot_mean_patch(self, dmean, weight):
+        """(k, C): each entry's mean input patch (k, G K) dotted with each channel's weight
+        (C, K), over the channel's conv group only."""
+        conv_groups = self._conv[4]
+        k, per_group = len(dmean), len(weight) // conv_groups
+        patches = dmean.view(k, conv_groups, weight.shape[1])
+        return torch.einsum("kgi,gci->kgc", patches, weight.view(conv_groups, per_group, -1)).reshape(k, len(weight))
+
     @torch.no_grad()
     def _window(self, mean, second, weight):
         """Per group (G, C): the sums of the kept past entries' mean and second moment, and
         1 / the number of entries kept (the group's own included)."""
         k = self.buffer_num
-        moved_mean = (weight @ self.past_dmean.T).T - self.past_mean_offset  # dmu/dW . (W - W_old)
+        moved_mean = self._dot_mean_patch(self.past_dmean, weight) - self.past_mean_offset  # dmu/dW . (W - W_old)
         moved_second = torch.bmm(self.past_dsecond, weight.unsqueeze(-1))[..., 0].T - self.past_second_offset
         means = torch.cat([self.past_mean + self.rho * moved_mean, mean])
         seconds = torch.cat([self.past_second + self.rho * moved_second, second])
@@ -217,7 +227,7 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             return
         dtype = self.past_dsecond.dtype
         conv_input, weight, bias = (None if t is None else t.detach().to(dtype) for t in captured)
-        stride, padding, dilation, shape = self._conv
+        stride, padding, dilation, shape, conv_groups = self._conv
         size = len(y) // groups
         dmeans, dseconds = [], []
         for group in range(groups - kept, groups):
@@ -225,7 +235,7 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             outputs = y[rows].to(dtype)
             positions = outputs.numel() // outputs.shape[1]
             dmeans.append(mean_patch(conv_input[rows], shape[2:], stride, padding, dilation, outputs.shape[2:]))
-            if shape[2:] == (1, 1) and padding == (0, 0) and shape[1] < shape[0]:
+            if shape[2:] == (1, 1) and padding == (0, 0) and shape[1] < shape[0] and conv_groups == 1:
                 # 2 E[y x^T] = 2 (W E[x x^T] + b E[x]^T): cheaper than the weight gradient when in < out
                 pixels = conv_input[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
                 moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
@@ -233,14 +243,14 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             else:
                 dseconds.append(
                     conv2d_weight(
-                        conv_input[rows], shape, outputs * (2.0 / positions), stride, padding, dilation
+                        conv_input[rows], shape, outputs * (2.0 / positions), stride, padding, dilation, conv_groups
                     ).flatten(1)
                 )
         dmean, dsecond, flat = torch.stack(dmeans), torch.stack(dseconds, 1), weight.flatten(1)
         new = {
             "past_mean": mean[-kept:],
             "past_second": second[-kept:],
-            "past_mean_offset": (flat @ dmean.T).T,
+            "past_mean_offset": self._dot_mean_patch(dmean, flat),
             "past_second_offset": torch.bmm(dsecond, flat.unsqueeze(-1))[..., 0].T,
             "past_dmean": dmean,
         }
@@ -252,8 +262,9 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
 
 
 def mean_patch(x, kernel_size, stride, padding, dilation, output_size):
-    """d mean(y_c) / d W[c] of a conv (groups=1, zero padding): the input patch averaged over
-    samples and output positions, flattened as the weight's (in_channels, kh, kw)."""
+    """d mean(y_c) / d W[c] of a conv with zero padding: the input patch averaged over samples
+    and output positions, flattened as (in_channels, kh, kw); for a grouped conv, channel c's is
+    the slice of its group's input channels."""
     total = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
     rows, cols = output_size
     patch = [
