@@ -70,6 +70,7 @@ NUMERIC_KEYS = [
             "per_device_batch",
             "epochs",
             "max_steps",
+            "stop_at_step",
             "eval_every_epochs",
             "eval_every_steps",
             "log_every_steps",

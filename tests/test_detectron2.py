@@ -248,6 +248,20 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     assert all(torch.equal(value, straight_final[key]) for key, value in final.items())
 
 
+def test_stop_at_step_cuts_the_run_and_it_continues_exactly(scenes, tmp_path):
+    """stop_at_step=2 of 3: stopped there with the 3-iteration schedules, summary written; the
+    same folder without it trains on to the run that never stopped."""
+    overrides = [*scenes, "norm=cbn", "max_steps=3", "log_every_steps=1"]
+    straight = train(compose_config("train_coco", overrides), tmp_path / "straight")
+    stopped = train(compose_config("train_coco", [*overrides, "stop_at_step=2"]), tmp_path / "cut")
+    assert stopped["steps"] == 2 and stopped["norm_schedule"] == straight["norm_schedule"]
+    train(compose_config("train_coco", overrides), tmp_path / "cut")
+    losses = lambda d: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    final = lambda d: torch.load(d / "model_final.pt", weights_only=True)
+    assert all(torch.equal(value, final(tmp_path / "straight")[key]) for key, value in final(tmp_path / "cut").items())
+
+
 @pytest.mark.multiprocess
 def test_two_process_ddp_with_torchrun(scenes, tmp_path):
     """One process per device started by torchrun (or SLURM), not by detectron2's launch()."""

@@ -435,3 +435,17 @@ def test_bn_small_gamma_starts_gammas_at_a_tenth_and_trains_them_at_a_hundredth_
     others, small = run.optimizer.param_groups
     assert small["lr"] == pytest.approx(others["lr"] / 100) and {id(p) for p in small["params"]} == set(map(id, gammas))
     assert len(others["params"]) + len(small["params"]) == len(list(run.model.parameters()))
+
+
+def test_stop_at_step_is_the_full_run_cut_there_and_continues_to_it_exactly(tmp_path):
+    """A run stopped at step 3 of 6 keeps the 6-step schedules (not those of a 3-step run, as
+    max_steps=3 gives), and relaunched without the stop it ends as the run never stopped."""
+    overrides = [*SYNTHETIC, "log_every_steps=1", "batch=2", "norm=cbn", "optim.schedule.name=cosine"]
+    run = lambda folder, *more: train(compose_config("train_imagenet", [*overrides, *more]), tmp_path / folder)
+    straight = run("straight", "max_steps=6")
+    stopped = run("cut", "max_steps=6", "stop_at_step=3")
+    assert stopped["steps"] == 3 and stopped["norm_schedule"] == straight["norm_schedule"]
+    assert run("short", "max_steps=3")["norm_schedule"] != straight["norm_schedule"]  # CBN's burn-in: 8/12 of the run
+    assert train_losses(tmp_path / "cut") == {k: v for k, v in train_losses(tmp_path / "straight").items() if k <= 3}
+    run("cut", "max_steps=6")
+    assert_same_run(tmp_path / "straight", tmp_path / "cut", ["top1_error", "top5_error", "steps"])

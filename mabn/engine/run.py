@@ -47,6 +47,7 @@ OPERATIONAL_KEYS = (
     "logger",
     "device",
     "kept_runs",
+    "stop_at_step",  # where it stops, not what it computes: a stopped run continues without it
 )
 
 
@@ -129,6 +130,7 @@ class TrainingRun:
         self.total_steps, milestones, warmup = self.schedule()
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.stop_step = stop_step(cfg, self.total_steps)
         self.norm_schedule = schedule_norms(unwrap(self.model), self.total_steps, cfg.norm)
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
@@ -225,13 +227,13 @@ class TrainingRun:
         return loss.detach(), extras
 
     def fit(self, logger: RunLogger, preemption: Preemption) -> dict:
-        """Train to ``total_steps`` and return the final metrics; on a preemption signal,
+        """Train to ``stop_step`` and return the final metrics; on a preemption signal,
         save a checkpoint and exit (``Preemption.stop``)."""
         cfg = self.cfg
         self.model.train()
         metrics = {}
         with tqdm(
-            total=self.total_steps,
+            total=self.stop_step,
             initial=self.step,
             disable=not self.env.is_main,
             desc=cfg.run_name,
@@ -240,7 +242,7 @@ class TrainingRun:
         ) as progress:  # closed on errors too
             checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
             first_step, window_start = self.step, None
-            while self.step < self.total_steps:
+            while self.step < self.stop_step:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start_batch)
                 self.train_set.set_epoch(epoch)
@@ -256,9 +258,9 @@ class TrainingRun:
                         window_start = time.perf_counter()
                     elif self.step - first_step == ESTIMATE_AFTER[1] and window_start is not None:
                         announce_estimate(
-                            self.step, first_step, time.perf_counter() - window_start, self.total_steps, self.env
+                            self.step, first_step, time.perf_counter() - window_start, self.stop_step, self.env
                         )
-                    if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                    if self.step % cfg.log_every_steps == 0 or self.step == self.stop_step:
                         self.images_per_second = images_seen / (time.perf_counter() - tic)
                         logger.log(
                             {
@@ -277,7 +279,7 @@ class TrainingRun:
                     if stop:
                         self.save()
                         preemption.stop()
-                    if self.step == self.total_steps or self.evaluation_due():
+                    if self.step == self.stop_step or self.evaluation_due():
                         metrics = self.evaluate()
                         logger.log(metrics, self.step)
                         self.save()
@@ -285,9 +287,17 @@ class TrainingRun:
                     elif save:
                         self.save()
                         checkpoints.reset()
-                    if self.step == self.total_steps:
+                    if self.step == self.stop_step:
                         break
         return metrics or self.evaluate()
+
+
+def stop_step(cfg, total_steps: int) -> int:
+    """The step a run of ``total_steps`` trains to: ``stop_at_step`` where set, every schedule (lr,
+    the norms' warm-ups) still that of ``total_steps``, so a shortened rerun of a kept run is the
+    same run cut at that step; its end otherwise."""
+    stop = cfg.get("stop_at_step")
+    return min(total_steps, stop) if stop else total_steps
 
 
 def norm_label(cfg) -> str:
@@ -365,16 +375,16 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     resumed = run.resume()
     summary_path = run_dir / "summary.json"
-    if resumed and run.step >= run.total_steps and summary_path.is_file():
+    if resumed and run.step >= run.stop_step and summary_path.is_file():
         return json.loads(summary_path.read_text())
     logger = RunLogger(
         run_dir, run.env.is_main, wandb_options(cfg, run_dir), run_record(cfg, run.env), run.wandb_run_id
     )
     run.wandb_run_id = logger.run_id
     if resumed and run.env.is_main:
-        print(f"resumed from step {run.step} of {run.total_steps} ({ckpt.checkpoint_path(run_dir)})", flush=True)
+        print(f"resumed from step {run.step} of {run.stop_step} ({ckpt.checkpoint_path(run_dir)})", flush=True)
     preemption = Preemption()
-    announce_start(cfg, run.total_steps, run.step, run.env, run_dir)
+    announce_start(cfg, run.stop_step, run.step, run.env, run_dir)
     try:
         metrics = run.fit(logger, preemption)
         summary = {

@@ -18,7 +18,7 @@ Choices, and where they differ from detectron2's defaults:
   engine and the authors' code (detectron2's ``build_optimizer`` would exempt only the norm
   types it knows, i.e. not this suite's).
 - lr schedule: detectron2's warm-up + multi-step over the full ``schedule``; ``max_steps``
-  stops early without compressing it (as the torchvision engine).
+  and ``stop_at_step`` stop early without compressing it (as the torchvision engine).
 - norm schedules: BRN's and MABN's counts scaled by ``norm.schedule_reference_steps`` and CBN's
   burn-in set from ``norm.run_fractions``, over the full schedule (mabn/schedules.py, as the
   torchvision engine).
@@ -75,7 +75,7 @@ from ...wiring import wire_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, barrier, init_distributed
 from ..loggers import RunLogger
-from ..run import announce_end, announce_start, load_run_checkpoint, run_record, summary_keys, wandb_options
+from ..run import announce_end, announce_start, load_run_checkpoint, run_record, stop_step, summary_keys, wandb_options
 from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap
 from .common import check_start
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
@@ -290,6 +290,7 @@ class Detectron2Run:
             )
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
+        self.stop_step = stop_step(cfg, self.total_steps)
         self.norm_schedule = schedule_norms(self.model, self.total_steps, cfg.norm)
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, cfg.norm.get("gamma_lr_factor", 1.0))
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
@@ -355,7 +356,7 @@ class Detectron2Run:
         return metrics
 
     def fit(self) -> None:
-        """Train from ``self.step`` to ``total_steps`` with detectron2's trainer and hooks."""
+        """Train from ``self.step`` to ``stop_step`` with detectron2's trainer and hooks."""
         device = self.env.device
         if self.env.world_size > 1:
             ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
@@ -379,9 +380,9 @@ class Detectron2Run:
         self.trainer.register_hooks(
             [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler), RunHook(self)]
         )
-        if self.step < self.total_steps:
-            self.trainer.train(self.step, self.total_steps)
-            self.step = self.total_steps
+        if self.step < self.stop_step:
+            self.trainer.train(self.step, self.stop_step)
+            self.step = self.stop_step
 
     def summary(self, metrics: dict) -> dict:
         cfg = self.cfg
@@ -412,7 +413,7 @@ def train(cfg, run_dir) -> dict:
         run = Detectron2Run(cfg, run_dir, env)
         resumed = run.resume()
         summary_path = run_dir / "summary.json"
-        if resumed and run.step >= run.total_steps and summary_path.is_file():
+        if resumed and run.step >= run.stop_step and summary_path.is_file():
             return json.loads(summary_path.read_text())
         run.logger = logger = RunLogger(
             run_dir, env.is_main, wandb_options(cfg, run_dir), run_record(cfg, env), run.wandb_run_id
@@ -420,8 +421,8 @@ def train(cfg, run_dir) -> dict:
         run.wandb_run_id = logger.run_id
         run.preemption = preemption = Preemption()
         if resumed and env.is_main:
-            print(f"resumed from step {run.step} of {run.total_steps} ({run.checkpoint_path})", flush=True)
-        announce_start(cfg, run.total_steps, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
+            print(f"resumed from step {run.step} of {run.stop_step} ({run.checkpoint_path})", flush=True)
+        announce_start(cfg, run.stop_step, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
         run.fit()
         metrics = run.evaluate()
         logger.log(metrics, run.step)
