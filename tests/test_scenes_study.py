@@ -16,7 +16,7 @@ from mabn.studies.detection import write_report
 
 def test_the_grid_is_every_one_process_norm_at_2_images_with_5_seeds():
     jobs = sweep_jobs("train_coco", ["experiment=scenes_study"])
-    norms = ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0")
+    norms = ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0", "powernorm")
     assert sorted((j[2], j[1]) for j in jobs) == sorted((f"norm={n}", f"seed={s}") for n in norms for s in range(5))
     script = (ROOT / "scripts" / "scenes_study.sh").read_text()
     assert f"NORMS=({' '.join(norms)})" in script  # the script runs the same grid, seed by seed
@@ -37,7 +37,7 @@ def test_the_study_script_queues_the_runs_not_kept_two_at_a_time_across_seeds(tm
     stub.write_text(f"""#!/bin/bash
 case "$*" in *scenes_report*|*train_imagenet*) exit 0;; esac
 echo "start $*" >> {log}
-case "$*" in *"seed=0 norm=evonorm_s0"*) sleep 1.5;; *) sleep 0.2;; esac
+case "$*" in *"seed=0 norm=powernorm"*) sleep 1.5;; *) sleep 0.2;; esac
 echo "end $*" >> {log}
 """)
     stub.chmod(0o755)
@@ -54,7 +54,7 @@ echo "end $*" >> {log}
     expected = [
         f"seed={seed} norm={norm}"
         for seed in (0, 1)
-        for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0")
+        for norm in ("bn", "brn", "gn", "mabn", "cbn", "gn_ws", "evonorm_s0", "powernorm")
         if f"{norm}-b2-scratch-s{seed}" not in ("bn-b2-scratch-s0", "gn-b2-scratch-s1")
     ]
     started = [" ".join(a for a in args.split() if a.startswith(("seed=", "norm="))) for args in scratch]

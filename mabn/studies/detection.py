@@ -271,6 +271,11 @@ def scaled_schedules(summaries: list[dict]) -> str:
     )
 
 
+def relatives(runs: dict) -> str:
+    """ ", and PowerNorm," where the study ran it (the study before it did not)."""
+    return ", and PowerNorm," if ("scratch", "powernorm", 1) in runs else ""
+
+
 def write_report(run_folders: Path, results: Path) -> str:
     """Keep the finished runs under ``run_folders`` in ``results``/scenes_study_runs, then write
     ``scenes_study.md`` and ``scenes_study.png`` from every kept run; returns the markdown."""
@@ -288,7 +293,8 @@ def write_report(run_folders: Path, results: Path) -> str:
             f"Recipe (configs/experiment/scenes_study.yaml, fixed before the runs): {recipe(summaries[0])} "
             f"({scaled_schedules(summaries) or 'none recorded'}). Seeds {seeds}; seed k gives every norm the same "
             "initialization and the same data order, so the runs pair by seed. "
-            "BN, BRN, GN, MABN, the successors and PowerNorm run one process x 2 images; SyncBN, and MABN beside it, "
+            f"BN, BRN, GN, MABN and the successors{relatives(runs)} run one process x 2 images; SyncBN, and MABN "
+            "beside it, "
             "2 processes x 2 images (gloo; 4 images per iteration at twice the lr, linear scaling, as the paper's "
             "8 GPUs x 2), so each claim compares runs of one size. Fine-tuning starts from Fashion-MNIST ResNet-18 "
             "classifiers trained with the run's own norm (configs/experiment/scenes_pretrain.yaml"
