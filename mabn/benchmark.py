@@ -1,10 +1,19 @@
 """Measuring what a norm costs: bytes saved for the backward (counted with saved-tensor hooks, so
-exact and device independent), for one layer or a model's whole training step."""
+exact and device independent), for one layer or a model's whole training step; and the one
+timing loop and table pieces every ``scripts/bench_*.py`` uses (round robin, medians, ratios
+taken in the same run, the machine line, markdown)."""
 
 from __future__ import annotations
 
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
+
+from .provenance import machine
 
 
 def saved_bytes(layer, x, dy, dtype=None) -> int:
@@ -41,3 +50,75 @@ class _Loss(nn.Module):
 
     def forward(self, images):
         return nn.functional.cross_entropy(self.model(images), self.labels)
+
+
+# ---- timing: one loop for every benchmark script ----
+
+
+def round_robin(
+    cases: Mapping[str, Callable[[int], object]], rounds: int, warmup: int = 1, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds of each case's call in each of ``rounds`` timed rounds, after ``warmup`` untimed
+    ones: the cases in turn, the order rotating each round, so that drift and cache effects fall
+    on all alike; CUDA synchronized around each call. A case is called with the round's index
+    (warm-ups first), e.g. to seed it so that every case does the same work in a round."""
+    labels, times = list(cases), {label: [] for label in cases}
+    for index in range(warmup + rounds):
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            _synchronize(device)
+            start = time.perf_counter()
+            cases[label](index)
+            _synchronize(device)
+            if index >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return times
+
+
+def _synchronize(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def paired_ratio(values, baseline) -> float:
+    """The median over rounds of each round's value over the baseline's in that round."""
+    return statistics.median(v / b for v, b in zip(values, baseline))
+
+
+def setting(device) -> str:
+    """The machine and the torch version, for a table's title."""
+    return f"{machine(str(device))}, torch {torch.__version__}"
+
+
+def command(argv=None) -> str:
+    """The line that says which command made a table."""
+    return f"Command: `python {' '.join(sys.argv if argv is None else argv)}`"
+
+
+def markdown_table(columns, rows) -> list[str]:
+    """A markdown table: its header, its rule and one line per row (cells as given)."""
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
+def training_step(model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, amp: bool = False) -> None:
+    """One training step of a classifier: forward (under autocast if ``amp``), cross-entropy,
+    backward, update."""
+    with torch.autocast(images.device.type, enabled=amp):
+        loss = nn.functional.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def training_case(model: nn.Module, optimizer, images, labels, steps: int = 1, amp: bool = False):
+    """A ``round_robin`` case: ``steps`` training steps on one fixed batch."""
+
+    def case(_round: int) -> None:
+        for _ in range(steps):
+            training_step(model, optimizer, images, labels, amp)
+
+    return case

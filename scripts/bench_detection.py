@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -43,13 +42,13 @@ os.environ.setdefault("MABN_FUSED", "dynamic")  # as train_coco.py
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting  # noqa: E402
 from mabn.config import register_resolvers  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
 from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
 from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
-from mabn.provenance import machine  # noqa: E402
 from mabn.studies.reporting import publish  # noqa: E402
 from mabn.wiring import conv_norm_pairs, wire_norms  # noqa: E402
 
@@ -184,48 +183,23 @@ class Detectron2Case:
         self.optimizer.step()
 
 
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def benchmark(cases: dict, warmup: int, repeats: int, device: str) -> dict:
-    """Seconds per iteration of each case in each round, round-robin with a rotating order. Each
-    iteration starts from the same seed in every case (RoI sampling draws from the global random
+    """Seconds per iteration of each case in each round (``mabn.benchmark.round_robin``). Each
+    iteration starts from the round's seed in every case (RoI sampling draws from the global random
     stream), so cases that learn alike, as the two bn models, do the same work."""
-    for case in cases.values():
-        for iteration in range(warmup):
-            torch.manual_seed(iteration)
-            case.step()
-    times = {label: [] for label in cases}
-    labels = list(cases)
-    for repeat in range(repeats):
-        shift = repeat % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            torch.manual_seed(warmup + repeat)
-            synchronize(device)
-            start = time.perf_counter()
-            cases[label].step()
-            synchronize(device)
-            times[label].append(time.perf_counter() - start)
-    return times
+    seeded = lambda case: lambda round_: (torch.manual_seed(round_), case.step())
+    return round_robin({label: seeded(case) for label, case in cases.items()}, repeats, warmup, device)
 
 
 def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
-    lines = [
-        title,
-        "",
-        "| engine | norm | s / iteration (median) | ratio to bn (same engine, median over rounds) "
-        "| mask RoIs / iteration (mean) |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for (engine, norm), seconds in times.items():
         baseline = times.get((engine, "bn"))
-        ratio = f"{statistics.median(t / b for t, b in zip(seconds, baseline)):.2f}" if baseline else "-"
-        lines.append(
-            f"| {engine} | {norm} | {statistics.median(seconds):.3f} | {ratio} "
-            f"| {statistics.mean(mask_rois[engine, norm]):.1f} |"
-        )
+        ratio = f"{paired_ratio(seconds, baseline):.2f}" if baseline else "-"
+        rois = statistics.mean(mask_rois[engine, norm])
+        rows.append([engine, norm, f"{statistics.median(seconds):.3f}", ratio, f"{rois:.1f}"])
+    columns = ["engine", "norm", "s / iteration (median)", "ratio to bn (same engine, median over rounds)"]
+    lines = [title, "", *markdown_table([*columns, "mask RoIs / iteration (mean)"], rows)]
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 
 
@@ -293,14 +267,13 @@ def main(argv=None):
             times = benchmark(cases, args.warmup, args.repeats, args.device)
 
     cfg = config(args, "bn", "torchvision")
-    device = machine(args.device)
     title = (
         f"Mask R-CNN training iteration (forward + backward + SGD step), detector {args.detector} "
         f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
-        f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {device}, torch {torch.__version__}, "
+        f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {setting(args.device)}, "
         f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
         f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
-        f"Command: `python {' '.join(['scripts/bench_detection.py', *(argv if argv is not None else sys.argv[1:])])}`"
+        + command(["scripts/bench_detection.py", *(argv if argv is not None else sys.argv[1:])])
     )
     rois = {key: case.mask_rois[-args.repeats :] for key, case in cases.items()}  # the timed iterations'
     notes.append(

@@ -16,12 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from mabn.provenance import machine
+from mabn.benchmark import markdown_table, paired_ratio, round_robin, setting
 from mabn.studies.reporting import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +30,18 @@ def readme_example() -> str:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
 
 
-def run_cold(code: str, fused: str | None) -> float:
-    """Seconds of one run of ``code`` in a new process with an empty inductor cache."""
+def cold_run(code: str, fused: str | None):
+    """A ``round_robin`` case: one run of ``code`` in a new process with an empty inductor cache."""
     env = {key: value for key, value in os.environ.items() if key != "MABN_FUSED"}
     if fused is not None:
         env["MABN_FUSED"] = fused
-    with tempfile.TemporaryDirectory() as cache:
-        env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, cwd=ROOT)
-        return time.perf_counter() - start
+
+    def case(_round):
+        with tempfile.TemporaryDirectory() as cache:
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+            subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, cwd=ROOT)
+
+    return case
 
 
 def main(argv=None):
@@ -51,25 +50,21 @@ def main(argv=None):
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     code = readme_example()
-    times = {case: [] for case in CASES}
-    for _ in range(args.rounds):
-        for case, fused in CASES.items():
-            times[case].append(run_cold(code, fused))
+    times = round_robin({case: cold_run(code, fused) for case, fused in CASES.items()}, args.rounds, warmup=0)
     eager = times["MABN_FUSED=0 (eager)"]
     lines = [
         "# A library user's first use: the README example from a cold inductor cache",
         "",
         f"`python scripts/bench_first_use.py --rounds {args.rounds}`: the README's library example (a ResNet-18 "
         "converted to MABN, 3 training steps of 32 images at 64 px, eval, fold), each run a new process with an "
-        f"empty inductor cache, the cases in turn, {args.rounds} rounds; {machine('cpu')}, torch {torch.__version__}. "
+        f"empty inductor cache, the cases in turn (round robin), {args.rounds} rounds; {setting('cpu')}. "
         "Ratio: the median over rounds of the round's time over the eager case's.",
         "",
-        "| kernels | median s | ratio to eager |",
-        "|---|---|---|",
+        *markdown_table(
+            ["kernels", "median s", "ratio to eager"],
+            [[case, f"{statistics.median(v):.1f}", f"{paired_ratio(v, eager):.2f}"] for case, v in times.items()],
+        ),
     ]
-    for case, values in times.items():
-        ratio = statistics.median(t / e for t, e in zip(values, eager))
-        lines.append(f"| {case} | {statistics.median(values):.1f} | {ratio:.2f} |")
     publish("\n".join(lines), args.out)
 
 

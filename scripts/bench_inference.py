@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 import mabn
+from mabn.benchmark import command, round_robin, setting
 from mabn.export import build_model
-from mabn.provenance import machine
 from mabn.studies.reporting import describe, publish
 
 AUTHORS = {"bn folded": 237.88, "mabn folded": 237.88, "in": 105.60, "gn": 99.37, "ln": 125.44}
@@ -65,6 +63,11 @@ def build(norm: str, fold: bool, device) -> torch.nn.Module:
     return (mabn.fold_norms(model) if fold else model).to(device)
 
 
+def call(function, *inputs):
+    """A ``round_robin`` case: ``function(*inputs)``."""
+    return lambda _round: function(*inputs)
+
+
 def onnxruntime_table(args) -> str:
     """Each RUNTIME_CASES model exported (``mabn.export.export_onnx``) and timed in ONNX Runtime,
     round-robin, at each batch; ratios to folded BN in the same run."""
@@ -88,23 +91,18 @@ def onnxruntime_table(args) -> str:
                 export_onnx(build(norm, False, "cpu"), images, path, fold=fold)  # validated against PyTorch
                 sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
         feed = images.numpy()
-        times = {label: [] for label in sessions}
-        for repeat in range(args.repeats + 1):
-            for label, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, {session.get_inputs()[0].name: feed})
-                if repeat:  # the first run of each session is a warm-up
-                    times[label].append(time.perf_counter() - start)
+        cases = {label: call(s.run, None, {s.get_inputs()[0].name: feed}) for label, s in sessions.items()}
+        times = round_robin(cases, args.repeats)
         for label, values in times.items():
             rows[label][batch] = 1 / statistics.median(values)
         paired[batch] = describe([b / m for b, m in zip(times["bn folded"], times["mabn folded"])])
     head = " | ".join(f"batch {b}: iterations/s (ratio)" for b in args.batch)
     lines = [
         f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
-        f"{args.image_size}, {machine(args.device)}, median of {args.repeats} runs per model, round-robin; each "
+        f"{args.image_size}, {setting(args.device)}, median of {args.repeats} runs per model, round robin; each "
         "model exported by `mabn.export.export_onnx` (foldable norms folded; outputs checked against PyTorch).",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        command(),
         "",
         f"| norm | {head} | authors' iterations/s (ratio) |",
         "|---|" + "---|" * len(args.batch) + "---|",
@@ -141,24 +139,15 @@ def main(argv=None):
     device = torch.device(args.device)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     models = {label: build(norm, fold, device) for label, norm, fold in CASES}
-    times = {label: [] for label in models}
     with torch.inference_mode():
-        for repeat in range(args.repeats + 1):
-            for label, model in models.items():
-                start = time.perf_counter()
-                model(images)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if repeat:  # the first pass of each model is a warm-up
-                    times[label].append(time.perf_counter() - start)
+        times = round_robin({label: call(model, images) for label, model in models.items()}, args.repeats, 1, device)
     speed = {label: 1 / statistics.median(values) for label, values in times.items()}
     base = speed["bn folded"]
     lines = [
         f"ResNet-50 inference (eval mode) at {args.image_size}x{args.image_size}, batch {args.batch}, "
-        f"{machine(args.device)}, torch {torch.__version__}, median of {args.repeats} passes per model, "
-        "round-robin.",
+        f"{setting(args.device)}, median of {args.repeats} passes per model, round robin.",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        command(),
         "",
         "| norm | iterations/s | ratio to bn folded | authors' iterations/s (ratio) |",
         "|---|---|---|---|",

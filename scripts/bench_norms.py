@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,9 +30,8 @@ from torch import nn
 
 import mabn
 import mabn.fused
-from mabn.benchmark import saved_bytes
+from mabn.benchmark import command, markdown_table, round_robin, saved_bytes, setting
 from mabn.external import load_module
-from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
@@ -118,13 +116,16 @@ def load_authors(path):
     return load_module(path, "authors_mabn")
 
 
-def step(layer, x, dy, dtype=None):
-    x.grad = None
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        y = layer(x)
-    y.backward(dy)
-    if x.is_cuda:
-        torch.cuda.synchronize()
+def layer_case(layer, x, dy, dtype=None):
+    """A ``round_robin`` case: the layer's forward and backward (under autocast to ``dtype`` if given)."""
+
+    def case(_round):
+        x.grad = None
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            y = layer(x)
+        y.backward(dy)
+
+    return case
 
 
 def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=False):
@@ -138,16 +139,12 @@ def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=
         x = x.contiguous(memory_format=memory_format).requires_grad_()
         dy = torch.randn_like(x)
         built = {label: factory(channels).to(device).train() for label, factory in layers.items()}
+        for layer in built.values():
+            layer.wired = True  # each on its own, outside any model: nothing to wire
         for label, layer in built.items():
             saved[label].append(saved_bytes(layer, x, dy, dtype) / (x.numel() * x.element_size()))  # also the warm-up
-        samples = {label: [] for label in built}
-        for repeat in range(repeats):
-            order = list(built)
-            order = order[repeat % len(order) :] + order[: repeat % len(order)]
-            for label in order:
-                start = time.perf_counter()
-                step(built[label], x, dy, dtype)
-                samples[label].append(time.perf_counter() - start)
+        cases = {label: layer_case(layer, x, dy, dtype) for label, layer in built.items()}
+        samples = round_robin(cases, repeats, warmup=0, device=device)  # saved_bytes was the warm-up
         for label, values in samples.items():
             times[label].append(statistics.median(values))
     return times, saved
@@ -160,22 +157,15 @@ def geometric_mean(values) -> float:
 def table(times, saved, shapes, title):
     """Per-shape ratios to nn.BatchNorm2d, their geometric mean and maximum, saved memory."""
     base = times["nn.BatchNorm2d"]
-    header = " | ".join(f"{c}x{h}x{w}" for c, h, w in shapes)
-    lines = [
-        title,
-        "",
-        f"| layer | {header} | geomean | max | total ms | saved / x (max over shapes) |",
-        "|---" * (len(shapes) + 5) + "|",
-    ]
+    rows = []
     for label, seconds in times.items():
         ratios = [t / b for t, b in zip(seconds, base)]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{r:.2f}" for r in ratios)
-            + f" | {geometric_mean(ratios):.2f} | {max(ratios):.2f} | {sum(seconds) * 1000:.1f} "
-            f"| {max(saved[label]):.2f} |"
+        rows.append(
+            [label, *(f"{r:.2f}" for r in ratios), f"{geometric_mean(ratios):.2f}", f"{max(ratios):.2f}"]
+            + [f"{sum(seconds) * 1000:.1f}", f"{max(saved[label]):.2f}"]
         )
-    return "\n".join(lines)
+    columns = ["layer", *(f"{c}x{h}x{w}" for c, h, w in shapes), "geomean", "max", "total ms"]
+    return "\n".join([title, "", *markdown_table([*columns, "saved / x (max over shapes)"], rows)])
 
 
 def main(argv=None):
@@ -221,10 +211,9 @@ def main(argv=None):
     title = (
         f"Norm layers, forward+backward, per-device batch {args.batch}, "
         f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
-        f"{kernels} kernels of bn/brn/mabn (mabn.fused), {machine(args.device)}, "
-        f"torch {torch.__version__}, median of {args.repeats}; ratios to nn.BatchNorm2d per shape. "
-        "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n"
-        f"Command: `python {' '.join(sys.argv)}`"
+        f"{kernels} kernels of bn/brn/mabn (mabn.fused), {setting(args.device)}, median of {args.repeats} "
+        "(round robin); ratios to nn.BatchNorm2d per shape. "
+        "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n" + command()
     )
     publish(table(times, saved, shapes, title), args.out)
 

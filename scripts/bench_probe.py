@@ -1,6 +1,6 @@
 """Cost of the batch-statistics probe (mabn.probes) on a training step of the study's small
 ResNet (MABN at normalization batch 2, per-device batch 32), as ratios to no probe, measured
-in one run (round-robin, median):
+in one run (round robin, the median over rounds of each round's ratio):
 
     python scripts/bench_probe.py --out results/bench_probe_cpu.md
 
@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import mabn
 import mabn.fused
+from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting, training_step
 from mabn.models import build_classifier
 from mabn.probes import BatchStatisticsProbe
-from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
 
@@ -50,35 +47,32 @@ def main(argv=None):
     mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     runs = {mode: setup(mode) for mode in ("no probe", "off", "attached", "recording")}
-    times = {mode: [] for mode in runs}
-    step = 0
-    for round_ in range(args.rounds + 1):
-        for mode, (model, optimizer, probe) in runs.items():
-            start = time.perf_counter()
+
+    def steps(model, optimizer, probe):
+        def run(round_):
             for k in range(args.steps):
                 if probe is not None:
-                    probe.step(step + k + 2)  # never step 1: "attached" records one step in 125
+                    probe.step(round_ * args.steps + k + 2)  # never step 1: "attached" records one step in 125
                     probe.records.clear()
-                loss = nn.functional.cross_entropy(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if round_:
-                times[mode].append((time.perf_counter() - start) / args.steps)
-        step += args.steps
-    base = statistics.median(times["no probe"])
+                training_step(model, optimizer, images, labels)
+
+        return run
+
+    times = round_robin({mode: steps(*run) for mode, run in runs.items()}, args.rounds)
+    per_step = {mode: statistics.median(values) / args.steps for mode, values in times.items()}
     lines = [
         f"Training step with the batch-statistics probe, small ResNet (study), MABN at normalization batch 2, "
-        f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
+        f"{setting('cpu')}; median over {args.rounds} rounds of {args.steps} steps (round robin).",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        command(),
         "",
-        "| probe | ms/step | ratio to no probe |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {mode} | {1000 * statistics.median(v):.1f} | {statistics.median(v) / base:.3f} |"
-        for mode, v in times.items()
+        *markdown_table(
+            ["probe", "ms/step", "ratio to no probe"],
+            [
+                [mode, f"{1000 * per_step[mode]:.1f}", f"{paired_ratio(times[mode], times['no probe']):.3f}"]
+                for mode in times
+            ],
+        ),
     ]
     publish("\n".join(lines), args.out)
 

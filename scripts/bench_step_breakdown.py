@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from torch.utils.data import DataLoader
 
 import mabn
 import mabn.fused
+from mabn.benchmark import command, markdown_table, round_robin, setting, training_case
 from mabn.data.fashion_mnist import FashionMNIST
 from mabn.engine.sampling import EpochSampler, SeededSamples
 from mabn.models import build_classifier
-from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
 NORMS = [
@@ -80,33 +79,23 @@ def main(argv=None):
         model = build_classifier("small_resnet", 10, 1, layer, widths=widths, stem_stride=args.stem_stride)
         mabn.wire_norms(model)
         runs[label] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    times = {label: [] for label in runs}
-    for round_ in range(args.rounds + 1):
-        for label, (model, optimizer) in runs.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loss = nn.functional.cross_entropy(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if round_:
-                times[label].append(1000 * (time.perf_counter() - start) / args.steps)
-    bare = statistics.median(times["no norm"])
+    cases = {label: training_case(*run, images, labels, args.steps) for label, run in runs.items()}
+    times = round_robin(cases, args.rounds)
+    ms = {label: 1000 * statistics.median(values) / args.steps for label, values in times.items()}
     lines = [
         f"Training step of small_resnet widths {widths}, stem stride {args.stem_stride}, per-device batch 32, "
-        f"{machine('cpu')}, torch {torch.__version__}; median over {args.rounds} rounds of {args.steps} steps.",
+        f"{setting('cpu')}; median over {args.rounds} rounds of {args.steps} steps (round robin).",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        command(),
         "",
         f"Data: {per_sample:.1f} ms per batch of 32 sample by sample, {batched:.1f} ms batched "
         "(FashionMNIST.__getitems__, what the engine uses).",
         "",
-        "| norm | ms/step | norms' share of the step |",
-        "|---|---|---|",
+        *markdown_table(
+            ["norm", "ms/step", "norms' share of the step"],
+            [[label, f"{value:.1f}", f"{(value - ms['no norm']) / value:.0%}"] for label, value in ms.items()],
+        ),
     ]
-    for label, values in times.items():
-        ms = statistics.median(values)
-        lines.append(f"| {label} | {ms:.1f} | {(ms - bare) / ms:.0%} |")
     publish("\n".join(lines), args.out)
 
 

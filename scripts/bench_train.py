@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import mabn.fused
+from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting, training_case
 from mabn.export import build_model
 from mabn.external import load_module
 from mabn.models import build_classifier
-from mabn.provenance import machine
 from mabn.studies.reporting import publish
 
 # (label, norm name, options): the layers of the comparison at per-device batch 32
@@ -93,16 +91,6 @@ def authors_cbn_model(model_name, path):
     return model
 
 
-def step(model, optimizer, images, labels, amp):
-    with torch.autocast(images.device.type, enabled=amp):
-        loss = nn.functional.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if images.is_cuda:
-        torch.cuda.synchronize()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -131,26 +119,24 @@ def main(argv=None):
     if args.authors_cbn:
         model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
         runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    for model, optimizer in runs.values():
-        step(model, optimizer, images, labels, cuda)  # warm-up
-    times = {label: [] for label in runs}
-    for _ in range(args.steps):
-        for label, (model, optimizer) in runs.items():
-            start = time.perf_counter()
-            step(model, optimizer, images, labels, cuda)
-            times[label].append(time.perf_counter() - start)
-
+    cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
+    times = round_robin(cases, args.steps, warmup=1, device=args.device)
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
     lines = [
         f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
-        f"{args.batch}, {machine(args.device)}, torch {torch.__version__}, median of {args.steps} steps.",
+        f"{args.batch}, {setting(args.device)}, median of {args.steps} steps (round robin, after one warm-up); "
+        "ratio: the median over steps of bn's step time over the norm's.",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        command(),
         "",
-        "| norm | images/s | ratio to bn |",
-        "|---|---|---|",
+        *markdown_table(
+            ["norm", "images/s", "ratio to bn"],
+            [
+                [label, f"{value:.1f}", f"{paired_ratio(times['bn'], times[label]):.2f}"]
+                for label, value in speed.items()
+            ],
+        ),
     ]
-    lines += [f"| {label} | {value:.1f} | {value / speed['bn']:.2f} |" for label, value in speed.items()]
     publish("\n".join(lines), args.out)
 
 
