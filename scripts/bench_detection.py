@@ -45,12 +45,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting  # noqa: E402
 from mabn.config import register_resolvers  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
-from mabn.detection.torchvision_maskrcnn import build_maskrcnn  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
-from mabn.engine.detection.torchvision_engine import torchvision_options  # noqa: E402
-from mabn.engine.training import build_sgd, norm_layer_from_config  # noqa: E402
+from mabn.engine.detection.torchvision_engine import build_detector  # noqa: E402
+from mabn.engine.training import build_sgd, wire  # noqa: E402
 from mabn.studies.reporting import publish  # noqa: E402
-from mabn.wiring import conv_norm_pairs, wire_norms  # noqa: E402
+from mabn.wiring import conv_norm_pairs  # noqa: E402
 
 VARIANTS = {"bn-again": ("bn", []), "bn-wcopy": ("bn", []), "mabn-nowc": ("mabn", ["norm.centralize_weights=false"])}
 
@@ -117,18 +116,7 @@ class TorchvisionCase:
     def __init__(self, cfg, batches):
         (images, annotations), _ = split_paths(cfg.data, True)
         dataset = coco_dataset(images, annotations, train=True)
-        self.model = build_maskrcnn(
-            num_classes(dataset.coco),
-            norm_layer_from_config(cfg.norm),
-            cfg.detector.backbone,
-            None,
-            cfg.data.min_size,
-            cfg.data.max_size,
-            cfg.detector.channels,
-            cfg.detector.fc_channels,
-            **torchvision_options(cfg.detector),
-        )
-        wire_norms(self.model, centralize=cfg.norm.get("centralize_weights", True))  # as the engines
+        self.model = wire(build_detector(cfg, num_classes(dataset.coco)), cfg.norm)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)

@@ -28,13 +28,19 @@ def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
     return [module.weight for _, module in norm_layers(model)]
 
 
+def wire(model: nn.Module, norm_cfg) -> nn.Module:
+    """``mabn.wire_norms`` as a run's norm config asks (``centralize_weights: false``: the ablation
+    that trains MABN uncentralized)."""
+    return wire_norms(model, centralize=norm_cfg.get("centralize_weights", True))
+
+
 def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: bool = False) -> nn.Module:
     """Wire the norms to their convs and activations (``mabn.wire_norms``), centralize conv
     weights for MABN (if configured), move to the device and wrap in DDP.
 
     DDP does not broadcast buffers: every process keeps its own normalization statistics
     (the paper's per-GPU statistics); syncbn synchronizes them itself."""
-    wire_norms(model, centralize=norm_cfg.get("centralize_weights", True))  # false: the ablation without it
+    wire(model, norm_cfg)
     model.to(env.device)
     if channels_last and env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

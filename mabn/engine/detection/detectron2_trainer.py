@@ -71,12 +71,20 @@ from ...config import ConfigError, first_line, resolved
 from ...data.faults import SkipUnreadable
 from ...provenance import provenance
 from ...schedules import schedule_norms
-from ...wiring import wire_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, barrier, init_distributed
 from ..loggers import RunLogger
 from ..run import announce_end, announce_start, load_run_checkpoint, run_record, stop_step, summary_keys, wandb_options
-from ..training import CheckpointTimer, Preemption, between_steps, build_sgd, check_finite, check_finite_weights, unwrap
+from ..training import (
+    CheckpointTimer,
+    Preemption,
+    between_steps,
+    build_sgd,
+    check_finite,
+    check_finite_weights,
+    unwrap,
+    wire,
+)
 from .common import check_start
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
 from .detectron2_weights import load_backbone_weights
@@ -95,7 +103,7 @@ def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
         model = build_model(d2cfg)
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
-    wire_norms(model, centralize=cfg.norm.get("centralize_weights", True))  # false: the ablation without it
+    wire(model, cfg.norm)
     check_norms_kept(model, made, d2cfg.MODEL.RESNETS.NORM)
     return model
 

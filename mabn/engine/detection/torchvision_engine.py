@@ -46,19 +46,7 @@ class DetectionRun(TrainingRun):
         limit = cfg.data.val_images_limit
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
         val_set = val_set.first(limit)
-        detector = cfg.detector
-        model = build_maskrcnn(
-            num_classes(self.coco_gt),
-            norm_layer_from_config(cfg.norm),
-            detector.backbone,
-            cfg.weights,
-            cfg.data.min_size,
-            cfg.data.max_size,
-            detector.channels,
-            detector.fc_channels,
-            **torchvision_options(detector),
-        )
-        return model, train_set, val_set
+        return build_detector(cfg, num_classes(self.coco_gt)), train_set, val_set
 
     def schedule(self):
         return self.cfg.schedule.max_iter, list(self.cfg.schedule.steps), self.cfg.schedule.warmup_iters
@@ -106,6 +94,23 @@ class DetectionRun(TrainingRun):
             "start": self.cfg.start,
             "engine": "torchvision",
         }
+
+
+def build_detector(cfg, classes: int) -> torch.nn.Module:
+    """torchvision Mask R-CNN of ``cfg.detector`` with ``cfg.norm`` for ``classes`` categories (the
+    backbone's weights from ``cfg.weights``), not wired yet (``mabn.engine.training.wire``)."""
+    detector = cfg.detector
+    return build_maskrcnn(
+        classes,
+        norm_layer_from_config(cfg.norm),
+        detector.backbone,
+        cfg.weights,
+        cfg.data.min_size,
+        cfg.data.max_size,
+        detector.channels,
+        detector.fc_channels,
+        **torchvision_options(detector),
+    )
 
 
 def train(cfg, run_dir) -> dict:
