@@ -6,6 +6,8 @@ fold norms into convs for inference.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -61,6 +63,31 @@ def plain_state_dict(state: dict) -> dict:
             name, value = name.removesuffix(".parametrizations.weight.original") + ".weight", Centralize()(value)
         plain[name] = value
     return plain
+
+
+def load_backbone_state(module: nn.Module, state: dict, path, ignored: list | None = None) -> None:
+    """Load ``state`` (the backbone weights given as ``weights=path``) into ``module``: a shape
+    that differs or a key of the module that ``state`` lacks is refused in one line; the keys the
+    module lacks (and ``ignored``, keys dropped before) are named in one warning."""
+    own = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in module.state_dict().items()}
+    wrong = [
+        f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
+        )
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(
+            f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; "
+            "use weights trained with the same backbone and norm layer"
+        )
+    ignored = [*(ignored or []), *unexpected]
+    if ignored:
+        warnings.warn(
+            f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}", stacklevel=3
+        )
 
 
 def inference_affine(norm: nn.Module):

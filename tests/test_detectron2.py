@@ -223,7 +223,7 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     overrides = [*scenes, "norm=mabn", "max_steps=3", f"hydra.run.dir={tmp_path}"]
     first = cli(*overrides, "debug.preempt_at_step=2")
     assert first.returncode != 0 and "stopped by signal SIGTERM" in first.stderr, first.stderr[-2000:]
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (tmp_path / "summary.json").exists()
     second = cli(*overrides)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -236,7 +236,7 @@ def test_train_coco_preempted_then_resumed(scenes, tmp_path):
     assert {"train/loss_mask", "train/loss_cls", "train/lr", "train/images_per_second"} <= set(records[0])
     assert all(f"final/eval/{k}" in records[-1] for k in AP_KEYS)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["iteration"] == 3 and state["scheduler"]["last_epoch"] == 3
+    assert state["step"] == 3 and state["scheduler"]["last_epoch"] == 3
     final = torch.load(tmp_path / "model_final.pt", weights_only=True)
     assert any(k.endswith("conv1.parametrizations.weight.original") for k in final)  # centralized convs
     # with workers=0 the resumed run matches an uninterrupted one (not promised in general: see the engine)

@@ -449,3 +449,15 @@ def test_stop_at_step_is_the_full_run_cut_there_and_continues_to_it_exactly(tmp_
     assert train_losses(tmp_path / "cut") == {k: v for k, v in train_losses(tmp_path / "straight").items() if k <= 3}
     run("cut", "max_steps=6")
     assert_same_run(tmp_path / "straight", tmp_path / "cut", ["top1_error", "top5_error", "steps"])
+
+
+def test_a_checkpoint_from_before_the_one_format_reads_as_it(tmp_path):
+    """detectron2 runs stored their step under "iteration": such a checkpoint resumes at that step."""
+    from mabn.config import resolved
+    from mabn.engine.checkpoint import save_atomic
+    from mabn.engine.run import load_run_checkpoint
+
+    cfg = compose_config("train_imagenet", SYNTHETIC)
+    save_atomic({"config": resolved(cfg), "iteration": 7}, tmp_path / "checkpoint.pt")
+    state = load_run_checkpoint(tmp_path, cfg)
+    assert state["step"] == 7 and "iteration" not in state

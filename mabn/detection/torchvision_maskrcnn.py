@@ -1,6 +1,5 @@
 """Mask R-CNN R-FPN from torchvision pieces, with a pluggable norm layer everywhere the paper puts one."""
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..convert import plain_state_dict
+from ..convert import load_backbone_state, plain_state_dict
 from ..serialization import load_weights_only
 
 TRUNKS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -76,22 +75,8 @@ def load_trunk_weights(body: nn.Module, path: str) -> None:
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
     state = plain_state_dict(load_weights_only(path))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = body.state_dict()
-    stem, channels = state.get("conv1.weight"), own["conv1.weight"].shape[1]
+    channels = body.state_dict()["conv1.weight"].shape[1]
+    stem = state.get("conv1.weight")
     if stem is not None and stem.shape[1] == 1 and channels > 1:  # trained on gray images
         state["conv1.weight"] = stem.repeat(1, channels, 1, 1) / channels  # same response to gray
-    wrong = [f"{k} {tuple(v.shape)}!={tuple(own[k].shape)}" for k, v in state.items() if v.shape != own.get(k, v).shape]
-    if wrong:
-        raise ValueError(
-            f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
-        )
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(
-            f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; "
-            "use weights trained with the same backbone and norm layer"
-        )
-    if unexpected:
-        warnings.warn(
-            f"weights={path}: ignored {len(unexpected)} keys the backbone lacks, e.g. {unexpected[:3]}", stacklevel=2
-        )
+    load_backbone_state(body, state, path)

@@ -14,7 +14,6 @@ from ..mimicnorm import center_after_steps, mimic
 from ..models import build_classifier
 from .distributed import all_reduce_sum
 from .run import TrainingRun, run_training
-from .sampling import EpochSampler
 from .training import norm_layer_from_config, unwrap
 
 
@@ -91,11 +90,8 @@ class ClassificationRun(TrainingRun):
     def evaluate(self) -> dict:
         """Top-1 and top-5 error (%) on the validation set, over all processes."""
         self.model.eval()
-        sampler = EpochSampler(
-            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
-        )
         counts = torch.zeros(3, device=self.env.device)
-        for images, labels in self.loader(self.val_set, sampler):
+        for images, labels in self.loader(self.val_set, self.val_sampler()):
             images, labels = images.to(self.env.device), labels.to(self.env.device)
             with torch.autocast(self.env.device.type, enabled=self.amp):
                 logits = self.model(images)

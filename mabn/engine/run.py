@@ -57,14 +57,85 @@ def run_identity(config: dict) -> dict:
 
 
 def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
-    """The run directory's checkpoint, checked to come from this config (None: a new run)."""
+    """The run directory's checkpoint, checked to come from this config (None: a new run).
+    A detectron2 run's checkpoint from before the one format (its step under ``iteration``)
+    reads as the format's."""
     state = ckpt.load_checkpoint(run_dir)
     if state is not None and run_identity(state["config"]) != run_identity(resolved(cfg)):
         raise ConfigError(
             f"{run_dir} holds a checkpoint of a different config: use another run "
             "directory (hydra.run.dir=...) or delete it to start over"
         )
+    if state is not None and "iteration" in state:
+        state["step"] = state.pop("iteration")
     return state
+
+
+def save_run(run, step: int, scaler) -> None:
+    """Write ``run``'s checkpoint after ``step`` (both engines: one format, one writer): weights,
+    optimizer, lr schedule, AMP scaler, RNG states, the config and the W&B run; atomically, the
+    previous one kept, on the main process; refused if the weights are not finite."""
+    path = ckpt.checkpoint_path(run.run_dir)
+    check_finite_weights(run.model, step, path)
+    if run.env.is_main:
+        state = {
+            "model": unwrap(run.model).state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": ckpt.rng_states(),
+            "config": resolved(run.cfg),
+            "images_per_second": run.images_per_second,
+            "wandb_run_id": run.wandb_run_id,
+            "provenance": provenance(run.env.device),
+        }
+        ckpt.save_atomic(state, path, keep_previous=True)
+    barrier()
+
+
+def resume_run(run, restore) -> bool:
+    """Load ``run``'s checkpoint (``load_run_checkpoint``) into its model, optimizer and lr
+    schedule, and its step, speed and W&B run, then ``restore(checkpoint)``: the engine's AMP
+    scaler and RNG states, restored when it has built what draws from them. False: a new run."""
+    state = load_run_checkpoint(run.run_dir, run.cfg)
+    if state is None:
+        return False
+    unwrap(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step, run.images_per_second = state["step"], state["images_per_second"]
+    run.wandb_run_id = state["wandb_run_id"]
+    restore(state)
+    return True
+
+
+class StepRules:
+    """What both engines decide after each training step, in one place: log (every
+    ``log_every_steps`` and at ``last_step``), stop (a preemption signal on any process, or
+    ``debug.preempt_at_step``: checkpoint, then exit), evaluate (when the engine says it is due;
+    then checkpoint) and checkpoint (every ``checkpoint_every_minutes``)."""
+
+    def __init__(self, cfg, preemption: Preemption, last_step: int, device):
+        self.cfg, self.preemption, self.last_step, self.device = cfg, preemption, last_step, device
+        self.checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.log_every_steps == 0 or step == self.last_step
+
+    def after_step(self, step: int, evaluation_due: bool, evaluate, save) -> None:
+        """``evaluate()`` (it logs) if ``evaluation_due``; ``save()`` where a checkpoint is due."""
+        if self.cfg.debug.preempt_at_step == step:
+            self.preemption.signum = signal.SIGTERM
+        stop, save_due = between_steps(self.preemption, self.checkpoints, self.device)
+        if stop:
+            save()
+            self.preemption.stop()
+        if evaluation_due:
+            evaluate()
+        if evaluation_due or save_due:
+            save()
+            self.checkpoints.reset()
 
 
 def worker_start_method() -> str | None:
@@ -165,38 +236,14 @@ class TrainingRun:
 
     # -- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
-        check_finite_weights(self.model, self.step, ckpt.checkpoint_path(self.run_dir))
-        if self.env.is_main:
-            ckpt.save_atomic(
-                {
-                    "model": unwrap(self.model).state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "step": self.step,
-                    "rng": ckpt.rng_states(),
-                    "config": resolved(self.cfg),
-                    "images_per_second": self.images_per_second,
-                    "wandb_run_id": self.wandb_run_id,
-                    "provenance": provenance(self.env.device),
-                },
-                ckpt.checkpoint_path(self.run_dir),
-                keep_previous=True,
-            )
-        barrier()
+        save_run(self, self.step, self.scaler)
 
     def resume(self) -> bool:
-        state = load_run_checkpoint(self.run_dir, self.cfg)
-        if state is None:
-            return False
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        return resume_run(self, self.restore_states)
+
+    def restore_states(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_states(state["rng"])
-        self.step, self.images_per_second = state["step"], state["images_per_second"]
-        self.wandb_run_id = state["wandb_run_id"]
-        return True
 
     # -- training ----------------------------------------------------------------------
     def loader(self, dataset, sampler) -> DataLoader:
@@ -212,6 +259,12 @@ class TrainingRun:
             collate_fn=self.collate_fn,
             generator=torch.Generator().manual_seed(self.cfg.seed),
             multiprocessing_context=worker_start_method() if self.cfg.workers else None,
+        )
+
+    def val_sampler(self) -> EpochSampler:
+        """The validation set in order, split over the processes, nothing dropped."""
+        return EpochSampler(
+            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
         )
 
     def train_step(self, batch) -> tuple[torch.Tensor, dict]:
@@ -240,8 +293,14 @@ class TrainingRun:
             mininterval=5,
             dynamic_ncols=True,
         ) as progress:  # closed on errors too
-            checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
+            rules = StepRules(cfg, preemption, self.stop_step, self.env.device)
             first_step, window_start = self.step, None
+
+            def evaluate():
+                nonlocal metrics
+                metrics = self.evaluate()
+                logger.log(metrics, self.step)
+
             while self.step < self.stop_step:
                 epoch, start_batch = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start_batch)
@@ -260,7 +319,7 @@ class TrainingRun:
                         announce_estimate(
                             self.step, first_step, time.perf_counter() - window_start, self.stop_step, self.env
                         )
-                    if self.step % cfg.log_every_steps == 0 or self.step == self.stop_step:
+                    if rules.log_due(self.step):
                         self.images_per_second = images_seen / (time.perf_counter() - tic)
                         logger.log(
                             {
@@ -273,20 +332,8 @@ class TrainingRun:
                             self.step,
                         )
                         progress.set_postfix(loss=f"{loss.item():.3f}")
-                    if cfg.debug.preempt_at_step == self.step:
-                        preemption.signum = signal.SIGTERM
-                    stop, save = between_steps(preemption, checkpoints, self.env.device)
-                    if stop:
-                        self.save()
-                        preemption.stop()
-                    if self.step == self.stop_step or self.evaluation_due():
-                        metrics = self.evaluate()
-                        logger.log(metrics, self.step)
-                        self.save()
-                        checkpoints.reset()
-                    elif save:
-                        self.save()
-                        checkpoints.reset()
+                    due = self.step == self.stop_step or self.evaluation_due()
+                    rules.after_step(self.step, due, evaluate, self.save)
                     if self.step == self.stop_step:
                         break
         return metrics or self.evaluate()
@@ -369,22 +416,45 @@ def announce_estimate(step: int, first_step: int, seconds: float, total_steps: i
         )
 
 
+def start_run(run) -> tuple[dict | None, RunLogger | None]:
+    """Resume ``run`` from its folder (both engines): (its summary, None) where it finished there
+    already; else (None, its logger), having said where it resumes."""
+    resumed = run.resume()
+    summary_path = run.run_dir / "summary.json"
+    if resumed and run.step >= run.stop_step and summary_path.is_file():
+        return json.loads(summary_path.read_text()), None
+    cfg, env = run.cfg, run.env
+    logger = RunLogger(
+        run.run_dir, env.is_main, wandb_options(cfg, run.run_dir), run_record(cfg, env), run.wandb_run_id
+    )
+    run.wandb_run_id = logger.run_id
+    if resumed and env.is_main:
+        print(f"resumed from step {run.step} of {run.stop_step} ({ckpt.checkpoint_path(run.run_dir)})", flush=True)
+    return None, logger
+
+
+def end_run(run, logger: RunLogger, metrics: dict, summary: dict) -> dict:
+    """Log the final metrics and the summary, write model_final.pt and summary.json (both
+    engines); returns the summary, with the config."""
+    logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
+    logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
+    summary["config"] = resolved(run.cfg)
+    summary_path = run.run_dir / "summary.json"
+    if run.env.is_main:
+        ckpt.save_atomic(unwrap(run.model).state_dict(), run.run_dir / "model_final.pt")
+        summary_path.write_text(json.dumps(summary, indent=2))
+    announce_end(summary, summary_path, run.env)
+    return summary
+
+
 def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     """Run (or resume) a ``run_class`` run in ``run_dir``; write summary.json and return it."""
     run = run_class(cfg, run_dir)
-    run_dir = Path(run_dir)
-    resumed = run.resume()
-    summary_path = run_dir / "summary.json"
-    if resumed and run.step >= run.stop_step and summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    logger = RunLogger(
-        run_dir, run.env.is_main, wandb_options(cfg, run_dir), run_record(cfg, run.env), run.wandb_run_id
-    )
-    run.wandb_run_id = logger.run_id
-    if resumed and run.env.is_main:
-        print(f"resumed from step {run.step} of {run.stop_step} ({ckpt.checkpoint_path(run_dir)})", flush=True)
+    finished, logger = start_run(run)
+    if finished is not None:
+        return finished
     preemption = Preemption()
-    announce_start(cfg, run.stop_step, run.step, run.env, run_dir)
+    announce_start(cfg, run.stop_step, run.step, run.env, run.run_dir)
     try:
         metrics = run.fit(logger, preemption)
         summary = {
@@ -393,14 +463,7 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
             "steps": run.step,
             **summary_keys(cfg, run.env, run.norm_schedule),
         }
-        logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
-        logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
-        summary["config"] = resolved(cfg)
-        if run.env.is_main:
-            ckpt.save_atomic(unwrap(run.model).state_dict(), run_dir / "model_final.pt")
-            summary_path.write_text(json.dumps(summary, indent=2))
-        announce_end(summary, summary_path, run.env)
-        return summary
+        return end_run(run, logger, metrics, summary)
     finally:
         preemption.restore()
         logger.finish()

@@ -34,11 +34,9 @@ Choices, and where they differ from detectron2's defaults:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -69,19 +67,23 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ...config import ConfigError, first_line, resolved
 from ...data.faults import SkipUnreadable
-from ...provenance import provenance
 from ...schedules import schedule_norms
 from .. import checkpoint as ckpt
-from ..distributed import Distributed, barrier, init_distributed
-from ..loggers import RunLogger
-from ..run import announce_end, announce_start, load_run_checkpoint, run_record, stop_step, summary_keys, wandb_options
+from ..distributed import Distributed, init_distributed
+from ..run import (
+    StepRules,
+    announce_start,
+    end_run,
+    resume_run,
+    save_run,
+    start_run,
+    stop_step,
+    summary_keys,
+)
 from ..training import (
-    CheckpointTimer,
     Preemption,
-    between_steps,
     build_sgd,
     check_finite,
-    check_finite_weights,
     unwrap,
     wire,
 )
@@ -229,19 +231,20 @@ class Trainer(SimpleTrainer):
 
 
 class RunHook(HookBase):
-    """This suite's logging, evaluation, checkpoints and preemption handling, after each step."""
+    """This suite's step rules (``mabn.engine.run.StepRules``: logging, evaluation, checkpoints,
+    preemption) after each of detectron2's steps; the final evaluation follows training."""
 
     def __init__(self, run: Detectron2Run):
         self.run = run
 
     def before_train(self):
         self.start_iter, self.started, self.excluded = self.trainer.start_iter, time.perf_counter(), 0.0
-        self.checkpoints = CheckpointTimer(self.run.cfg.checkpoint_every_minutes)
+        self.rules = StepRules(self.run.cfg, self.run.preemption, self.trainer.max_iter, self.run.env.device)
 
     def after_step(self):
         run, cfg = self.run, self.run.cfg
         done = self.trainer.iter + 1
-        if done % cfg.log_every_steps == 0 or done == self.trainer.max_iter:
+        if self.rules.log_due(done):
             elapsed = time.perf_counter() - self.started - self.excluded
             run.images_per_second = (done - self.start_iter) * run.images_per_step / max(elapsed, 1e-9)
             trainer = self.trainer
@@ -254,20 +257,9 @@ class RunHook(HookBase):
                 },
                 done,
             )
-        if cfg.debug.preempt_at_step == done:
-            run.preemption.signum = signal.SIGTERM
-        stop, save = between_steps(run.preemption, self.checkpoints, run.env.device)
-        if stop:
-            run.save(done)
-            run.preemption.stop()
         tic = time.perf_counter()
-        if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done != self.trainer.max_iter:
-            run.logger.log(run.evaluate(), done)
-            run.save(done)
-            self.checkpoints.reset()
-        elif save:
-            run.save(done)
-            self.checkpoints.reset()
+        due = bool(cfg.eval_every_steps) and done % cfg.eval_every_steps == 0 and done != self.trainer.max_iter
+        self.rules.after_step(done, due, lambda: run.logger.log(run.evaluate(), done), lambda: run.save(done))
         self.excluded += time.perf_counter() - tic
 
     def after_train(self):
@@ -308,38 +300,14 @@ class Detectron2Run:
         self.logger = self.preemption = self.wandb_run_id = None
 
     def save(self, step: int) -> None:
-        check_finite_weights(self.model, step, self.checkpoint_path)
-        if self.env.is_main:
-            ckpt.save_atomic(
-                {
-                    "model": unwrap(self.model).state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.trainer.scaler.state_dict(),
-                    "iteration": step,
-                    "rng": ckpt.rng_states(),
-                    "config": resolved(self.cfg),
-                    "images_per_second": self.images_per_second,
-                    "wandb_run_id": self.wandb_run_id,
-                    "provenance": provenance(self.env.device),
-                },
-                self.checkpoint_path,
-                keep_previous=True,
-            )
-        barrier()
+        save_run(self, step, self.trainer.scaler)
 
     def resume(self) -> bool:
-        state = load_run_checkpoint(self.run_dir, self.cfg)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.rng_states = state["rng"]  # restored in fit, after everything that draws from them
-        self.scaler_state = state["scaler"]
-        self.step, self.images_per_second = state["iteration"], state["images_per_second"]
-        self.wandb_run_id = state["wandb_run_id"]
-        return True
+        return resume_run(self, self.keep_states)
+
+    def keep_states(self, state: dict) -> None:
+        """The AMP scaler's and RNG states, restored in fit, after everything that draws from them."""
+        self.scaler_state, self.rng_states = state["scaler"], state["rng"]
 
     def evaluate(self) -> dict:
         """COCO box and mask AP (%) on the validation split ("eval/" keys; undefined AP is 0)."""
@@ -419,30 +387,16 @@ def train(cfg, run_dir) -> dict:
     logger = preemption = None
     try:
         run = Detectron2Run(cfg, run_dir, env)
-        resumed = run.resume()
-        summary_path = run_dir / "summary.json"
-        if resumed and run.step >= run.stop_step and summary_path.is_file():
-            return json.loads(summary_path.read_text())
-        run.logger = logger = RunLogger(
-            run_dir, env.is_main, wandb_options(cfg, run_dir), run_record(cfg, env), run.wandb_run_id
-        )
-        run.wandb_run_id = logger.run_id
+        finished, run.logger = start_run(run)
+        if finished is not None:
+            return finished
+        logger = run.logger
         run.preemption = preemption = Preemption()
-        if resumed and env.is_main:
-            print(f"resumed from step {run.step} of {run.stop_step} ({run.checkpoint_path})", flush=True)
         announce_start(cfg, run.stop_step, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
         run.fit()
         metrics = run.evaluate()
         logger.log(metrics, run.step)
-        summary = run.summary(metrics)
-        logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
-        logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
-        summary["config"] = resolved(cfg)
-        if env.is_main:
-            ckpt.save_atomic(unwrap(run.model).state_dict(), run_dir / "model_final.pt")
-            summary_path.write_text(json.dumps(summary, indent=2))
-        announce_end(summary, summary_path, env)
-        return summary
+        return end_run(run, logger, metrics, run.summary(metrics))
     finally:
         if preemption is not None:
             preemption.restore()

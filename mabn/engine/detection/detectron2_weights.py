@@ -4,12 +4,11 @@ detectron2 naming) loaded into detectron2's ResNet. Needs no detectron2 itself."
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
-from ...convert import plain_state_dict
+from ...convert import load_backbone_state, plain_state_dict
 from ...serialization import load_weights_only
 
 _STAGE_LAYER = re.compile(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)")
@@ -56,25 +55,4 @@ def load_backbone_weights(bottom_up: torch.nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights not found: weights={path}; give an existing file or null")
     state, ignored = detectron2_resnet_state(load_weights_only(path))
-    own = bottom_up.state_dict()
-    plain = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in own.items()}
-    wrong = [
-        f"{k} {tuple(v.shape)}!={tuple(plain[k].shape)}"
-        for k, v in state.items()
-        if k in plain and v.shape != plain[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"weights={path} has shape mismatches {wrong[:3]}; save them from the same backbone architecture"
-        )
-    missing, unexpected = bottom_up.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(
-            f"weights={path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}; use weights "
-            "trained with the same backbone and norm layer"
-        )
-    ignored += unexpected
-    if ignored:
-        warnings.warn(
-            f"weights={path}: ignored {len(ignored)} keys the backbone lacks, e.g. {ignored[:3]}", stacklevel=2
-        )
+    load_backbone_state(bottom_up, state, path, ignored)

@@ -9,7 +9,6 @@ from ...data.coco import coco_dataset, collate_detection, num_classes
 from ...detection.coco_eval import detections_to_coco, evaluate_coco
 from ...detection.torchvision_maskrcnn import build_maskrcnn
 from ..run import TrainingRun, run_training
-from ..sampling import EpochSampler
 from ..training import norm_layer_from_config
 from .common import check_start, split_paths
 
@@ -69,11 +68,8 @@ class DetectionRun(TrainingRun):
     def evaluate(self) -> dict:
         """COCO box and mask AP (%) on the validation images, over all processes."""
         self.model.eval()
-        sampler = EpochSampler(
-            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
-        )
         detections = {}  # image id -> its detections (an unreadable image's stand-in appears twice)
-        for images, targets in self.loader(self.val_set, sampler):
+        for images, targets in self.loader(self.val_set, self.val_sampler()):
             with torch.autocast(self.env.device.type, enabled=self.amp):
                 outputs = self.model([image.to(self.env.device) for image in images])
             for output, target in zip(outputs, targets):
