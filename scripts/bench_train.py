@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 import mabn.fused
-from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting, training_case
+from mabn.benchmark import (
+    command,
+    markdown_table,
+    paired_ratio,
+    round_robin,
+    setting,
+    training_case,
+    training_step_saved_bytes,
+)
 from mabn.export import build_model
 from mabn.external import load_module
 from mabn.models import build_classifier
@@ -44,6 +52,8 @@ CASES = [
     ("evonorm_s0", "evonorm_s0", {}),
     ("frn", "frn", {}),
     ("gn_ws", "gn_ws", {}),
+    # MABN's relative
+    ("powernorm (norm. batch 2)", "powernorm", {"normalization_batch": 2}),
 ]
 
 
@@ -119,20 +129,24 @@ def main(argv=None):
     if args.authors_cbn:
         model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
         runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    # bytes saved for the backward by a whole training step, in fp32 (exact, the same on any device)
+    saved = {label: training_step_saved_bytes(model, images, labels) for label, (model, _) in runs.items()}
     cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
     times = round_robin(cases, args.steps, warmup=1, device=args.device)
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
     lines = [
         f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
         f"{args.batch}, {setting(args.device)}, median of {args.steps} steps (round robin, after one warm-up); "
-        "ratio: the median over steps of bn's step time over the norm's.",
+        "ratio: the median over steps of bn's step time over the norm's; saved: the bytes a training step "
+        "keeps for its backward (saved-tensor hooks, fp32), over bn's.",
         "",
         command(),
         "",
         *markdown_table(
-            ["norm", "images/s", "ratio to bn"],
+            ["norm", "images/s", "ratio to bn", "saved for backward, ratio to bn"],
             [
                 [label, f"{value:.1f}", f"{paired_ratio(times['bn'], times[label]):.2f}"]
+                + [f"{saved[label] / saved['bn']:.2f}"]
                 for label, value in speed.items()
             ],
         ),
