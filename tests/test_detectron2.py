@@ -318,7 +318,16 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
         tmp_path / "checkpoint.pt",
     )
     trainer.register_hooks(
-        [RunHook(SimpleNamespace(save=saved.append, cfg=SimpleNamespace(checkpoint_every_minutes=10)))]
+        [
+            RunHook(
+                SimpleNamespace(
+                    save=saved.append,
+                    cfg=SimpleNamespace(checkpoint_every_minutes=10),
+                    preemption=None,
+                    env=SimpleNamespace(device=torch.device("cpu")),
+                )
+            )
+        ]
     )
     with pytest.raises(
         FloatingPointError,
