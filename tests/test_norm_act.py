@@ -1,0 +1,78 @@
+"""The norm + activation layers that keep only their input for the backward: FRN + TLU against a
+slow reference from the paper's formulas (Singh & Krishnan, CVPR 2020) and against timm's layer,
+forward and backward, and what they save."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import mabn
+from mabn.benchmark import saved_bytes
+from mabn.norms.norm_act import _FRNFunction
+
+
+def reference_frn(x, gamma, beta, tau, eps):
+    """nu2 = mean over H, W of x^2; y = gamma x / sqrt(nu2 + eps) + beta; TLU: max(y, tau)."""
+    nu2 = x.square().mean((2, 3), keepdim=True)
+    y = gamma.view(1, -1, 1, 1) * x / torch.sqrt(nu2 + eps) + beta.view(1, -1, 1, 1)
+    return torch.maximum(y, tau.view(1, -1, 1, 1)) if tau is not None else y
+
+
+def frn(channels, apply_act, dtype=torch.float64):
+    layer = mabn.build_norm("frn", channels, apply_act=apply_act, dtype=dtype)
+    layer.wired = True  # on its own, outside a model
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-1, 1)
+    return layer
+
+
+@pytest.mark.parametrize("apply_act", [True, False])
+def test_frn_matches_the_formulas_forward_and_backward(apply_act):
+    layer = frn(6, apply_act)
+    params = [p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias, layer.tau) if p is not None]
+    x = (torch.randn(4, 6, 5, 7, dtype=torch.float64) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    dy = torch.randn(4, 6, 5, 7, dtype=torch.float64)
+    y, expected = layer(x), reference_frn(x_ref, *params, *([None] if not apply_act else []), layer.eps)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y.backward(dy)
+    expected.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    ours = [p.grad for p in (layer.weight, layer.bias, layer.tau) if p is not None]
+    for got, want in zip(ours, [p.grad for p in params]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_frn_backward_is_the_derivative_of_its_forward():
+    layer = frn(3, True)
+    inputs = [torch.randn(2, 3, 4, 4, dtype=torch.float64)] + [layer.weight, layer.bias, layer.tau]
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: _FRNFunction.apply(*a, 1e-5), inputs)
+
+
+@pytest.mark.parametrize("apply_act", [True, False])
+def test_frn_equals_timms_layer_in_float32(apply_act):
+    ours = frn(16, apply_act, torch.float32)
+    theirs = timm.layers.FilterResponseNormTlu2d(16, apply_act=apply_act)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 16, 14, 14) * 2 + 0.5
+    dy = torch.randn_like(x)
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results.append([y, xi.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frn_saves_its_input_only_half_of_timms_and_less_than_bn_relu():
+    x, dy = torch.randn(8, 32, 14, 14, requires_grad=True), torch.randn(8, 32, 14, 14)
+    size = x.numel() * x.element_size()
+    ours = saved_bytes(frn(32, True, torch.float32), x, dy)
+    theirs = saved_bytes(timm.layers.FilterResponseNormTlu2d(32), x, dy)
+    bn_relu = saved_bytes(nn.Sequential(nn.BatchNorm2d(32), nn.ReLU()), x, dy)
+    assert ours < 1.01 * size and ours <= theirs / 2 and ours < bn_relu
