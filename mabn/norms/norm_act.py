@@ -43,14 +43,61 @@ class EvoNormB0(NeedsWiring, EvoNorm2dB0):
         return torch.cat([super(EvoNormB0, self).forward(part) for part in x.chunk(groups)])
 
 
+class _EvoNormS0Function(torch.autograd.Function):
+    """EvoNorm-S0 with its activation, ``x sigmoid(v x) / group_std(x) * gamma + beta``, keeping only
+    x (and the parameters) for the backward: the sigmoid, the group statistics and the normalized
+    value are recomputed there, where autograd through timm's layer keeps about six tensors of
+    x's size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, v, groups, eps):
+        ctx.save_for_backward(x, weight, bias, v)
+        ctx.groups, ctx.eps = groups, eps
+        return _evonorm_s0(x, weight, bias, v, groups, eps)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, v = ctx.saved_tensors
+        y, n, gate, std = _evonorm_s0(x, weight, bias, v, ctx.groups, ctx.eps)
+        shape, channels = x.shape, (0, 2, 3)
+        dn = dy * weight.view(1, -1, 1, 1)
+        grouped = lambda t: t.reshape(shape[0], ctx.groups, -1)
+        # n = a / std with a = x sigmoid(v x): through a, and through std = sqrt(var + eps) (biased)
+        da = dn / std
+        centered = grouped(x) - grouped(x).mean(-1, keepdim=True)
+        dstd = -(grouped(dn) * grouped(n)).sum(-1, keepdim=True) / grouped(std)[..., :1]
+        through_std = (dstd * centered / (grouped(std)[..., :1] * centered.shape[-1])).reshape(shape)
+        vx = v.view(1, -1, 1, 1) * x
+        dx = da * gate * (1 + vx * (1 - gate)) + through_std
+        dv = (da * x * x * gate * (1 - gate)).sum(channels)
+        return dx, (dy * n).sum(channels), dy.sum(channels), dv, None, None
+
+
+def _evonorm_s0(x, weight, bias, v, groups, eps):
+    """(output, normalized value, sigmoid gate, group std as x's shape) of timm's EvoNorm2dS0 with
+    its activation (whose variance is float32 for float64 inputs too; here float64 stays so)."""
+    b, c, h, w = x.shape
+    grouped = x.to(accumulation_dtype(x)).reshape(b, groups, -1)
+    std = grouped.var(dim=2, unbiased=False, keepdim=True).add(eps).sqrt().to(x.dtype)
+    std = std.expand(b, groups, c // groups * h * w).reshape(x.shape)
+    gate = (x * v.view(1, -1, 1, 1).to(x.dtype)).sigmoid()
+    n = x * gate / std
+    y = n * weight.view(1, -1, 1, 1).to(x.dtype) + bias.view(1, -1, 1, 1).to(x.dtype)
+    return y, n, gate, std
+
+
 class EvoNormS0(NeedsWiring, EvoNorm2dS0):
-    """timm's EvoNorm-S0 (group statistics, no batch dependence)."""
+    """timm's EvoNorm-S0 (group statistics, no batch dependence), trained with its activation
+    through one autograd function that keeps only its input for the backward
+    (``_EvoNormS0Function``); without the activation it is timm's affine."""
 
     wiring = TAKES_ACTIVATION
 
     def forward(self, x):
         self.check_wired()
-        return super().forward(x)
+        if self.v is None or not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _EvoNormS0Function.apply(x, self.weight, self.bias, self.v, self.groups, self.eps)
 
 
 class _FRNFunction(torch.autograd.Function):
