@@ -201,7 +201,7 @@ def test_converting_a_mobile_net_to_bn_keeps_its_outputs(net):
     original = MOBILE_NETS[net]().double()
     eps = {m.eps for m in original.modules() if isinstance(m, nn.BatchNorm2d)}.pop()  # 1e-3 in torchvision's
     converted = mabn.convert_model(copy.deepcopy(original), "bn", eps=eps)
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     outputs = []
     for model in (converted, original):
         torch.manual_seed(1)  # the same dropout masks
@@ -217,7 +217,7 @@ def test_every_norm_converts_a_mobile_net_trains_evaluates_and_folds(net, name):
     options = {**OPTIONS.get(name, {}), **({"burnin": 1} if name == "cbn" else {})}
     model = mabn.convert_model(MOBILE_NETS[net]().double(), name, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     for _ in range(3):
         optimizer.zero_grad()
         model(x).square().mean().backward()
