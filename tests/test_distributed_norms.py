@@ -50,6 +50,7 @@ def worker(rank, port, name):
 def check_statistics(rank, name):
     torch.manual_seed(0)
     norm = mabn.build_norm(name, 4, **OPTIONS[name])
+    norm.wired = True  # on its own, outside a model: nothing to wire
     reference = copy.deepcopy(norm)
     # broadcast_buffers=False: no process overwrites the others' statistics (as in training)
     model = DistributedDataParallel(nn.Sequential(norm), broadcast_buffers=False)
