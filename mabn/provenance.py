@@ -37,7 +37,8 @@ def machine(device) -> str:
 @functools.cache
 def source() -> dict:
     """The git commit of the checkout this package is imported from, and whether tracked files
-    differ from it (``dirty``); both None for an installed copy outside a checkout."""
+    differ from it (``dirty``; the reports and kept summaries under ``results/``, which a study
+    rewrites as its runs finish, do not count); both None for an installed copy outside a checkout."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args) -> str | None:
@@ -49,7 +50,8 @@ def source() -> dict:
 
     if git("rev-parse", "--show-toplevel") != str(root):
         return {"commit": None, "dirty": None}
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
 def version(package: str) -> str | None:
