@@ -25,6 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
@@ -48,6 +49,7 @@ RESNET50_SHAPES = [
 ]
 QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
 BATCH_NORMS = ("bn", "brn", "mabn", "evonorm_b0")
+TIMM_LAYERS = {"evonorm_s0": timm.layers.EvoNorm2dS0, "frn": timm.layers.FilterResponseNormTlu2d}
 # cbn and gn_ws act through the conv that feeds them (Taylor step, weight standardization): a layer
 # alone would leave that out, so scripts/bench_train.py times them in a training step
 
@@ -65,6 +67,9 @@ def cases(norms, normalization_batches, authors, packages):
                 if name == "mabn":  # window = 32 / normalization batch, past its warm-up
                     options.update(sma_window=max(1, 32 // nb), warmup_iters=0, renorm_warmup_iters=0)
                 yield f"{label} [{tag}]" if tag else label, package.norm_layer(name, **options)
+    for name in norms:  # the timm layers ours are built from, as timm trains them (autograd)
+        if name in TIMM_LAYERS:
+            yield f"timm's {TIMM_LAYERS[name].__name__}", TIMM_LAYERS[name]
     if authors:
         yield "authors' MABN.py (batch 32)", lambda c: authors.MABN2d(c, B=32, real_B=512, warmup_iters=0)
 
