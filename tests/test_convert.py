@@ -192,7 +192,7 @@ MOBILE_NETS = {  # models nobody here wrote: grouped and depthwise convs, widths
     "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=4),
     "efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=4),  # timm's BatchNormAct2d
 }
-FOLDABLE = {"bn", "brn", "cbn", "mabn"}  # and powernorm without group scaling (scaling_groups=None), not its default
+FOLDABLE = {"bn", "syncbn", "brn", "cbn", "mabn"}  # and powernorm without group scaling (scaling_groups=None), not its default
 
 
 @pytest.mark.parametrize("net", sorted(MOBILE_NETS))
@@ -210,7 +210,7 @@ def test_converting_a_mobile_net_to_bn_keeps_its_outputs(net):
 
 
 @pytest.mark.parametrize("net", sorted(MOBILE_NETS))
-@pytest.mark.parametrize("name", sorted(set(mabn.NORMS) - {"syncbn"}))
+@pytest.mark.parametrize("name", sorted(mabn.NORMS))
 def test_every_norm_converts_a_mobile_net_trains_evaluates_and_folds(net, name):
     """In float64: buffers follow the model's dtype (a float64 model converted to mabn used to fail
     in eval); CBN takes grouped and depthwise convs; the group norms pick a group count per layer."""
