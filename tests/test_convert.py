@@ -192,7 +192,7 @@ MOBILE_NETS = {  # models nobody here wrote: grouped and depthwise convs, widths
     "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=4),
     "efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=4),  # timm's BatchNormAct2d
 }
-FOLDABLE = {"bn", "syncbn", "brn", "cbn", "mabn"}  # and powernorm without group scaling (scaling_groups=None), not its default
+FOLDABLE = {"bn", "syncbn", "brn", "cbn", "mabn"}  # and powernorm without group scaling (not its default)
 
 
 @pytest.mark.parametrize("net", sorted(MOBILE_NETS))

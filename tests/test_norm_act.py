@@ -52,6 +52,14 @@ def test_frn_backward_is_the_derivative_of_its_forward():
     assert torch.autograd.gradcheck(lambda *a: _FRNFunction.apply(*a, 1e-5), inputs)
 
 
+def outputs_and_gradients(layer, x, dy):
+    """The layer's output on ``x``, and the gradients of x and of its parameters for ``dy``."""
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return [y, x.grad, *(p.grad for p in layer.parameters())]
+
+
 @pytest.mark.parametrize("apply_act", [True, False])
 def test_frn_equals_timms_layer_in_float32(apply_act):
     ours = frn(16, apply_act, torch.float32)
@@ -59,13 +67,7 @@ def test_frn_equals_timms_layer_in_float32(apply_act):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(8, 16, 14, 14) * 2 + 0.5
     dy = torch.randn_like(x)
-    results = []
-    for layer in (ours, theirs):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(dy)
-        results.append([y, xi.grad, *(p.grad for p in layer.parameters())])
-    for got, want in zip(*results):
+    for got, want in zip(outputs_and_gradients(ours, x, dy), outputs_and_gradients(theirs, x, dy)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -117,13 +119,7 @@ def test_evonorm_s0_equals_timms_layer_in_float32_and_saves_a_fifth_of_it():
     theirs = timm.layers.EvoNorm2dS0(32, groups=4)
     theirs.load_state_dict(ours.state_dict())
     x, dy = torch.randn(8, 32, 14, 14) * 2 + 0.5, torch.randn(8, 32, 14, 14)
-    results = []
-    for layer in (ours, theirs):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(dy)
-        results.append([y, xi.grad, *(p.grad for p in layer.parameters())])
-    for got, want in zip(*results):
+    for got, want in zip(outputs_and_gradients(ours, x, dy), outputs_and_gradients(theirs, x, dy)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     x.requires_grad_()
     size = x.numel() * x.element_size()
