@@ -53,37 +53,37 @@ class _EvoNormS0Function(torch.autograd.Function):
     def forward(ctx, x, weight, bias, v, groups, eps):
         ctx.save_for_backward(x, weight, bias, v)
         ctx.groups, ctx.eps = groups, eps
-        return _evonorm_s0(x, weight, bias, v, groups, eps)[0]
+        n = _evonorm_s0(x, v, groups, eps)[0]
+        return n * weight.view(1, -1, 1, 1).to(x.dtype) + bias.view(1, -1, 1, 1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, v = ctx.saved_tensors
-        y, n, gate, std = _evonorm_s0(x, weight, bias, v, ctx.groups, ctx.eps)
-        shape, channels = x.shape, (0, 2, 3)
-        dn = dy * weight.view(1, -1, 1, 1)
-        grouped = lambda t: t.reshape(shape[0], ctx.groups, -1)
+        n, gate, std = _evonorm_s0(x, v, ctx.groups, ctx.eps)
+        grouped = lambda t: t.reshape(x.shape[0], ctx.groups, -1)
+        channels = (0, 2, 3)
         # n = a / std with a = x sigmoid(v x): through a, and through std = sqrt(var + eps) (biased)
-        da = dn / std
+        dn = grouped(dy * weight.view(1, -1, 1, 1))
+        da = (dn / std).reshape(x.shape)
         centered = grouped(x) - grouped(x).mean(-1, keepdim=True)
-        dstd = -(grouped(dn) * grouped(n)).sum(-1, keepdim=True) / grouped(std)[..., :1]
-        through_std = (dstd * centered / (grouped(std)[..., :1] * centered.shape[-1])).reshape(shape)
+        dstd = -(dn * grouped(n)).sum(-1, keepdim=True) / std
+        through_std = (dstd * centered / (std * centered.shape[-1])).reshape(x.shape)
         vx = v.view(1, -1, 1, 1) * x
         dx = da * gate * (1 + vx * (1 - gate)) + through_std
         dv = (da * x * x * gate * (1 - gate)).sum(channels)
         return dx, (dy * n).sum(channels), dy.sum(channels), dv, None, None
 
 
-def _evonorm_s0(x, weight, bias, v, groups, eps):
-    """(output, normalized value, sigmoid gate, group std as x's shape) of timm's EvoNorm2dS0 with
-    its activation (whose variance is float32 for float64 inputs too; here float64 stays so)."""
-    b, c, h, w = x.shape
-    grouped = x.to(accumulation_dtype(x)).reshape(b, groups, -1)
-    std = grouped.var(dim=2, unbiased=False, keepdim=True).add(eps).sqrt().to(x.dtype)
-    std = std.expand(b, groups, c // groups * h * w).reshape(x.shape)
+def _evonorm_s0(x, v, groups, eps):
+    """(normalized value, sigmoid gate, group std of shape (batch, groups, 1)) of timm's
+    EvoNorm2dS0 with its activation, before its affine (timm's variance is float32 for float64
+    inputs too; here float64 stays so)."""
+    b = x.shape[0]
+    std = x.to(accumulation_dtype(x)).reshape(b, groups, -1).var(dim=2, unbiased=False, keepdim=True)
+    std = std.add(eps).sqrt().to(x.dtype)
     gate = (x * v.view(1, -1, 1, 1).to(x.dtype)).sigmoid()
-    n = x * gate / std
-    y = n * weight.view(1, -1, 1, 1).to(x.dtype) + bias.view(1, -1, 1, 1).to(x.dtype)
-    return y, n, gate, std
+    n = ((x * gate).reshape(b, groups, -1) / std).reshape(x.shape)
+    return n, gate, std
 
 
 class EvoNormS0(NeedsWiring, EvoNorm2dS0):
