@@ -3,6 +3,7 @@ so tests can check what was logged without a server."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -33,15 +34,29 @@ def records(path):
             yield record
 
 
+def finished_records(path, timeout: float = 60.0) -> list:
+    """The records of a finished offline run, read once its file ends with the exit record: W&B's
+    writer process can still be flushing the file after ``wandb.finish()`` has returned (seen once
+    in CI: the file read back without its run record, which was there a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(records(path))
+        if (found and found[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def run_group(run_file) -> str:
     """The W&B group an offline run file was started in."""
-    return next(record.run.run_group for record in records(run_file) if record.WhichOneof("record_type") == "run")
+    return next(
+        record.run.run_group for record in finished_records(run_file) if record.WhichOneof("record_type") == "run"
+    )
 
 
 def history_and_config(run_file):
     """(list of logged dicts, config dict) of an offline run file."""
     history, config = [], {}
-    for record in records(run_file):
+    for record in finished_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append(
