@@ -1,14 +1,18 @@
 """Measuring what a norm costs: bytes saved for the backward (counted with saved-tensor hooks, so
-exact and device independent), for one layer or a model's whole training step; and the one
-timing loop and table pieces every ``scripts/bench_*.py`` uses (round robin, medians, ratios
-taken in the same run, the machine line, markdown)."""
+exact and device independent), for one layer or a model's whole training step, and the peak memory
+a step adds; and the one timing loop and table pieces every ``scripts/bench_*.py`` uses (round
+robin, medians, ratios taken in the same run, the machine line, markdown)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +45,53 @@ def training_step_saved_bytes(model: nn.Module, images: torch.Tensor, labels: to
     """Bytes a classifier's training step (forward, cross-entropy, backward) saves for its backward."""
     loss = _Loss(model, labels)
     return saved_bytes(loss, images, torch.ones(()))
+
+
+def peak_bytes(call: Callable[[], object], device) -> int | None:
+    """The peak memory ``call`` adds above what was in use before it: CUDA's
+    ``max_memory_allocated`` on a GPU; on Linux CPUs, the peak of the process's resident memory
+    (``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc's ``malloc`` told to give every
+    block of 64 KiB or more back to the system when freed (``_follow_live_memory``), so that the
+    resident memory follows the live tensors. None where neither is available."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    if not _follow_live_memory():
+        return None
+    before = _process_memory("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the present
+    call()
+    return _process_memory("VmHWM") - before
+
+
+def _process_memory(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _follow_live_memory() -> bool:
+    """Set glibc's mmap threshold to 64 KiB (which also turns its adjustment off) and its trim
+    threshold to 0; whether that, and the /proc files ``peak_bytes`` reads, are available."""
+    if not Path("/proc/self/clear_refs").exists():
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 64 * 1024)) and bool(mallopt(m_trim_threshold, 0))
 
 
 class _Loss(nn.Module):

@@ -13,6 +13,7 @@ with AMP and channels_last on CUDA as in train_imagenet.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mabn.benchmark import (
     command,
     markdown_table,
     paired_ratio,
+    peak_bytes,
     round_robin,
     setting,
     training_case,
@@ -133,20 +135,25 @@ def main(argv=None):
     saved = {label: training_step_saved_bytes(model, images, labels) for label, (model, _) in runs.items()}
     cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
     times = round_robin(cases, args.steps, warmup=1, device=args.device)
+    peaks = {label: peak_bytes(functools.partial(case, 0), args.device) for label, case in cases.items()}
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
+    peak = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / 2**20:.0f}"
+    peak_ratio = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / peaks['bn']:.2f}"
     lines = [
         f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
         f"{args.batch}, {setting(args.device)}, median of {args.steps} steps (round robin, after one warm-up); "
         "ratio: the median over steps of bn's step time over the norm's; saved: the bytes a training step "
-        "keeps for its backward (saved-tensor hooks, fp32), over bn's.",
+        "keeps for its backward (saved-tensor hooks, fp32), over bn's; peak: the memory one more step adds at "
+        "its peak above what was in use before it (CUDA's max_memory_allocated; on CPU the process's peak "
+        "resident memory, mabn.benchmark.peak_bytes).",
         "",
         command(),
         "",
         *markdown_table(
-            ["norm", "images/s", "ratio to bn", "saved for backward, ratio to bn"],
+            ["norm", "images/s", "ratio to bn", "saved for backward, ratio to bn", "peak MiB", "peak, ratio to bn"],
             [
                 [label, f"{value:.1f}", f"{paired_ratio(times['bn'], times[label]):.2f}"]
-                + [f"{saved[label] / saved['bn']:.2f}"]
+                + [f"{saved[label] / saved['bn']:.2f}", peak(label), peak_ratio(label)]
                 for label, value in speed.items()
             ],
         ),

@@ -11,8 +11,10 @@ from timm.layers import EvoNorm2dS0
 from torch import nn
 
 import mabn
+from mabn.benchmark import saved_bytes
 from mabn.centralization import is_centralized
 from mabn.detection.torchvision_maskrcnn import build_maskrcnn
+from mabn.norms.group_norm import StandardizeWeight
 from mabn.norms.wired import NeedsWiring
 from mabn.wiring import conv_norm_pairs
 
@@ -126,6 +128,20 @@ def test_wiring_is_idempotent_and_unknown_blocks_keep_their_activation_with_a_wa
     with pytest.warns(UserWarning, match="keep their activation"):
         custom = mabn.wire_norms(Custom())
     assert activates(custom.norm)
+
+
+def test_weight_standardization_backward_is_the_formulas_and_keeps_only_the_weight():
+    weight = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    standardize = StandardizeWeight(1e-3)
+    assert torch.autograd.gradcheck(standardize, [weight])
+    flat = weight.flatten(1)
+    formula = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-3)
+    grad = torch.randn(6, 27, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(formula, weight, grad)
+    (got,) = torch.autograd.grad(standardize(weight), weight, grad.view(6, 3, 3, 3))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    kept = saved_bytes(standardize, weight, grad.view(6, 3, 3, 3))
+    assert kept == weight.numel() * 8 + 2 * 6 * 8  # the weight and a mean and an inverse std per channel
 
 
 def test_gn_ws_standardizes_the_convs_that_feed_it():

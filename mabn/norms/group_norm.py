@@ -39,6 +39,27 @@ class InstanceNorm2d(GroupNorm):
         super().__init__(num_channels, num_channels, eps, affine, device, dtype)
 
 
+class _StandardizeFunction(torch.autograd.Function):
+    """``(W - mean(W)) / sqrt(var(W) + eps)`` per output channel, keeping only W and two values
+    per output channel for the backward (autograd through the formula keeps three weight-sized
+    tensors beside the standardized weight the conv keeps)."""
+
+    @staticmethod
+    def forward(ctx, weight, eps):
+        flat = weight.flatten(1)
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        inv = torch.rsqrt(var + eps)
+        ctx.save_for_backward(weight, mean, inv)
+        return ((flat - mean) * inv).view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mean, inv = ctx.saved_tensors
+        standardized, grad = (weight.flatten(1) - mean) * inv, grad.flatten(1)
+        dweight = inv * (grad - grad.mean(1, keepdim=True) - standardized * (grad * standardized).mean(1, keepdim=True))
+        return dweight.view_as(weight), None
+
+
 class StandardizeWeight(nn.Module):
     """Weight Standardization (Qiao et al., 2019): ``(W - mean(W)) / sqrt(var(W) + eps)`` per
     output channel over (in_channels, kh, kw), biased variance, eps 1e-6 (timm's ``StdConv2d``)."""
@@ -48,9 +69,7 @@ class StandardizeWeight(nn.Module):
         self.eps = eps
 
     def forward(self, weight):
-        flat = weight.flatten(1)
-        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
-        return ((flat - mean) * torch.rsqrt(var + self.eps)).view_as(weight)
+        return _StandardizeFunction.apply(weight, self.eps)
 
 
 class GroupNormWS(NeedsWiring, GroupNorm):

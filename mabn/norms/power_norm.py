@@ -19,26 +19,39 @@ def group_scaling(x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tens
     return (grouped * torch.rsqrt(grouped.square().mean(2, keepdim=True) + eps)).reshape(x.shape)
 
 
+def group_scaling_backward(grad: torch.Tensor, x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """The gradient of x through ``group_scaling``: ``r (g - x r mean(g x r))``, the mean over each
+    group's channels, r the root's inverse."""
+    n, c = x.shape[:2]
+    grouped, grad = x.reshape(n, groups, c // groups, *x.shape[2:]), grad.reshape(n, groups, c // groups, *x.shape[2:])
+    inverse = torch.rsqrt(grouped.square().mean(2, keepdim=True) + eps)
+    scaled = grouped * inverse
+    return (inverse * (grad - scaled * (grad * scaled).mean(2, keepdim=True))).reshape(x.shape)
+
+
 class _PowerFunction(torch.autograd.Function):
     """``y = gamma * x / sqrt(divisor + eps) + beta`` per (group, channel); the authors' approximate
     backward, one group after the other (each is a step of their iteration):
     ``g~ = gamma * dy - (1 - alpha_bkw) * u * z``, ``u <- u + mean(g~ * z)``, ``dx = g~ / sqrt(s + eps)``,
     with z the forward's normalized x, s the group's own mean square (the authors divide by it even
     after warm-up, where the forward divided by the running value) and u the buffer ``ema_gz``,
-    advanced here in place. Saves x and (G, C) values."""
+    advanced here in place. ``x`` is the group-scaled input (``group_scaling`` of ``unscaled``
+    with ``scaling_groups``, or ``unscaled`` itself for None): only ``unscaled`` and (G, C) values
+    are kept, and the scaling is recomputed and differentiated in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, second_moment, divisor, ema_gz, alpha_bkw, eps):
+    def forward(ctx, unscaled, x, weight, bias, second_moment, divisor, ema_gz, alpha_bkw, eps, scaling_groups):
         scale = weight * torch.rsqrt(divisor + eps)
         y = x * per_sample(scale, len(x)).to(x.dtype) + bias.to(x.dtype)[:, None, None]
-        ctx.save_for_backward(x, weight, second_moment, divisor)
-        ctx.ema_gz, ctx.alpha_bkw, ctx.eps = ema_gz, alpha_bkw, eps
+        ctx.save_for_backward(unscaled, weight, second_moment, divisor)
+        ctx.ema_gz, ctx.alpha_bkw, ctx.eps, ctx.scaling_groups = ema_gz, alpha_bkw, eps, scaling_groups
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, second_moment, divisor = ctx.saved_tensors
-        groups = divisor.shape[0]
+        unscaled, weight, second_moment, divisor = ctx.saved_tensors
+        groups, scaling = divisor.shape[0], ctx.scaling_groups
+        x = unscaled if scaling is None else group_scaling(unscaled, scaling)
         dtype = second_moment.dtype  # the statistics' precision (fp32 under autocast)
         xg, dyg = group_view(x, groups).to(dtype), group_view(dy, groups).to(dtype)
         z = xg * torch.rsqrt(divisor + ctx.eps)[:, None, :, None]
@@ -51,7 +64,10 @@ class _PowerFunction(torch.autograd.Function):
             dx[k] = approximate * torch.rsqrt(second_moment[k] + ctx.eps)[:, None]
         ctx.ema_gz.copy_(u)
         dweight = (dyg * z).sum(dim=(0, 1, 3))
-        return dx.view(x.shape).to(dy.dtype), dweight, dyg.sum(dim=(0, 1, 3)), None, None, None, None, None
+        dx = dx.view(x.shape).to(dy.dtype)
+        if scaling is not None:
+            dx = group_scaling_backward(dx, unscaled, scaling)
+        return dx, None, dweight, dyg.sum(dim=(0, 1, 3)), *[None] * 6
 
 
 class PowerNorm2d(nn.Module):
@@ -60,7 +76,7 @@ class PowerNorm2d(nn.Module):
 
     Per channel, training step t (counted from 1, one step per normalization batch, groups of a
     batch in order): group scaling first (``scaling_groups`` groups of channels at each position
-    divided by their root mean square, ordinary autograd; None turns it off), then the batch's
+    divided by their root mean square, recomputed in the backward; None turns it off), then the batch's
     mean square s = mean(x^2) (no mean subtracted); ``z = x / sqrt(s + eps)`` while t <=
     ``warmup_iters``, else ``x / sqrt(phi + eps)`` with the running ``phi`` before this step; then
     ``phi <- phi (t - 1) / t + s / t`` while t < ``warmup_iters`` and always ``phi <- alpha_fwd phi
@@ -119,16 +135,26 @@ class PowerNorm2d(nn.Module):
         return self.weight * torch.rsqrt(self.running_phi + self.eps)
 
     def forward(self, x):
-        if self.scaling_groups is not None:
-            x = group_scaling(x, self.scaling_groups)
         if not self.training:
+            if self.scaling_groups is not None:
+                x = group_scaling(x, self.scaling_groups)
             zero = torch.zeros_like(self.running_phi)
             return F.batch_norm(x, zero, self.running_phi, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(x.shape[0], self.normalization_batch)
         with torch.no_grad():
-            second_moment, divisor = self._statistics(x.detach(), groups)
+            scaled = x if self.scaling_groups is None else group_scaling(x, self.scaling_groups)
+            second_moment, divisor = self._statistics(scaled, groups)
         return _PowerFunction.apply(
-            x, self.weight, self.bias, second_moment, divisor, self.ema_gz, self.alpha_bkw, self.eps
+            x,
+            scaled,
+            self.weight,
+            self.bias,
+            second_moment,
+            divisor,
+            self.ema_gz,
+            self.alpha_bkw,
+            self.eps,
+            self.scaling_groups,
         )
 
     def _statistics(self, x, groups: int):
