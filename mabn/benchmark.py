@@ -61,7 +61,7 @@ def peak_bytes(call: Callable[[], object], device) -> int | None:
         call()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    if not _follow_live_memory():
+    if not follow_live_memory():
         return None
     before = _process_memory("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the present
@@ -77,9 +77,11 @@ def _process_memory(field: str) -> int:
     raise KeyError(field)
 
 
-def _follow_live_memory() -> bool:
-    """Set glibc's mmap threshold to 64 KiB (which also turns its adjustment off) and its trim
-    threshold to 0; whether that, and the /proc files ``peak_bytes`` reads, are available."""
+def follow_live_memory() -> bool:
+    """Make glibc's ``malloc`` give every block of 64 KiB or more back to the system when it is freed
+    (its mmap threshold set, which also turns its adjustment off; trim threshold 0), so that the
+    process's resident memory follows the live tensors; whether that, and the /proc files
+    ``peak_bytes`` reads, are available."""
     if not Path("/proc/self/clear_refs").exists():
         return False
     name = ctypes.util.find_library("c")

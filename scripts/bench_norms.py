@@ -18,7 +18,6 @@ the warm-up step, which is not timed.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import math
 import os
@@ -32,7 +31,7 @@ from torch import nn
 
 import mabn
 import mabn.fused
-from mabn.benchmark import command, markdown_table, peak_bytes, round_robin, saved_bytes, setting
+from mabn.benchmark import command, markdown_table, round_robin, saved_bytes, setting
 from mabn.external import load_module
 from mabn.studies.reporting import publish
 
@@ -139,13 +138,11 @@ def layer_case(layer, x, dy, dtype=None):
 
 
 def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=False):
-    """({label: median seconds per shape}, {label: saved bytes per shape / bytes of x}, {label: peak
-    bytes of a forward and backward per shape / bytes of x}); under autocast to ``dtype`` if given (x
-    in that dtype, as a conv under autocast gives it)."""
+    """({label: median seconds per shape}, {label: saved bytes per shape / bytes of x}); under
+    autocast to ``dtype`` if given (x in that dtype, as a conv under autocast gives it)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     times = {label: [] for label in layers}
     saved = {label: [] for label in layers}
-    peaks = {label: [] for label in layers}
     for channels, height, width in shapes:
         x = torch.randn(batch, channels, height, width, device=device, dtype=dtype)
         x = x.contiguous(memory_format=memory_format).requires_grad_()
@@ -159,17 +156,15 @@ def benchmark(shapes, batch, layers, repeats, device, dtype=None, channels_last=
         samples = round_robin(cases, repeats, warmup=0, device=device)  # saved_bytes was the warm-up
         for label, values in samples.items():
             times[label].append(statistics.median(values))
-            peak = peak_bytes(functools.partial(cases[label], 0), device)
-            peaks[label].append(None if peak is None else peak / (x.numel() * x.element_size()))
-    return times, saved, peaks
+    return times, saved
 
 
 def geometric_mean(values) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
-def table(times, saved, peaks, shapes, title):
-    """Per-shape ratios to nn.BatchNorm2d, their geometric mean and maximum, saved and peak memory."""
+def table(times, saved, shapes, title):
+    """Per-shape ratios to nn.BatchNorm2d, their geometric mean and maximum, saved memory."""
     base = times["nn.BatchNorm2d"]
     rows = []
     for label, seconds in times.items():
@@ -177,11 +172,9 @@ def table(times, saved, peaks, shapes, title):
         rows.append(
             [label, *(f"{r:.2f}" for r in ratios), f"{geometric_mean(ratios):.2f}", f"{max(ratios):.2f}"]
             + [f"{sum(seconds) * 1000:.1f}", f"{max(saved[label]):.2f}"]
-            + ["n/a" if None in peaks[label] else f"{max(peaks[label]):.2f}"]
         )
     columns = ["layer", *(f"{c}x{h}x{w}" for c, h, w in shapes), "geomean", "max", "total ms"]
-    memory = ["saved / x (max over shapes)", "peak / x (max over shapes)"]
-    return "\n".join([title, "", *markdown_table([*columns, *memory], rows)])
+    return "\n".join([title, "", *markdown_table([*columns, "saved / x (max over shapes)"], rows)])
 
 
 def main(argv=None):
@@ -220,7 +213,7 @@ def main(argv=None):
     layers = dict(cases(args.norms, args.normalization_batches, authors, packages))
     shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
-    times, saved, peaks = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
+    times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
     layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
     compiled = mabn.fused.enabled() and args.device == "cpu" and dtype is None
     kernels = f"compiled (MABN_FUSED={mabn.fused.mode()})" if compiled else "eager"
@@ -229,11 +222,9 @@ def main(argv=None):
         f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
         f"{kernels} kernels of bn/brn/mabn (mabn.fused), {setting(args.device)}, median of {args.repeats} "
         "(round robin); ratios to nn.BatchNorm2d per shape. "
-        "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone); peak / x: the "
-        "memory a forward and backward adds at its peak (mabn.benchmark.peak_bytes), over the bytes of the input."
-        "\n\n" + command()
+        "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n" + command()
     )
-    publish(table(times, saved, peaks, shapes, title), args.out)
+    publish(table(times, saved, shapes, title), args.out)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,23 @@ with AMP and channels_last on CUDA as in train_imagenet.py.
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
 import mabn.fused
+from mabn import wire_norms
 from mabn.benchmark import (
     command,
+    follow_live_memory,
     markdown_table,
     paired_ratio,
     peak_bytes,
@@ -57,10 +64,21 @@ CASES = [
     # MABN's relative
     ("powernorm (norm. batch 2)", "powernorm", {"normalization_batch": 2}),
 ]
+# timm's own layers, trained as timm trains them (autograd through the formulas), beside ours
+TIMM_CASES = {
+    "timm's EvoNorm2dB0": timm.layers.EvoNorm2dB0,  # the whole batch's statistics
+    "timm's EvoNorm2dS0": timm.layers.EvoNorm2dS0,
+    "timm's FilterResponseNormTlu2d": timm.layers.FilterResponseNormTlu2d,
+}
 
 
 def build(model_name, norm, options, device, channels_last):
-    model = build_model(model_name, norm, **options).to(device).train()
+    """The model with ``norm`` (a name, or one of ``TIMM_CASES``' layer classes), wired, and its SGD."""
+    if isinstance(norm, str):
+        model = build_model(model_name, norm, **options)
+    else:
+        model = wire_norms(build_classifier(model_name, 1000, 3, lambda channels, **_: norm(channels)))
+    model = model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -103,7 +121,33 @@ def authors_cbn_model(model_name, path):
     return model
 
 
+def build_runs(args, device):
+    """{label: (model, optimizer)} of the chosen cases."""
+    chosen = None if args.norms is None else {"bn", *args.norms.split(",")}
+    cases = CASES + [(label, layer, {}) for label, layer in TIMM_CASES.items()]
+    runs = {
+        label: build(args.model, norm, options, device, device.type == "cuda")
+        for label, norm, options in cases
+        if chosen is None or label in chosen
+    }
+    if args.authors_cbn:
+        model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
+        runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return runs
+
+
+def peaks_in_a_fresh_process(argv) -> dict:
+    """{label: peak bytes of a step} measured by this script in a child process (``--peaks-to``): on
+    CPU, ``peak_bytes`` needs ``follow_live_memory`` from the process's start, which slows every step
+    (each freed block goes back to the system), so the timed process does without it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "peaks.json"
+        subprocess.run([sys.executable, __file__, *argv, "--peaks-to", str(path)], check=True)
+        return json.loads(path.read_text())
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=32, help="per-device batch")
@@ -111,9 +155,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per norm (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--norms", help="comma-separated labels of CASES to run (bn always runs)")
+    parser.add_argument("--norms", help="comma-separated labels of CASES or TIMM_CASES to run (bn always runs)")
     parser.add_argument("--authors-cbn", type=Path, help="path to the authors' CBN.py, to time their layer too")
+    parser.add_argument("--peaks-to", type=Path, help=argparse.SUPPRESS)  # the child of peaks_in_a_fresh_process
     args = parser.parse_args(argv)
+    if args.peaks_to:
+        follow_live_memory()  # before any tensor
     mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
 
     device = torch.device(args.device)
@@ -122,30 +169,32 @@ def main(argv=None):
     if cuda:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
-    chosen = None if args.norms is None else {"bn", *args.norms.split(",")}
-    runs = {
-        label: build(args.model, norm, options, device, cuda)
-        for label, norm, options in CASES
-        if chosen is None or label in chosen
-    }
-    if args.authors_cbn:
-        model = authors_cbn_model(args.model, args.authors_cbn).to(device).train()
-        runs["authors' CBN.py"] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    runs = build_runs(args, device)
+    cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
+    if args.peaks_to:  # one step each (the warm-up: the optimizer's state, the kernels), then one measured
+        round_robin(cases, 0, warmup=1, device=args.device)
+        peaks = {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
+        args.peaks_to.write_text(json.dumps(peaks))
+        return
     # bytes saved for the backward by a whole training step, in fp32 (exact, the same on any device)
     saved = {label: training_step_saved_bytes(model, images, labels) for label, (model, _) in runs.items()}
-    cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
     times = round_robin(cases, args.steps, warmup=1, device=args.device)
-    peaks = {label: peak_bytes(functools.partial(case, 0), args.device) for label, case in cases.items()}
+    if cuda:
+        peaks = {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
+    else:
+        peaks = peaks_in_a_fresh_process(argv)
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
     peak = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / 2**20:.0f}"
-    peak_ratio = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / peaks['bn']:.2f}"
+    peak_ratio = lambda label: (
+        f"{peaks[label] / peaks['bn']:.2f}" if peaks[label] is not None and peaks["bn"] else "n/a"
+    )
     lines = [
         f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
         f"{args.batch}, {setting(args.device)}, median of {args.steps} steps (round robin, after one warm-up); "
         "ratio: the median over steps of bn's step time over the norm's; saved: the bytes a training step "
-        "keeps for its backward (saved-tensor hooks, fp32), over bn's; peak: the memory one more step adds at "
-        "its peak above what was in use before it (CUDA's max_memory_allocated; on CPU the process's peak "
-        "resident memory, mabn.benchmark.peak_bytes).",
+        "keeps for its backward (saved-tensor hooks, fp32), over bn's; peak: the memory a step adds at its "
+        "peak above what was in use before it, after one warm-up step (CUDA's max_memory_allocated; on CPU the "
+        "process's peak resident memory, measured in a second process: mabn.benchmark.peak_bytes).",
         "",
         command(),
         "",
