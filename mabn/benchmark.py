@@ -21,13 +21,21 @@ from .provenance import machine
 
 
 def saved_bytes(layer, x, dy, dtype=None) -> int:
-    """Bytes of the tensors the layer saves for its backward (each storage counted once;
-    values kept as attributes of an autograd Function's ctx are not seen)."""
+    """Bytes of the tensors the layer saves for its backward beyond its own parameters and buffers,
+    which live on anyway (each storage counted once; values kept as attributes of an autograd
+    Function's ctx are not seen). A weight computed from a parameter in the forward (a
+    parametrization's: MABN's centralized conv weights, GN+WS's standardized ones) counts."""
     storages = {}
+    own = (
+        {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+        if isinstance(layer, nn.Module)
+        else set()
+    )
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with (

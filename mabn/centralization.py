@@ -42,6 +42,10 @@ class Centralize(nn.Module):
     def forward(self, weight):
         return _Centered.apply(weight)
 
+    def vjp(self, weight, grad):
+        """The gradient of ``weight`` for the centralized weight's ``grad`` (the same projection)."""
+        return centered(grad)
+
 
 def is_centralized(conv: nn.Module) -> bool:
     """Whether ``conv.weight`` is centralized by ``centralize_weights``."""

@@ -37,6 +37,7 @@ from .centralization import Centralize, is_centralized
 from .norms.group_norm import load_plain_weight
 from .norms.norm_act import NORM_ACT_LAYERS, drop_activation
 from .norms.wired import NeedsWiring
+from .reparametrized_conv import recompute_weight
 
 BATCH_STAT_NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -87,6 +88,7 @@ def centralize_weights(model: nn.Module) -> nn.Module:
             continue
         parametrize.register_parametrization(conv, "weight", Centralize())
         conv.register_load_state_dict_pre_hook(load_plain_weight)
+        recompute_weight(conv)
     for module in model.modules():
         if getattr(module, "centralize_conv", False):
             module.wired = True  # a layer no conv feeds (over tokens) needs nothing more

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..reparametrized_conv import recompute_weight
 from .wired import NeedsWiring
 
 
@@ -39,25 +40,36 @@ class InstanceNorm2d(GroupNorm):
         super().__init__(num_channels, num_channels, eps, affine, device, dtype)
 
 
+def standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(W - mean(W)) / sqrt(var(W) + eps)`` per output channel (biased variance)."""
+    flat = weight.flatten(1)
+    var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+    return ((flat - mean) * torch.rsqrt(var + eps)).view_as(weight)
+
+
+def standardize_backward(weight: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """The gradient of W through ``standardize`` for the standardized weight's ``grad``."""
+    flat, grad = weight.flatten(1), grad.flatten(1)
+    var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+    inv = torch.rsqrt(var + eps)
+    standardized = (flat - mean) * inv
+    dweight = inv * (grad - grad.mean(1, keepdim=True) - standardized * (grad * standardized).mean(1, keepdim=True))
+    return dweight.view_as(weight)
+
+
 class _StandardizeFunction(torch.autograd.Function):
-    """``(W - mean(W)) / sqrt(var(W) + eps)`` per output channel, keeping only W and two values
-    per output channel for the backward (autograd through the formula keeps three weight-sized
-    tensors beside the standardized weight the conv keeps)."""
+    """``standardize`` keeping only W for the backward (autograd through the formula keeps three
+    weight-sized tensors beside the standardized weight the conv keeps)."""
 
     @staticmethod
     def forward(ctx, weight, eps):
-        flat = weight.flatten(1)
-        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
-        inv = torch.rsqrt(var + eps)
-        ctx.save_for_backward(weight, mean, inv)
-        return ((flat - mean) * inv).view_as(weight)
+        ctx.save_for_backward(weight)
+        ctx.eps = eps
+        return standardize(weight, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mean, inv = ctx.saved_tensors
-        standardized, grad = (weight.flatten(1) - mean) * inv, grad.flatten(1)
-        dweight = inv * (grad - grad.mean(1, keepdim=True) - standardized * (grad * standardized).mean(1, keepdim=True))
-        return dweight.view_as(weight), None
+        return standardize_backward(ctx.saved_tensors[0], grad, ctx.eps), None
 
 
 class StandardizeWeight(nn.Module):
@@ -70,6 +82,10 @@ class StandardizeWeight(nn.Module):
 
     def forward(self, weight):
         return _StandardizeFunction.apply(weight, self.eps)
+
+    def vjp(self, weight, grad):
+        """The gradient of ``weight`` for the standardized weight's ``grad``."""
+        return standardize_backward(weight, grad, self.eps)
 
 
 class GroupNormWS(NeedsWiring, GroupNorm):
@@ -95,6 +111,7 @@ class GroupNormWS(NeedsWiring, GroupNorm):
             return
         parametrize.register_parametrization(conv, "weight", StandardizeWeight(self.ws_eps))
         conv.register_load_state_dict_pre_hook(load_plain_weight)
+        recompute_weight(conv)
 
 
 def load_plain_weight(module, state_dict, prefix, *args):

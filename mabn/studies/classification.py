@@ -20,6 +20,7 @@ from pathlib import Path
 from . import successors
 from .intervals import difference, fmt_diff, verdict
 from .papers import PAPER_IMAGENET
+from .price import PRICE_HEADER, PRICE_NOTE, price_cells
 from .reporting import describe, keep_runs, load_summaries, provenance_table, publish
 from .successors import SUCCESSORS
 
@@ -71,19 +72,21 @@ def errors(points, name, batch) -> list[float]:
     return [points[(name, batch)][s] for s in sorted(points.get((name, batch), {}))]
 
 
-def batch_table(points) -> str:
-    lines = ["| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+def batch_table(points, prices: dict[str, str]) -> str:
+    """The study's errors by normalization batch, each norm's price in memory beside them
+    (``mabn.studies.price``), and the paper's errors below."""
+    header = ["| norm | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+    lines = [header[0] + PRICE_HEADER, header[1] + "---|"]
     for name in NORMS:
         cells = [fmt(describe(v)) if (v := errors(points, name, b)) else "-" for b in BATCHES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {prices.get(name, '-')} |")
     lines += [
         "",
-        "GN does not read the normalization batch: its row repeats its runs (see the claims).",
+        f"GN does not read the normalization batch: its row repeats its runs (see the claims). {PRICE_NOTE}",
         "",
         "The paper (ImageNet ResNet-50, docs/papers.md; GN: the GN paper at 32):",
         "",
-        lines[0],
-        lines[1],
+        *header,
     ]
     for name in NORMS:
         lines.append(f"| {name} | " + " | ".join(str(PAPER_IMAGENET.get(name, {}).get(b, "-")) for b in BATCHES) + " |")
@@ -356,7 +359,7 @@ def write_report(run_folders: Path, results: Path) -> None:
     seeds = sorted({s["seed"] for s in summaries})
     publish(
         "Top-1 error (%) on Fashion-MNIST by normalization batch: mean ± half-width of the 95 % "
-        f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points),
+        f"t-interval over seeds (runs: {run_folders}).\n\n" + batch_table(points, price_cells(summaries, NORMS)),
         results / "fashion_study.md",
     )
     plot_batches(points, results / "fashion_study.png")

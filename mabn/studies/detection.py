@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .intervals import difference, fmt_diff, paired_difference, verdict
 from .papers import PAPER_COCO
+from .price import PRICE_HEADER, PRICE_NOTE, price_cells
 from .reporting import describe, keep_runs, load_summaries, provenance_table, publish
 from .successors import CBN_EARLY_WINDOW
 
@@ -167,10 +168,14 @@ def cell(values: list[float]) -> str:
     return f"{d['mean']:.1f} ± {d['ci95']:.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def table(runs: dict) -> str:
+def table(runs: dict, prices: dict[str, str]) -> str:
+    """Each group's AP cells, the paper's, and the norm's price in memory (``mabn.studies.price``)."""
     lines = [
-        "| start | norm | processes x images | seeds | " + " | ".join(METRICS) + " | paper box / mask AP |",
-        "|---" * (len(METRICS) + 5) + "|",
+        "| start | norm | processes x images | seeds | "
+        + " | ".join(METRICS)
+        + " | paper box / mask AP |"
+        + PRICE_HEADER,
+        "|---" * (len(METRICS) + 6) + "|",
     ]
     for key in [k for k in ORDER if k in runs] + sorted(set(runs) - set(ORDER)):
         group_runs = runs[key]
@@ -179,7 +184,7 @@ def table(runs: dict) -> str:
             f"| {key[0]} | {key[1]} | {group_runs[0]['world_size']} x {group_runs[0]['batch']} | "
             f"{len(group_runs)} | "
             + " | ".join(cell([s[m] for s in group_runs]) for m in METRICS)
-            + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} |"
+            + f" | {f'{paper[0]} / {paper[1]}' if paper else '-'} | {prices.get(key[1], '-')} |"
         )
     return "\n".join(lines)
 
@@ -304,7 +309,9 @@ def write_report(run_folders: Path, results: Path) -> str:
             "",
             "Commands: `bash scripts/scenes_study.sh`, then `python scripts/scenes_report.py`.",
             "",
-            table(runs),
+            table(runs, price_cells(summaries, sorted({key[1] for key in runs}))),
+            "",
+            PRICE_NOTE,
             "",
             *curve_table(runs),
             "![box and mask AP](scenes_study.png)",

@@ -9,13 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from ..benchmark import training_step_saved_bytes
-from ..engine.classification import build_model
-from ..engine.distributed import Distributed
-from ..engine.training import prepare_model
+from .price import memory_table
 from .reporting import provenance_table, publish
 from .successors import BATCHES, load_runs, report
 
@@ -112,30 +106,6 @@ def summaries(folder: Path) -> list[dict]:
     return [s for path in sorted(folder.glob("*.json")) if "config" in (s := json.loads(path.read_text()))]
 
 
-def memory_table(kept: list[dict], labels, base: str = "bn", channels: int = 1, classes: int = 10) -> list[str]:
-    """Bytes one training step of each label's model saves for its backward (its first kept run at
-    the largest normalization batch: its recorded config), per image and vs ``base``'s."""
-    configs = {}
-    for summary in sorted(kept, key=lambda s: -s["batch"]):
-        configs.setdefault(summary.get("label") or summary["norm"], summary["config"])
-    device = Distributed(0, 1, 0, torch.device("cpu"))
-    measured = {}
-    for label in labels:
-        if label not in configs:
-            continue
-        cfg = OmegaConf.create(configs[label])
-        torch.manual_seed(0)
-        model = prepare_model(build_model(cfg, classes, channels), cfg.norm, device)
-        size = cfg.model.options.get("img_size", 28)
-        images = torch.randn(cfg.per_device_batch, channels, size, size)
-        labels_ = torch.randint(0, classes, (cfg.per_device_batch,))
-        measured[label] = training_step_saved_bytes(model, images, labels_) / cfg.per_device_batch
-    lines = [f"| norm | saved for the backward per image (KiB) | vs {base} |", "|---|---|---|"]
-    for label, per_image in measured.items():
-        lines.append(f"| {label} | {per_image / 1024:.1f} | {per_image / measured[base]:.2f} |")
-    return lines
-
-
 def write_report(results: Path) -> str:
     """``fashion_relatives.md`` in ``results``, from the runs kept in ``fashion_relative_runs``,
     ``fashion_study_runs`` and ``fashion_vit_runs``; returns the markdown."""
@@ -161,7 +131,8 @@ def write_report(results: Path) -> str:
         report(runs, seeds, rows=RELATIVES, claims=CLAIMS, diagnostics=DIAGNOSTICS, batches=BATCHES),
         "",
         "Price in memory: what a training step of the study's model (per-device batch 32) saves for its "
-        "backward, counted with saved-tensor hooks (exact, device independent); MimicNorm's paper reports "
+        "backward beyond the model's own parameters, counted with saved-tensor hooks (exact, device "
+        "independent; mabn.studies.price); MimicNorm's paper reports "
         "about 20 % less GPU memory than BN (ResNet-18 5603 vs 8057 MB, ResNet-50 22489 vs 27083 MB).",
         "",
         *memory_table(study + relatives, ("bn", "mabn", *RELATIVES)),
