@@ -48,7 +48,7 @@ RESNET50_SHAPES = [
     (2048, 7, 7),
 ]
 QUICK_SHAPES = [(64, 16, 16), (256, 8, 8)]
-BATCH_NORMS = ("bn", "brn", "mabn", "evonorm_b0")
+BATCH_NORMS = ("bn", "brn", "mabn", "evonorm_b0", "powernorm")
 TIMM_LAYERS = {
     "evonorm_b0": timm.layers.EvoNorm2dB0,  # the whole batch's statistics: as ours with norm. batch 32
     "evonorm_s0": timm.layers.EvoNorm2dS0,
@@ -184,7 +184,7 @@ def main(argv=None):
     parser.add_argument(
         "--norms",
         nargs="+",
-        default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn", "evonorm_b0", "evonorm_s0", "frn"],
+        default=["bn", "syncbn", "gn", "ln", "in", "brn", "mabn", "evonorm_b0", "evonorm_s0", "frn", "powernorm"],
     )
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")

@@ -165,6 +165,8 @@ def main(argv=None):
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    # on CPU the peaks come from a child process, run first, so that two sets of models never share the memory
+    peaks = None if cuda or args.peaks_to else peaks_in_a_fresh_process(argv)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if cuda:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -181,8 +183,6 @@ def main(argv=None):
     times = round_robin(cases, args.steps, warmup=1, device=args.device)
     if cuda:
         peaks = {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
-    else:
-        peaks = peaks_in_a_fresh_process(argv)
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
     peak = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / 2**20:.0f}"
     peak_ratio = lambda label: (

@@ -22,13 +22,18 @@ def reference_frn(x, gamma, beta, tau, eps):
     return torch.maximum(y, tau.view(1, -1, 1, 1)) if tau is not None else y
 
 
-def frn(channels, apply_act, dtype=torch.float64):
-    layer = mabn.build_norm("frn", channels, apply_act=apply_act, dtype=dtype)
-    layer.wired = True  # on its own, outside a model
+def standalone(name, channels, dtype=torch.float64, **options):
+    """The layer on its own (outside a model: nothing to wire), its parameters drawn from U(-1, 1)."""
+    layer = mabn.build_norm(name, channels, dtype=dtype, **options)
+    layer.wired = True
     with torch.no_grad():
         for p in layer.parameters():
             p.uniform_(-1, 1)
     return layer
+
+
+def frn(channels, apply_act, dtype=torch.float64):
+    return standalone("frn", channels, dtype, apply_act=apply_act)
 
 
 @pytest.mark.parametrize("apply_act", [True, False])
@@ -94,12 +99,7 @@ def reference_evonorm_s0(x, gamma, beta, v, groups, eps):
 
 
 def evonorm_s0(channels, dtype=torch.float64):
-    layer = mabn.build_norm("evonorm_s0", channels, groups=4, dtype=dtype)
-    layer.wired = True  # on its own, outside a model
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.uniform_(-1, 1)
-    return layer
+    return standalone("evonorm_s0", channels, dtype, groups=4)
 
 
 def test_evonorm_s0_matches_the_formulas_forward_and_backward():
@@ -148,11 +148,8 @@ def reference_evonorm_b0(x, gamma, beta, v, running_var, normalization_batch, mo
 
 
 def evonorm_b0(channels, normalization_batch, dtype=torch.float64):
-    layer = mabn.build_norm("evonorm_b0", channels, normalization_batch=normalization_batch, dtype=dtype)
-    layer.wired = True  # on its own, outside a model
+    layer = standalone("evonorm_b0", channels, dtype, normalization_batch=normalization_batch)
     with torch.no_grad():
-        for p in layer.parameters():
-            p.uniform_(-1, 1)
         layer.running_var.uniform_(0.5, 2)
     return layer
 
