@@ -42,8 +42,8 @@ class Centralize(nn.Module):
     def forward(self, weight):
         return _Centered.apply(weight)
 
-    def vjp(self, weight, grad):
-        """The gradient of ``weight`` for the centralized weight's ``grad`` (the same projection)."""
+    def vjp(self, weight, centralized, grad):
+        """The gradient of ``weight`` for the ``centralized`` weight's ``grad`` (the same projection)."""
         return centered(grad)
 
 

@@ -12,29 +12,27 @@ and eval-mode calls are unchanged.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 
-def _computed_weight(conv: nn.Conv2d, original: torch.Tensor) -> torch.Tensor:
-    """The conv's weight from ``original``, through its parametrizations in turn."""
-    return functools.reduce(
-        lambda weight, parametrization: parametrization(weight), conv.parametrizations.weight, original
-    )
+def _computed_weights(conv: nn.Conv2d, original: torch.Tensor) -> list[torch.Tensor]:
+    """``original`` and the weight after each of the conv's parametrizations in turn (the last is
+    the conv's weight)."""
+    weights = [original]
+    for parametrization in conv.parametrizations.weight:
+        weights.append(parametrization(weights[-1]))
+    return weights
 
 
-def _weight_vjp(conv: nn.Conv2d, original: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``original`` for the computed weight's ``grad``, from each parametrization's
-    ``vjp`` (no ``autograd.grad``: torch.compile traces this backward whole)."""
-    inputs = [original]
-    for parametrization in list(conv.parametrizations.weight)[:-1]:
-        inputs.append(parametrization(inputs[-1]))
-    for parametrization, weight in zip(reversed(conv.parametrizations.weight), reversed(inputs)):
-        grad = parametrization.vjp(weight, grad)
+def _weight_vjp(conv: nn.Conv2d, weights: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of the original weight for the conv weight's ``grad``, from each parametrization's
+    ``vjp(input, output, grad)`` (no ``autograd.grad``: torch.compile traces this backward whole)."""
+    steps = list(zip(conv.parametrizations.weight, weights, weights[1:]))
+    for parametrization, weight, computed in reversed(steps):
+        grad = parametrization.vjp(weight, computed, grad)
     return grad
 
 
@@ -45,7 +43,7 @@ class _RecomputedWeightConv(torch.autograd.Function):
     def forward(ctx, x, original, bias, conv):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        x, weight = x.to(dtype), _computed_weight(conv, original).to(dtype)
+        x, weight = x.to(dtype), _computed_weights(conv, original)[-1].to(dtype)
         bias_ = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
             y = F.conv2d(x, weight, bias_, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -57,7 +55,8 @@ class _RecomputedWeightConv(torch.autograd.Function):
     def backward(ctx, dy):
         x, original = ctx.saved_tensors
         conv = ctx.conv
-        weight = _computed_weight(conv, original)
+        weights = _computed_weights(conv, original)
+        weight = weights[-1]
         dx, dweight, dbias = torch.ops.aten.convolution_backward(
             dy,
             x,
@@ -71,7 +70,7 @@ class _RecomputedWeightConv(torch.autograd.Function):
             conv.groups,
             [ctx.needs_input_grad[0], True, ctx.has_bias],
         )
-        return dx, _weight_vjp(conv, original, dweight.to(original.dtype)), dbias, None
+        return dx, _weight_vjp(conv, weights, dweight.to(original.dtype)), dbias, None
 
 
 def _forward(self, x):

@@ -1,4 +1,4 @@
-"""The compiled (fused) training math of BN, BRN and MABN against the eager layers, which the
+"""The compiled (fused) training math of BN, BRN, MABN and PowerNorm against the eager layers, which the
 reference tests check against the paper's formulas: outputs, gradients and every buffer, step
 by step across warm-up, window and schedule boundaries."""
 
@@ -36,6 +36,8 @@ CASES = [
         {"normalization_batch": 2, "sma_window": 2, "warmup_iters": 0, "forward_stat": "ema", "backward_stat": "batch"},
     ),
     ("mabn", {"normalization_batch": 4, "sma_window": 2, "warmup_iters": 0, "forward_stat": "batch", "renorm": False}),
+    ("powernorm", {"normalization_batch": 2, "warmup_iters": 3, "alpha_fwd": 0.8, "alpha_bkw": 0.7}),
+    ("powernorm", {"normalization_batch": None, "warmup_iters": 2, "scaling_groups": None}),
 ]
 
 

@@ -47,12 +47,13 @@ def standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return ((flat - mean) * torch.rsqrt(var + eps)).view_as(weight)
 
 
-def standardize_backward(weight: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
-    """The gradient of W through ``standardize`` for the standardized weight's ``grad``."""
+def standardize_backward(weight: torch.Tensor, grad: torch.Tensor, eps: float, standardized=None) -> torch.Tensor:
+    """The gradient of W through ``standardize`` for the standardized weight's ``grad`` (its
+    ``standardized`` weight recomputed unless given)."""
     flat, grad = weight.flatten(1), grad.flatten(1)
     var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
     inv = torch.rsqrt(var + eps)
-    standardized = (flat - mean) * inv
+    standardized = (flat - mean) * inv if standardized is None else standardized.flatten(1)
     dweight = inv * (grad - grad.mean(1, keepdim=True) - standardized * (grad * standardized).mean(1, keepdim=True))
     return dweight.view_as(weight)
 
@@ -83,9 +84,9 @@ class StandardizeWeight(nn.Module):
     def forward(self, weight):
         return _StandardizeFunction.apply(weight, self.eps)
 
-    def vjp(self, weight, grad):
-        """The gradient of ``weight`` for the standardized weight's ``grad``."""
-        return standardize_backward(weight, grad, self.eps)
+    def vjp(self, weight, standardized, grad):
+        """The gradient of ``weight`` for the ``standardized`` weight's ``grad``."""
+        return standardize_backward(weight, grad, self.eps, standardized)
 
 
 class GroupNormWS(NeedsWiring, GroupNorm):

@@ -8,66 +8,121 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fused
 from .kernels import group_view, num_groups, per_sample
 
 
-def group_scaling(x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, ...) as (N, groups, C / groups, ...)."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+
+
+def scaling_inverse(x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """1 / the root mean square of each of ``groups`` groups of consecutive channels at every
+    position, (N, groups, 1, ...): a norm kernel, no squared copy of x."""
+    grouped = _grouped(x, groups)
+    mean_square = torch.linalg.vector_norm(grouped, dim=2, keepdim=True).square() / grouped.shape[2]
+    return torch.rsqrt(mean_square + eps)
+
+
+def group_scaling(x: torch.Tensor, groups: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
     """The authors' ``GroupScaling1D`` for (N, C, H, W): at every position (every token), each of
-    ``groups`` groups of consecutive channels divided by the root of its mean square."""
-    n, c = x.shape[:2]
-    grouped = x.reshape(n, groups, c // groups, *x.shape[2:])
-    return (grouped * torch.rsqrt(grouped.square().mean(2, keepdim=True) + eps)).reshape(x.shape)
+    ``groups`` groups of consecutive channels divided by the root of its mean square (times
+    ``inverse``, ``scaling_inverse``, where given)."""
+    inverse = scaling_inverse(x, groups) if inverse is None else inverse
+    return (_grouped(x, groups) * inverse).reshape(x.shape)
 
 
-def group_scaling_backward(grad: torch.Tensor, x: torch.Tensor, groups: int, eps: float = 1e-5) -> torch.Tensor:
+def group_scaling_backward(grad: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """The gradient of x through ``group_scaling``: ``r (g - x r mean(g x r))``, the mean over each
-    group's channels, r the root's inverse."""
-    n, c = x.shape[:2]
-    grouped, grad = x.reshape(n, groups, c // groups, *x.shape[2:]), grad.reshape(n, groups, c // groups, *x.shape[2:])
-    inverse = torch.rsqrt(grouped.square().mean(2, keepdim=True) + eps)
-    scaled = grouped * inverse
-    return (inverse * (grad - scaled * (grad * scaled).mean(2, keepdim=True))).reshape(x.shape)
+    group's channels, r its ``inverse``."""
+    groups = inverse.shape[1]
+    grouped, grad = _grouped(x, groups), _grouped(grad, groups)
+    dot = (grad * grouped).mean(2, keepdim=True) * inverse.square()
+    return (inverse * (grad - grouped * dot)).reshape(x.shape)
+
+
+def powernorm_train(
+    x, weight, bias, running_phi, num_iterations, groups: int, scaling_groups, alpha_fwd: float, warmup_iters, eps
+):
+    """PowerNorm's training forward in plain tensor ops: group scaling (where ``scaling_groups``),
+    then per (group, channel) the mean square s and the divisor (s during warm-up, the running phi
+    before the group after it), advancing ``running_phi`` and ``num_iterations`` group by group in
+    place (no host synchronization); y, the scaling's inverse root mean squares (None without it),
+    s and the divisors, (G, C) each."""
+    inverse = None if scaling_groups is None else scaling_inverse(x, scaling_groups)
+    scaled = x if inverse is None else group_scaling(x, scaling_groups, inverse)
+    second_moment = group_view(scaled, groups).to(running_phi.dtype).square().mean(dim=(1, 3))
+    divisors, phi = [], running_phi
+    for s in second_moment:
+        num_iterations.add_(1)
+        t = num_iterations.to(phi.dtype)
+        divisors.append(torch.where(num_iterations <= warmup_iters, s, phi))
+        averaged = phi * (t - 1) / t + s / t
+        phi = torch.where(num_iterations < warmup_iters, averaged, phi)
+        phi = alpha_fwd * phi + (1 - alpha_fwd) * s
+    running_phi.copy_(phi)
+    divisor = torch.stack(divisors)
+    scale = weight * torch.rsqrt(divisor + eps)
+    y = scaled * per_sample(scale, len(x)).to(x.dtype) + bias.to(x.dtype)[:, None, None]
+    return y, inverse, second_moment, divisor
+
+
+def powernorm_backward(dy, x, inverse, second_moment, divisor, weight, ema_gz, alpha_bkw: float, eps: float):
+    """The authors' approximate backward of ``powernorm_train``, one group after the other (each a
+    step of their iteration): ``g~ = gamma * dy - (1 - alpha_bkw) * u * z``, ``u <- u + mean(g~ * z)``,
+    ``dx = g~ / sqrt(s + eps)``, with z the forward's normalized (scaled) x, s the group's own mean
+    square (the authors divide by it even after warm-up, where the forward divided by the running
+    value) and u the buffer ``ema_gz``, advanced in place; then through the group scaling.
+
+    The iteration runs on (G, C) values only, ``mean(g~ z) = gamma mean(dy x) / sqrt(divisor + eps)
+    - (1 - alpha_bkw) u s / (divisor + eps)``: one pass over dy and x for the sums and one that
+    writes dx, whatever the number of groups. Returns dx, d gamma, d beta."""
+    groups, keep = divisor.shape[0], 1 - alpha_bkw
+    scaled = x if inverse is None else group_scaling(x, inverse.shape[1], inverse)
+    dtype = second_moment.dtype  # the statistics' precision (fp32 under autocast)
+    xg, dyg = group_view(scaled, groups), group_view(dy, groups)
+    sum_dy, sum_dy_x = dyg.sum(dim=(1, 3), dtype=dtype), (dyg * xg).sum(dim=(1, 3), dtype=dtype)
+    inv_divisor = torch.rsqrt(divisor + eps)
+    mean_g_z = weight * sum_dy_x / (xg.shape[1] * xg.shape[3]) * inv_divisor  # mean(gamma dy z) per group
+    mean_z2 = second_moment * inv_divisor.square()
+    u, steps = ema_gz.clone(), []  # a copy: the buffer is overwritten below
+    for k in range(groups):  # each group is one step of the running estimate u
+        steps.append(u)
+        u = u + mean_g_z[k] - keep * u * mean_z2[k]
+    ema_gz.copy_(u)
+    inv_second = torch.rsqrt(second_moment + eps)
+    # dx = (gamma dy - keep u z) / sqrt(s + eps), z = x / sqrt(divisor + eps)
+    gain = per_sample(weight * inv_second, len(x)).to(dy.dtype)
+    dx = dy * gain + scaled * per_sample(-keep * torch.stack(steps) * inv_divisor * inv_second, len(x)).to(dy.dtype)
+    if inverse is not None:
+        dx = group_scaling_backward(dx, x, inverse)
+    return dx, (sum_dy_x * inv_divisor).sum(0), sum_dy.sum(0)
 
 
 class _PowerFunction(torch.autograd.Function):
-    """``y = gamma * x / sqrt(divisor + eps) + beta`` per (group, channel); the authors' approximate
-    backward, one group after the other (each is a step of their iteration):
-    ``g~ = gamma * dy - (1 - alpha_bkw) * u * z``, ``u <- u + mean(g~ * z)``, ``dx = g~ / sqrt(s + eps)``,
-    with z the forward's normalized x, s the group's own mean square (the authors divide by it even
-    after warm-up, where the forward divided by the running value) and u the buffer ``ema_gz``,
-    advanced here in place. ``x`` is the group-scaled input (``group_scaling`` of ``unscaled``
-    with ``scaling_groups``, or ``unscaled`` itself for None): only ``unscaled`` and (G, C) values
-    are kept, and the scaling is recomputed and differentiated in the backward."""
+    """``powernorm_train`` and ``powernorm_backward`` as one autograd function, compiled
+    (``mabn.fused``) where ``fused.applies``: keeps x, the scaling's inverse root mean squares (1 /
+    C-th of x per scaling group) and (G, C) values; the scaling is recomputed in the backward."""
+
+    kernels = {
+        False: (powernorm_train, powernorm_backward),
+        True: (fused.Fused(powernorm_train), fused.Fused(powernorm_backward)),
+    }
 
     @staticmethod
-    def forward(ctx, unscaled, x, weight, bias, second_moment, divisor, ema_gz, alpha_bkw, eps, scaling_groups):
-        scale = weight * torch.rsqrt(divisor + eps)
-        y = x * per_sample(scale, len(x)).to(x.dtype) + bias.to(x.dtype)[:, None, None]
-        ctx.save_for_backward(unscaled, weight, second_moment, divisor)
-        ctx.ema_gz, ctx.alpha_bkw, ctx.eps, ctx.scaling_groups = ema_gz, alpha_bkw, eps, scaling_groups
+    def forward(ctx, x, weight, bias, running_phi, num_iterations, ema_gz, options, alpha_bkw):
+        """``options``: (groups, scaling_groups, alpha_fwd, warmup_iters, eps) of ``powernorm_train``."""
+        train, ctx.backward = _PowerFunction.kernels[fused.applies(x, options[0])]
+        y, inverse, second_moment, divisor = train(x, weight, bias, running_phi, num_iterations, *options)
+        ctx.save_for_backward(x, inverse, second_moment, divisor, weight.detach())  # a plain tensor: one graph
+        ctx.ema_gz, ctx.alpha_bkw, ctx.eps = ema_gz, alpha_bkw, options[-1]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        unscaled, weight, second_moment, divisor = ctx.saved_tensors
-        groups, scaling = divisor.shape[0], ctx.scaling_groups
-        x = unscaled if scaling is None else group_scaling(unscaled, scaling)
-        dtype = second_moment.dtype  # the statistics' precision (fp32 under autocast)
-        xg, dyg = group_view(x, groups).to(dtype), group_view(dy, groups).to(dtype)
-        z = xg * torch.rsqrt(divisor + ctx.eps)[:, None, :, None]
-        g = dyg * weight[:, None]
-        u = ctx.ema_gz
-        dx = torch.empty_like(xg)
-        for k in range(groups):  # each group is one step of the running estimate u
-            approximate = g[k] - (1 - ctx.alpha_bkw) * u[:, None] * z[k]
-            u = u + (approximate * z[k]).mean(dim=(0, 2))
-            dx[k] = approximate * torch.rsqrt(second_moment[k] + ctx.eps)[:, None]
-        ctx.ema_gz.copy_(u)
-        dweight = (dyg * z).sum(dim=(0, 1, 3))
-        dx = dx.view(x.shape).to(dy.dtype)
-        if scaling is not None:
-            dx = group_scaling_backward(dx, unscaled, scaling)
-        return dx, None, dweight, dyg.sum(dim=(0, 1, 3)), *[None] * 6
+        dx, dweight, dbias = ctx.backward(dy, *ctx.saved_tensors, ctx.ema_gz, ctx.alpha_bkw, ctx.eps)
+        return dx, dweight, dbias, *[None] * 5
 
 
 class PowerNorm2d(nn.Module):
@@ -141,36 +196,9 @@ class PowerNorm2d(nn.Module):
             zero = torch.zeros_like(self.running_phi)
             return F.batch_norm(x, zero, self.running_phi, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(x.shape[0], self.normalization_batch)
-        with torch.no_grad():
-            scaled = x if self.scaling_groups is None else group_scaling(x, self.scaling_groups)
-            second_moment, divisor = self._statistics(scaled, groups)
-        return _PowerFunction.apply(
-            x,
-            scaled,
-            self.weight,
-            self.bias,
-            second_moment,
-            divisor,
-            self.ema_gz,
-            self.alpha_bkw,
-            self.eps,
-            self.scaling_groups,
-        )
-
-    def _statistics(self, x, groups: int):
-        """Each group's mean square s and the divisor it is normalized by, (G, C); advances
-        ``running_phi`` and ``num_iterations`` group by group, in place (no host synchronization)."""
-        second_moment = group_view(x, groups).to(self.running_phi.dtype).square().mean(dim=(1, 3))
-        divisors, phi = [], self.running_phi
-        for s in second_moment:
-            self.num_iterations.add_(1)
-            t = self.num_iterations.to(phi.dtype)
-            divisors.append(torch.where(self.num_iterations <= self.warmup_iters, s, phi))
-            averaged = phi * (t - 1) / t + s / t
-            phi = torch.where(self.num_iterations < self.warmup_iters, averaged, phi)
-            phi = self.alpha_fwd * phi + (1 - self.alpha_fwd) * s
-        self.running_phi.copy_(phi)
-        return second_moment, torch.stack(divisors)
+        options = (groups, self.scaling_groups, self.alpha_fwd, self.warmup_iters, self.eps)
+        buffers = (self.running_phi, self.num_iterations, self.ema_gz)
+        return _PowerFunction.apply(x, self.weight, self.bias, *buffers, options, self.alpha_bkw)
 
 
 class TokenNorm(nn.Module):
