@@ -43,9 +43,11 @@ from mabn.external import load_module
 from mabn.models import build_classifier
 from mabn.studies.reporting import publish
 
+NOISE_FLOOR = "bn (again: the noise floor)"  # a second bn model: how far the ratios wander by noise alone
 # (label, norm name, options): the layers of the comparison at per-device batch 32
 CASES = [
     ("bn", "bn", {}),
+    (NOISE_FLOOR, "bn", {}),
     ("bn (norm. batch 2)", "bn", {"normalization_batch": 2}),
     ("syncbn", "syncbn", {}),
     ("gn", "gn", {}),
@@ -123,7 +125,7 @@ def authors_cbn_model(model_name, path):
 
 def build_runs(args, device):
     """{label: (model, optimizer)} of the chosen cases."""
-    chosen = None if args.norms is None else {"bn", *args.norms.split(",")}
+    chosen = None if args.norms is None else {"bn", NOISE_FLOOR, *args.norms.split(",")}
     cases = CASES + [(label, layer, {}) for label, layer in TIMM_CASES.items()]
     runs = {
         label: build(args.model, norm, options, device, device.type == "cuda")
@@ -155,7 +157,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per norm (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--norms", help="comma-separated labels of CASES or TIMM_CASES to run (bn always runs)")
+    parser.add_argument(
+        "--norms", help="comma-separated labels of CASES or TIMM_CASES to run (bn and its noise floor always run)"
+    )
     parser.add_argument("--authors-cbn", type=Path, help="path to the authors' CBN.py, to time their layer too")
     parser.add_argument("--peaks-to", type=Path, help=argparse.SUPPRESS)  # the child of peaks_in_a_fresh_process
     args = parser.parse_args(argv)
