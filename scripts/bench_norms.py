@@ -220,7 +220,7 @@ def main(argv=None):
     title = (
         f"Norm layers, forward+backward, per-device batch {args.batch}, "
         f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
-        f"{kernels} kernels of bn/brn/mabn (mabn.fused), {setting(args.device)}, median of {args.repeats} "
+        f"{kernels} kernels (mabn.fused), {setting(args.device)}, median of {args.repeats} "
         "(round robin); ratios to nn.BatchNorm2d per shape. "
         "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n" + command()
     )
