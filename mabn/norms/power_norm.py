@@ -93,8 +93,11 @@ def powernorm_backward(dy, x, inverse, second_moment, divisor, weight, ema_gz, a
     ema_gz.copy_(u)
     inv_second = torch.rsqrt(second_moment + eps)
     # dx = (gamma dy - keep u z) / sqrt(s + eps), z = x / sqrt(divisor + eps)
-    gain = per_sample(weight * inv_second, len(x)).to(dy.dtype)
-    dx = dy * gain + scaled * per_sample(-keep * torch.stack(steps) * inv_divisor * inv_second, len(x)).to(dy.dtype)
+    gain, coefficient = (
+        per_sample(weight * inv_second, len(x)),
+        per_sample(-keep * torch.stack(steps) * inv_divisor * inv_second, len(x)),
+    )
+    dx = (dy.to(dtype) * gain + scaled.to(dtype) * coefficient).to(dy.dtype)  # in the statistics' precision
     if inverse is not None:
         dx = group_scaling_backward(dx, x, inverse)
     return dx, (sum_dy_x * inv_divisor).sum(0), sum_dy.sum(0)
