@@ -88,7 +88,6 @@ def centralize_weights(model: nn.Module) -> nn.Module:
             continue
         parametrize.register_parametrization(conv, "weight", Centralize())
         conv.register_load_state_dict_pre_hook(load_plain_weight)
-        recompute_weight(conv)
     for module in model.modules():
         if getattr(module, "centralize_conv", False):
             module.wired = True  # a layer no conv feeds (over tokens) needs nothing more
@@ -204,12 +203,15 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def wire_norms(model: nn.Module, centralize: bool = True) -> nn.Module:
+def wire_norms(model: nn.Module, centralize: bool = True, recompute_weights: bool = False) -> nn.Module:
     """Give every norm what it needs of the model around it: ``bind_convs``, then
     ``centralize_weights`` (``centralize=False``: the ablation that trains MABN without it),
     then ``fuse_activations``; every layer that needs wiring is then marked ``wired`` (until then
-    it refuses to train). Call once a model is built with any norm (``convert_model`` and the
-    suite's entry points do); idempotent. Returns the model."""
+    it refuses to train). ``recompute_weights``: the convs whose weight is computed (MABN's
+    centralized, GN+WS's standardized) recompute it in the backward instead of keeping it
+    (``mabn.reparametrized_conv``: BN's memory, at a time cost where weights outweigh activations).
+    Call once a model is built with any norm (``convert_model`` and the suite's entry points do);
+    idempotent. Returns the model."""
     bind_convs(model)
     if centralize:
         centralize_weights(model)
@@ -217,4 +219,6 @@ def wire_norms(model: nn.Module, centralize: bool = True) -> nn.Module:
     for module in model.modules():
         if isinstance(module, NeedsWiring):
             module.wired = True
+        if recompute_weights:
+            recompute_weight(module)
     return model

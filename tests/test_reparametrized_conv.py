@@ -5,11 +5,13 @@ parametrization, with only the input kept for the backward."""
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mabn.benchmark import saved_bytes
-from mabn.centralization import Centralize, centered
+import mabn
+from mabn.benchmark import saved_bytes, training_step_saved_bytes
+from mabn.centralization import Centralize, centered, is_centralized
 from mabn.norms.group_norm import StandardizeWeight
 from mabn.reparametrized_conv import recompute_weight, recomputes_weight
 
@@ -111,3 +113,17 @@ def ordinary_copy(conv):
     ordinary.load_state_dict(conv.state_dict())
     assert not recomputes_weight(ordinary)
     return ordinary
+
+
+def test_wire_norms_recomputes_the_computed_weights_only_when_asked():
+    x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+    kept = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = mabn.convert_model(torchvision.models.resnet18(num_classes=4), "mabn", normalization_batch=1)
+        mabn.wire_norms(model, recompute_weights=recompute)
+        conv = model.layer1[0].conv1
+        assert recomputes_weight(conv) == recompute and is_centralized(conv)
+        kept[recompute] = training_step_saved_bytes(model, x, labels)
+    weights = sum(c.weight.numel() * 4 for c in model.modules() if isinstance(c, nn.Conv2d) and is_centralized(c))
+    assert kept[False] - kept[True] == weights  # one copy of every centralized weight, no more

@@ -30,8 +30,13 @@ def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
 
 def wire(model: nn.Module, norm_cfg) -> nn.Module:
     """``mabn.wire_norms`` as a run's norm config asks (``centralize_weights: false``: the ablation
-    that trains MABN uncentralized)."""
-    return wire_norms(model, centralize=norm_cfg.get("centralize_weights", True))
+    that trains MABN uncentralized; ``+norm.recompute_weights=true``: computed conv weights
+    recomputed in the backward, ``mabn.reparametrized_conv``)."""
+    return wire_norms(
+        model,
+        centralize=norm_cfg.get("centralize_weights", True),
+        recompute_weights=norm_cfg.get("recompute_weights", False),
+    )
 
 
 def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: bool = False) -> nn.Module:

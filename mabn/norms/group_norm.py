@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..reparametrized_conv import recompute_weight
 from .wired import NeedsWiring
 
 
@@ -112,7 +111,6 @@ class GroupNormWS(NeedsWiring, GroupNorm):
             return
         parametrize.register_parametrization(conv, "weight", StandardizeWeight(self.ws_eps))
         conv.register_load_state_dict_pre_hook(load_plain_weight)
-        recompute_weight(conv)
 
 
 def load_plain_weight(module, state_dict, prefix, *args):
