@@ -115,3 +115,15 @@ class Fused:
             return self.fn(*args)
         finally:
             config.recompile_limit = limit
+
+
+class Kernels:
+    """A norm's plain training functions (its forward's and its backward's) and their ``Fused``
+    versions: ``pick`` gives the pair to run for ``x`` split into ``groups`` (``applies``)."""
+
+    def __init__(self, train, backward):
+        self.plain = train, backward
+        self.compiled = Fused(train), Fused(backward)
+
+    def pick(self, x: torch.Tensor, groups: int):
+        return self.compiled if applies(x, groups) else self.plain

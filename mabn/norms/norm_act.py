@@ -157,14 +157,13 @@ def evonorm_b0_backward(dy, x, batch_mean, batch_std, instance_mean, instance_st
 # ---- one autograd function for the three ----
 
 
-class Kernels:
-    """A norm + activation's plain ``train`` and ``backward`` functions, and their compiled versions;
-    ``keep``: which of the layer's tensors the backward takes (after x and the values ``train``
-    returns beside y)."""
+class Kernels(fused.Kernels):
+    """A norm + activation's ``train`` and ``backward`` functions (plain and compiled); ``keep``:
+    which of the layer's tensors the backward takes (after x and the values ``train`` returns
+    beside y)."""
 
     def __init__(self, train, backward, keep):
-        self.plain = train, backward
-        self.compiled = fused.Fused(train), fused.Fused(backward)
+        super().__init__(train, backward)
         self.keep = keep
 
 
@@ -176,7 +175,7 @@ class NormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernels, options, groups, x, *tensors):
-        train, ctx.backward = kernels.compiled if fused.applies(x, groups) else kernels.plain
+        train, ctx.backward = kernels.pick(x, groups)
         y, *values = train(x, *tensors, *options)
         kept = [tensors[i] if tensors[i] is None else tensors[i].detach() for i in kernels.keep]
         ctx.save_for_backward(x, *values, *kept)  # plain tensors: one compiled graph

@@ -103,11 +103,7 @@ def powernorm_backward(dy, x, inverse, second_moment, divisor, weight, ema_gz, a
     return dx, (sum_dy_x * inv_divisor).sum(0), sum_dy.sum(0)
 
 
-# the plain functions (eager), and compiled: as fused.applies says
-KERNELS = {
-    False: (powernorm_train, powernorm_backward),
-    True: (fused.Fused(powernorm_train), fused.Fused(powernorm_backward)),
-}
+KERNELS = fused.Kernels(powernorm_train, powernorm_backward)
 
 
 class _PowerFunction(torch.autograd.Function):
@@ -118,7 +114,7 @@ class _PowerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_phi, num_iterations, ema_gz, options, alpha_bkw):
         """``options``: (groups, scaling_groups, alpha_fwd, warmup_iters, eps) of ``powernorm_train``."""
-        train, ctx.backward = KERNELS[fused.applies(x, options[0])]
+        train, ctx.backward = KERNELS.pick(x, options[0])
         y, inverse, second_moment, divisor = train(x, weight, bias, running_phi, num_iterations, *options)
         ctx.save_for_backward(x, inverse, second_moment, divisor, weight.detach())  # a plain tensor: one graph
         ctx.ema_gz, ctx.alpha_bkw, ctx.eps = ema_gz, alpha_bkw, options[-1]
