@@ -58,9 +58,9 @@ def training_step_saved_bytes(model: nn.Module, images: torch.Tensor, labels: to
 def peak_bytes(call: Callable[[], object], device) -> int | None:
     """The peak memory ``call`` adds above what was in use before it: CUDA's
     ``max_memory_allocated`` on a GPU; on Linux CPUs, the peak of the process's resident memory
-    (``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc's ``malloc`` told to give every
-    block of 64 KiB or more back to the system when freed (``_follow_live_memory``), so that the
-    resident memory follows the live tensors. None where neither is available."""
+    (``VmHWM``, reset through ``/proc/self/clear_refs``), once ``follow_live_memory`` has made the
+    resident memory follow the live tensors: call it first thing in the process (memory the heap
+    already holds is reused unseen). None where neither is available."""
     gc.collect()
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

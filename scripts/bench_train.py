@@ -148,6 +148,11 @@ def peaks_in_a_fresh_process(argv) -> dict:
         return json.loads(path.read_text())
 
 
+def step_peaks(cases, device) -> dict:
+    """{label: the peak memory one more step of the case adds} (``peak_bytes``)."""
+    return {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,14 +184,13 @@ def main(argv=None):
     cases = {label: training_case(*run, images, labels, amp=cuda) for label, run in runs.items()}
     if args.peaks_to:  # one step each (the warm-up: the optimizer's state, the kernels), then one measured
         round_robin(cases, 0, warmup=1, device=args.device)
-        peaks = {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
-        args.peaks_to.write_text(json.dumps(peaks))
+        args.peaks_to.write_text(json.dumps(step_peaks(cases, device)))
         return
     # bytes saved for the backward by a whole training step, in fp32 (exact, the same on any device)
     saved = {label: training_step_saved_bytes(model, images, labels) for label, (model, _) in runs.items()}
     times = round_robin(cases, args.steps, warmup=1, device=args.device)
     if cuda:
-        peaks = {label: peak_bytes(partial(case, 0), device) for label, case in cases.items()}
+        peaks = step_peaks(cases, device)
     speed = {label: args.batch / statistics.median(values) for label, values in times.items()}
     peak = lambda label: "n/a" if peaks[label] is None else f"{peaks[label] / 2**20:.0f}"
     peak_ratio = lambda label: (

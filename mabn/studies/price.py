@@ -5,8 +5,8 @@ any machine of a kind, so a report regenerates to the same numbers). Each label 
 the recorded config of its kept run at the largest normalization batch, in fp32 on the CPU, seeded:
 a classifier on random images, and of Mask R-CNN (torchvision's engine) the backbone with its FPN.
 The model's own parameters and buffers are not counted; weights computed from them in the step
-are (MABN's centralized and GN+WS's standardized conv weights, which ``mabn.reparametrized_conv``
-recomputes in the backward instead of keeping)."""
+are (MABN's centralized and GN+WS's standardized conv weights, kept unless a run recomputes them:
+``mabn.reparametrized_conv``)."""
 
 from __future__ import annotations
 
@@ -82,11 +82,12 @@ def _detection_saved_per_image(cfg) -> float:
 
 def saved_per_image(summaries: list[dict], labels) -> dict[str, float]:
     """{label: bytes saved for the backward per image} of the ``labels`` that have kept runs whose
-    recorded config names their norm (made-up summaries in tests may not)."""
+    recorded config names their norm (a diverged run, kept with its reason only, has none; made-up
+    summaries in tests may not)."""
+    recorded = [s for s in summaries if "name" in s.get("config", {}).get("norm", {})]
     configs = {}
-    for summary in sorted(summaries, key=lambda s: -s["batch"]):
-        if "name" in summary.get("config", {}).get("norm", {}):
-            configs.setdefault(summary.get("label") or summary["norm"], summary["config"])
+    for summary in sorted(recorded, key=lambda s: -s["batch"]):
+        configs.setdefault(summary.get("label") or summary["norm"], summary["config"])
     return {label: _saved_per_image(OmegaConf.to_yaml(configs[label])) for label in labels if label in configs}
 
 
