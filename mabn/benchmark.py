@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import math
+import shlex
 import statistics
 import sys
 import time
@@ -146,6 +148,28 @@ def paired_ratio(values, baseline) -> float:
     return statistics.median(v / b for v, b in zip(values, baseline))
 
 
+def median_interval(samples, level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest sample,
+    with the largest k whose coverage, ``1 - 2 P(Binomial(n, 1/2) < k)``, is at least ``level``
+    (no assumption on the noise's shape); (nan, nan) when even the extremes cover less (n < 6 at
+    95 %)."""
+    ordered, n = sorted(samples), len(samples)
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) <= k)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if 1 - 2 * below < level:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else (math.nan, math.nan)
+
+
+def paired_ratio_text(values, baseline) -> str:
+    """``paired_ratio`` and the 95 % ``median_interval`` of the rounds' ratios: "0.91 [0.88, 0.95]"."""
+    low, high = median_interval([v / b for v, b in zip(values, baseline)])
+    interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+    return f"{paired_ratio(values, baseline):.2f}{interval}"
+
+
 def setting(device) -> str:
     """The machine and the torch version, for a table's title."""
     return f"{machine(str(device))}, torch {torch.__version__}"
@@ -153,7 +177,7 @@ def setting(device) -> str:
 
 def command(argv=None) -> str:
     """The line that says which command made a table."""
-    return f"Command: `python {' '.join(sys.argv if argv is None else argv)}`"
+    return f"Command: `python {shlex.join(sys.argv if argv is None else argv)}`"
 
 
 def markdown_table(columns, rows) -> list[str]:

@@ -42,7 +42,7 @@ os.environ.setdefault("MABN_FUSED", "dynamic")  # as train_coco.py
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting  # noqa: E402
+from mabn.benchmark import command, markdown_table, paired_ratio_text, round_robin, setting  # noqa: E402
 from mabn.config import register_resolvers  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
@@ -183,10 +183,15 @@ def table(times: dict, mask_rois: dict, notes: list[str], title: str) -> str:
     rows = []
     for (engine, norm), seconds in times.items():
         baseline = times.get((engine, "bn"))
-        ratio = f"{paired_ratio(seconds, baseline):.2f}" if baseline else "-"
+        ratio = paired_ratio_text(seconds, baseline) if baseline else "-"
         rois = statistics.mean(mask_rois[engine, norm])
         rows.append([engine, norm, f"{statistics.median(seconds):.3f}", ratio, f"{rois:.1f}"])
-    columns = ["engine", "norm", "s / iteration (median)", "ratio to bn (same engine, median over rounds)"]
+    columns = [
+        "engine",
+        "norm",
+        "s / iteration (median)",
+        "ratio to bn (same engine, median over rounds [95 % interval])",
+    ]
     lines = [title, "", *markdown_table([*columns, "mask RoIs / iteration (mean)"], rows)]
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
 

@@ -31,7 +31,7 @@ from mabn.benchmark import (
     command,
     follow_live_memory,
     markdown_table,
-    paired_ratio,
+    paired_ratio_text,
     peak_bytes,
     round_robin,
     setting,
@@ -59,6 +59,8 @@ CASES = [
     # MABN's successors; CBN's burn-in is skipped so that every timed step compensates
     ("cbn", "cbn", {"burnin": 0}),
     ("cbn (norm. batch 2)", "cbn", {"normalization_batch": 2, "burnin": 0}),
+    # no past entries: CBN's code without its algorithm's own extra work, the derivative convs
+    ("cbn (buffer 0: no derivative convs)", "cbn", {"buffer_num": 0, "burnin": 0}),
     ("evonorm_b0 (norm. batch 2)", "evonorm_b0", {"normalization_batch": 2}),
     ("evonorm_s0", "evonorm_s0", {}),
     ("frn", "frn", {}),
@@ -159,7 +161,9 @@ def main(argv=None):
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=32, help="per-device batch")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per norm (after one warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=6, help="timed steps per norm, after one warm-up (6 or more give intervals)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument(
@@ -199,7 +203,8 @@ def main(argv=None):
     lines = [
         f"Training images/s, {args.model} at {args.image_size}x{args.image_size}, per-device batch "
         f"{args.batch}, {setting(args.device)}, median of {args.steps} steps (round robin, after one warm-up); "
-        "ratio: the median over steps of bn's step time over the norm's; saved: the bytes a training step "
+        "ratio: the median over steps of bn's step time over the norm's, with a distribution-free 95 % interval "
+        "(order statistics, mabn.benchmark.median_interval; none under 6 steps); saved: the bytes a training step "
         "keeps for its backward (saved-tensor hooks, fp32), over bn's; peak: the memory a step adds at its "
         "peak above what was in use before it, after one warm-up step (CUDA's max_memory_allocated; on CPU the "
         "process's peak resident memory, measured in a second process: mabn.benchmark.peak_bytes).",
@@ -209,7 +214,7 @@ def main(argv=None):
         *markdown_table(
             ["norm", "images/s", "ratio to bn", "saved for backward, ratio to bn", "peak MiB", "peak, ratio to bn"],
             [
-                [label, f"{value:.1f}", f"{paired_ratio(times['bn'], times[label]):.2f}"]
+                [label, f"{value:.1f}", paired_ratio_text(times["bn"], times[label])]
                 + [f"{saved[label] / saved['bn']:.2f}", peak(label), peak_ratio(label)]
                 for label, value in speed.items()
             ],
