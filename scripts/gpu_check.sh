@@ -43,8 +43,8 @@ for layout in '' '--channels-last'; do for amp in '' '--autocast fp16'; do
   name=results/bench_norms_cuda\$( [ -n \"\$amp\" ] && echo _fp16)\$( [ -n \"\$layout\" ] && echo _channels_last).md
   $python scripts/bench_norms.py --device cuda --repeats 11 --normalization-batches 32 2 \$layout \$amp --out \$name || exit 1
 done; done"
-part train 70 "$python" scripts/bench_train.py --device cuda --steps 5 --out results/bench_train_cuda.md
-part detection 60 "$python" scripts/bench_detection.py --device cuda --repeats 5 --out results/bench_detection_cuda.md
+part train 70 "$python" scripts/bench_train.py --device cuda --steps 6 --out results/bench_train_cuda.md
+part detection 60 "$python" scripts/bench_detection.py --device cuda --repeats 6 --out results/bench_detection_cuda.md
 part fashion 150 bash -c "
 for run in 'norm=bn batch=32' 'norm=mabn batch=2'; do
   $python train_imagenet.py \$run max_steps=300 amp=true channels_last=true device=cuda workers=4 \
