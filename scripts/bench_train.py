@@ -39,7 +39,7 @@ from mabn.benchmark import (
     training_step_saved_bytes,
 )
 from mabn.export import build_model
-from mabn.external import load_module
+from mabn.external import AuthorsCBN, load_module
 from mabn.models import build_classifier
 from mabn.studies.reporting import publish
 
@@ -86,28 +86,6 @@ def build(model_name, norm, options, device, channels_last):
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-
-
-class AuthorsCBN(nn.Module):
-    """The authors' ``CBatchNorm2d`` (Howal/Cross-iterationBatchNorm, ``mmdet/models/utils/CBN.py``,
-    loaded from a path given on the command line, never part of this repository) called as they
-    call it, with the weight of the conv that feeds it; its ``.cuda()`` at construction is made a
-    no-op off CUDA."""
-
-    def __init__(self, layer_class, channels, **options):
-        super().__init__()
-        cuda = torch.Tensor.cuda
-        if not torch.cuda.is_available():
-            torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
-        try:
-            self.layer = layer_class(channels, **options)
-        finally:
-            torch.Tensor.cuda = cuda
-        nn.init.ones_(self.layer.weight)
-        self.conv = []  # the conv that feeds it, outside the module tree
-
-    def forward(self, x):
-        return self.layer(x, self.conv[0].weight)
 
 
 def authors_cbn_model(model_name, path):

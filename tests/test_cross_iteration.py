@@ -1,15 +1,19 @@
 """CBN against a slow reference written from the paper's formulas and the authors' layer: the
 derivatives by ``autograd.grad`` (as theirs), past entries in a list, one normalization batch at
-a time; across burn-in and buffer fill, forward, backward, buffers and an exact resume."""
+a time; across burn-in and buffer fill, forward, backward, buffers and an exact resume. And
+against the authors' layer itself where their code is given (``CBN_SOURCE=/path/to/mmdet/models/
+utils/CBN.py``, from a checkout of github Howal/Cross-iterationBatchNorm outside this repository)."""
 
 import copy
 import io
 
 import pytest
 import torch
+from authors_code import authors_module
 from torch import nn
 
 import mabn
+from mabn.external import AuthorsCBN
 
 
 class ReferenceCBN:
@@ -56,8 +60,9 @@ class ReferenceCBN:
 
 
 def conv_and_cbn(kernel_size=3, in_channels=3, groups=1, **options):
-    """A conv (3x3 by default; 1x1 takes the second-moment path of convs that widen; grouped or
-    depthwise with ``groups``) and its CBN."""
+    """A conv (3x3 by default; a 1x1 that widens takes the input's second moment where that is
+    cheaper than the weight gradient: here with 2 or more samples per group; grouped or depthwise
+    with ``groups``) and its CBN."""
     conv = nn.Conv2d(in_channels, 4, kernel_size, stride=2, padding=kernel_size // 2, groups=groups).double()
     norm = mabn.CrossIterationBatchNorm2d(4, **options).double()
     model = mabn.wire_norms(nn.Sequential(conv, norm))
@@ -73,6 +78,7 @@ def conv_and_cbn(kernel_size=3, in_channels=3, groups=1, **options):
         (4, 0, 1, 3, 3, 1),
         (8, 3, 2, 1, 3, 1),
         (2, 3, 1, 1, 3, 1),
+        (1, 3, 1, 1, 3, 1),  # 1x1 that widens, 9 positions a group: the weight gradient
         (2, 3, 1, 3, 6, 2),  # grouped
         (4, 3, 1, 3, 4, 4),  # depthwise
         (2, 3, 1, 1, 2, 2),  # depthwise 1x1 that widens
@@ -194,3 +200,36 @@ def test_cbn_without_its_conv_says_how_to_give_it_one():
         norm(torch.randn(2, 4, 3, 3, requires_grad=True))
     with pytest.raises(ValueError, match="zero padding"):
         norm.bind_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])  # 1x1 that widens: the input's second moment
+def test_cbn_equals_the_authors_layer_step_by_step(kernel_size):
+    """Their CBatchNorm2d (whole batch, buffer 3, burn-in 2) and ours after the same conv, trained
+    side by side with SGD for 8 steps in float64: outputs, gradients and running statistics."""
+    module = authors_module("CBN_SOURCE", "mmdet/models/utils/CBN.py")
+    torch.manual_seed(0)
+    ours = conv_and_cbn(kernel_size, buffer_num=3, burnin=2, rho=1.0)
+    theirs = AuthorsCBN(module.CBatchNorm2d, 4, buffer_num=3, burnin=2, rho=1.0).double()
+    theirs.layer.ones = theirs.layer.ones.double()
+    conv = copy.deepcopy(ours[0])
+    theirs.conv.append(conv)
+    with torch.no_grad():
+        for layer in (ours[1], theirs.layer):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
+            layer.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+    models = (ours, nn.ModuleList([conv, theirs]))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.2) for m in models]
+    for step in range(8):
+        x = torch.randn(8, 3, 6, 6, dtype=torch.float64) * 2 + 1
+        dy = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+        results = []
+        for model, run, optimizer in zip(models, (ours, lambda x: theirs(conv(x))), optimizers):
+            optimizer.zero_grad()
+            inp = x.clone().requires_grad_(True)
+            out = run(inp)
+            out.backward(dy)
+            norm = model[1] if model is ours else theirs.layer
+            results.append([out, inp.grad, model[0].weight.grad, norm.weight.grad, norm.running_var])
+            optimizer.step()
+        for name, a, b in zip(["output", "input grad", "conv grad", "gamma grad", "running var"], *results):
+            torch.testing.assert_close(a, b, msg=f"{name}, step {step}")

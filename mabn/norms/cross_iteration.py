@@ -235,8 +235,7 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             outputs = y[rows].to(dtype)
             positions = outputs.numel() // outputs.shape[1]
             dmeans.append(mean_patch(conv_input[rows], shape[2:], stride, padding, dilation, outputs.shape[2:]))
-            if shape[2:] == (1, 1) and padding == (0, 0) and shape[1] < shape[0] and conv_groups == 1:
-                # 2 E[y x^T] = 2 (W E[x x^T] + b E[x]^T): cheaper than the weight gradient when in < out
+            if _input_moment_is_cheaper(shape, padding, conv_groups, positions):
                 pixels = conv_input[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
                 moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
                 dseconds.append(moment if bias is None else moment + 2 * bias[:, None] * dmeans[-1])
@@ -259,6 +258,14 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             buffer.copy_(torch.cat([buffer[kept:], values.to(dtype)]))
         self.past_dsecond.copy_(torch.cat([self.past_dsecond[:, kept:], dsecond], 1))
         self.past_count.copy_((self.past_count + kept).clamp(max=k))
+
+
+def _input_moment_is_cheaper(shape, padding, conv_groups, positions) -> bool:
+    """Whether a 1x1 conv's (no padding, one group) ``d mean(y^2) / dW = 2 E[y x^T]`` is cheaper as
+    ``2 (W E[x x^T] + b E[x]^T)``, in^2 (positions + out) multiply-adds, than as the weight
+    gradient, in out positions: only when in < out and the positions outnumber the channels."""
+    out, in_ = shape[:2]
+    return shape[2:] == (1, 1) and padding == (0, 0) and conv_groups == 1 and in_ * (positions + out) < out * positions
 
 
 def mean_patch(x, kernel_size, stride, padding, dilation, output_size):
