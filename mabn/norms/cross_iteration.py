@@ -240,11 +240,9 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
                 moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
                 dseconds.append(moment if bias is None else moment + 2 * bias[:, None] * dmeans[-1])
             else:
-                dseconds.append(
-                    conv2d_weight(
-                        conv_input[rows], shape, outputs * (2.0 / positions), stride, padding, dilation, conv_groups
-                    ).flatten(1)
-                )
+                gradient = conv2d_weight(conv_input[rows], shape, outputs, stride, padding, dilation, conv_groups)
+                # scaled after: a pass over the weight's size, not the output's
+                dseconds.append(gradient.flatten(1) * (2.0 / positions))
         dmean, dsecond, flat = torch.stack(dmeans), torch.stack(dseconds, 1), weight.flatten(1)
         new = {
             "past_mean": mean[-kept:],
