@@ -143,9 +143,14 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+def paired_ratios(values, baseline) -> list[float]:
+    """Each round's value over the baseline's in that round."""
+    return [v / b for v, b in zip(values, baseline)]
+
+
 def paired_ratio(values, baseline) -> float:
-    """The median over rounds of each round's value over the baseline's in that round."""
-    return statistics.median(v / b for v, b in zip(values, baseline))
+    """The median over rounds of ``paired_ratios``."""
+    return statistics.median(paired_ratios(values, baseline))
 
 
 def median_interval(samples, level: float = 0.95) -> tuple[float, float]:
@@ -165,9 +170,10 @@ def median_interval(samples, level: float = 0.95) -> tuple[float, float]:
 
 def paired_ratio_text(values, baseline) -> str:
     """``paired_ratio`` and the 95 % ``median_interval`` of the rounds' ratios: "0.91 [0.88, 0.95]"."""
-    low, high = median_interval([v / b for v, b in zip(values, baseline)])
+    ratios = paired_ratios(values, baseline)
+    low, high = median_interval(ratios)
     interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
-    return f"{paired_ratio(values, baseline):.2f}{interval}"
+    return f"{statistics.median(ratios):.2f}{interval}"
 
 
 def setting(device) -> str:
