@@ -1,4 +1,4 @@
-"""The compiled (fused) training math of BN, BRN, MABN and PowerNorm against the eager layers, which the
+"""The compiled (fused) training math of BN, BRN, MABN, CBN and PowerNorm against the eager layers, which the
 reference tests check against the paper's formulas: outputs, gradients and every buffer, step
 by step across warm-up, window and schedule boundaries."""
 
@@ -89,6 +89,53 @@ def assert_same_steps(compiled, eager):
             torch.testing.assert_close(
                 a, e, rtol=2e-5, atol=2e-5, msg=lambda m, step=step, index=index: f"step {step}, value {index}: {m}"
             )
+
+
+@pytest.mark.parametrize(
+    "mode,normalization_batch,channels_last",
+    [("1", 2, False), ("1", 2, True), ("1", None, False), ("1", None, True), ("dynamic", None, False)],
+)
+def test_fused_cbn_steps_match_the_eager_layer(mode, normalization_batch, channels_last, monkeypatch):
+    """CBN's compiled statistics and backward against its eager ones, after a conv whose weight moves:
+    across burn-in (plain BN) and the buffer's fill; outputs, every gradient and buffer, step by
+    step; with MABN_FUSED=dynamic (train_coco.py) for inputs whose size changes."""
+    from mabn.norms.cross_iteration import _CompensatedNormFunction
+
+    calls = []
+    compiled = _CompensatedNormFunction.fused_backward
+    monkeypatch.setattr(_CompensatedNormFunction, "fused_backward", lambda *args: calls.append(1) or compiled(*args))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    sizes = (
+        [(8, 3, 4, 3)] * 6 if mode == "1" else [(2, 3, 6, 8), (2, 3, 7, 5), (9, 3, 4, 4), (3, 3, 6, 8), (5, 3, 4, 4)]
+    )
+
+    def run(mode):
+        monkeypatch.setenv("MABN_FUSED", mode)
+        torch.manual_seed(1)
+        norm = mabn.CrossIterationBatchNorm2d(5, normalization_batch=normalization_batch, buffer_num=3, burnin=2)
+        # no conv bias: through a norm its gradient is nearly 0, round-off against round-off
+        model = mabn.wire_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1, bias=False), norm))
+        model.to(memory_format=memory_format)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        records = []
+        for step, size in enumerate(sizes):
+            x = ((0.5 + step / 4) * torch.randn(*size) + step / 3).contiguous(memory_format=memory_format)
+            x.requires_grad_()
+            optimizer.zero_grad()
+            y = model(x)
+            y.backward(torch.randn_like(y))
+            records.append([y.detach(), x.grad, *[p.grad.clone() for p in model.parameters()]])
+            records[-1] += [b.clone() for b in model.buffers()]
+            optimizer.step()
+        return records
+
+    eager = run("0")
+    assert not calls
+    assert_same_steps(run(mode), eager)
+    assert len(calls) == len(sizes)
 
 
 @pytest.mark.parametrize("name,options", [case for case in CASES if case[1]["normalization_batch"] is None])

@@ -98,6 +98,12 @@ def batch_norm_backward(dy, x, weight, mean, var, r, d, eps: float):
     return dx.view(x.shape), (sum_dy_xhat * r + sum_dy * d).sum(0), sum_dy.sum(0)
 
 
+def group_moments(x, groups: int):
+    """Biased variance and mean per (group, channel), (G, C) each, in plain tensor ops (compiled by
+    ``mabn.fused`` for the layers that take their statistics apart from their step: CBN)."""
+    return torch.var_mean(group_view(x, groups), dim=(1, 3), correction=0)
+
+
 class _FusedBatchNormFunction(torch.autograd.Function):
     """``batch_norm_train`` and its backward, compiled (``mabn.fused``); saves x and (G, C) values."""
 
@@ -166,11 +172,16 @@ class _GroupedBatchStats(nn.Module):
     def _eval_forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
+    fused_moments = fused.Fused(group_moments)
+
     @torch.no_grad()
     def _group_stats(self, x, groups):
         """Biased variance and mean per (group, channel), shaped (G, C), and the group size
-        (the gradient through them is _GroupBatchNormFunction's)."""
+        (the gradient through them is _GroupBatchNormFunction's); compiled where ``mabn.fused``
+        applies."""
         channels, count = x.shape[1], x.numel() // (groups * x.shape[1])
+        if fused.applies(x, groups):
+            return *_GroupedBatchStats.fused_moments(x, groups), count
         dtype = accumulation_dtype(x)
         flat = kernel_view(x, groups)
         if flat is None:  # channels_last with several groups: mean, then squares about it

@@ -7,23 +7,53 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from .. import fused
 from .batch_norm import _GroupedBatchStats
-from .kernels import gradient_sums, normalize, num_groups, per_sample
+from .kernels import gradient_sums, group_view, normalize, num_groups, per_sample
 from .wired import NeedsWiring
+
+
+def _input_gradient_terms(weight, mean, denom, share, scale: float, eps: float, sum_dy, sum_dy_xhat, count: int):
+    """``dx = gain * dy + slope * x + offset`` per (group, channel), from the sums of dy and of dy * xhat
+    (xhat = (x - mean) / denom) over the group: dL/dmu and dL/dnu, through denom = sqrt(var) + eps (0
+    where var was clamped) and mean, spread over the group's count values."""
+    std = denom - eps
+    d_var = torch.where(std > 0, -weight * sum_dy_xhat / (denom * 2 * std.clamp_min(1e-30)), 0.0)
+    d_mean = -weight * sum_dy / denom - 2 * scale * mean * d_var
+    # dx = gamma * dy / denom + d_mu / n + 2 x d_nu / n, d_mu = share * d_mean, d_nu = share * scale * d_var
+    return weight / denom, 2 * share * scale * d_var / count, share * d_mean / count
+
+
+def compensated_backward(dy, x, weight, mean, denom, share, scale: float, eps: float):
+    """``_CompensatedNormFunction``'s backward in plain tensor ops, compiled by ``mabn.fused``: one
+    reduction over dy and x, one pass that writes dx; returns dx, d gamma, d beta."""
+    groups = len(mean)
+    xg, dyg = group_view(x, groups), group_view(dy, groups)
+    count = xg.shape[1] * xg.shape[3]
+    sum_dy = dyg.sum(dim=(1, 3))
+    sum_dy_xhat = (dyg * (xg - mean[:, None, :, None])).sum(dim=(1, 3)) / denom
+    gain, slope, offset = (
+        t[:, None, :, None]
+        for t in _input_gradient_terms(weight, mean, denom, share, scale, eps, sum_dy, sum_dy_xhat, count)
+    )
+    return (dyg * gain + xg * slope + offset).view(x.shape), sum_dy_xhat.sum(0), sum_dy.sum(0)
 
 
 class _CompensatedNormFunction(torch.autograd.Function):
     """``y = (x - mean) / (sqrt(var) + eps) * gamma + beta`` per (group, channel), with
     ``mean = past_mean + share * mu`` and ``var = scale * (past_second + share * nu - mean^2)``
     (clamped at 0): mu and nu, the group's own mean and second moment, are the only terms with
-    a gradient; the past sums and the shares (1 / number of entries kept) are constants."""
+    a gradient; the past sums and the shares (1 / number of entries kept) are constants. The
+    backward is compiled where ``mabn.fused`` applies, else torch's batch-norm kernels."""
+
+    fused_backward = fused.Fused(compensated_backward)
 
     @staticmethod
     def forward(ctx, x, weight, bias, mu, nu, past_mean, past_second, share, scale, eps):
         mean = past_mean + share * mu
         var = (scale * (past_second + share * nu - mean.square())).clamp_min(0)
         denom = var.sqrt() + eps
-        ctx.save_for_backward(x, weight, mean, denom, share)
+        ctx.save_for_backward(x, weight.detach(), mean, denom, share)  # a plain tensor: one compiled graph
         ctx.scale, ctx.eps = scale, eps
         groups = len(mu)
         return normalize(x, mean, denom.square(), weight.expand(groups, -1), bias.expand(groups, -1), 0.0)
@@ -32,16 +62,18 @@ class _CompensatedNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, denom, share = ctx.saved_tensors
         groups, channels = mean.shape
+        if fused.applies(x, groups):
+            dx, dweight, dbias = _CompensatedNormFunction.fused_backward(
+                dy, x, weight, mean, denom, share, ctx.scale, ctx.eps
+            )
+            return dx, dweight, dbias, *[None] * 7
+        sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, denom.square(), 0.0)
         count = x.numel() // (groups * channels)
-        sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, denom.square(), 0.0)  # xhat = (x - mean) / denom
-        std = denom - ctx.eps
-        # dL/dvar through denom = sqrt(var) + eps (0 where var was clamped); dL/dmean directly and via var
-        d_var = torch.where(std > 0, -weight * sum_dy_xhat / (denom * 2 * std.clamp_min(1e-30)), 0.0)
-        d_mean = -weight * sum_dy / denom - 2 * ctx.scale * mean * d_var
-        d_mu, d_nu = share * d_mean, share * ctx.scale * d_var
-        # dx = gamma * dy / denom + d_mu / n + 2 x d_nu / n
-        dx = normalize(dy, torch.zeros_like(mean), denom.square(), weight.expand(groups, -1), d_mu / count, 0.0)
-        dx.addcmul_(x, per_sample(2 * d_nu / count, len(x)))
+        gain, slope, offset = _input_gradient_terms(
+            weight, mean, denom, share, ctx.scale, ctx.eps, sum_dy, sum_dy_xhat, count
+        )
+        dx = normalize(dy, torch.zeros_like(mean), torch.ones_like(mean), gain, offset, 0.0)
+        dx.addcmul_(x, per_sample(slope, len(x)))
         return dx.to(dy.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0), *[None] * 7
 
 
@@ -183,11 +215,16 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             )
         if captured is None:
             raise RuntimeError("cbn needs the conv that feeds it: build the model, then call mabn.wire_norms(model)")
-        past_mean, past_second, share = self._window(mean, var + mean.square(), captured[1].detach().flatten(1))
+        conv_input, weight, bias = captured
+        # the conv's weight and bias at the precision it ran at (rounded under autocast), in the buffers' dtype
+        weight, bias = (
+            None if t is None else t.detach().to(x.dtype).to(self.past_dsecond.dtype) for t in (weight, bias)
+        )
+        past_mean, past_second, share = self._window(mean, var + mean.square(), weight.flatten(1))
         y = _CompensatedNormFunction.apply(
             x, self.weight, self.bias, mean, var + mean.square(), past_mean, past_second, share, 1.0, self.eps
         )
-        self._push(captured, x, mean, var + mean.square())
+        self._push(conv_input.detach(), weight, bias, x, mean, var + mean.square())
         return y
 
     def _dot_mean_patch(self, dmean, weight):
@@ -219,42 +256,45 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         return past_means / entries, past_seconds / entries, own / entries
 
     @torch.no_grad()
-    def _push(self, captured, y, mean, second):
-        """Append the last min(k, G) groups' statistics and their derivatives."""
+    def _push(self, conv_input, weight, bias, y, mean, second):
+        """Append the last min(k, G) groups' statistics and their derivatives, each written in
+        its slot of the buffer (the older entries moved to the front first)."""
         k, groups = self.buffer_num, len(mean)
         kept = min(k, groups)
         if kept == 0:
             return
+        first = k - kept  # the new entries' first slot
+        if first:
+            for name in self.BUFFER_NAMES[:-1]:
+                buffer = getattr(self, name)
+                buffer[:first] = buffer[kept:].clone()
+            self.past_dsecond[:, :first] = self.past_dsecond[:, kept:].clone()
         dtype = self.past_dsecond.dtype
-        conv_input, weight, bias = (None if t is None else t.detach().to(dtype) for t in captured)
         stride, padding, dilation, shape, conv_groups = self._conv
         size = len(y) // groups
-        dmeans, dseconds = [], []
-        for group in range(groups - kept, groups):
-            rows = slice(group * size, (group + 1) * size)
-            outputs = y[rows].to(dtype)
-            positions = outputs.numel() // outputs.shape[1]
-            dmeans.append(mean_patch(conv_input[rows], shape[2:], stride, padding, dilation, outputs.shape[2:]))
+        outputs = y[(groups - kept) * size :].to(dtype)
+        inputs = conv_input[(groups - kept) * size :].to(dtype)
+        self.past_dmean[first:] = mean_patch(inputs, kept, shape[2:], stride, padding, dilation, outputs.shape[2:])
+        positions = size * outputs[0, 0].numel()
+        for index in range(kept):
+            rows, slot = slice(index * size, (index + 1) * size), self.past_dsecond[:, first + index]
             if _input_moment_is_cheaper(shape, padding, conv_groups, positions):
-                pixels = conv_input[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
-                moment = 2 * weight.flatten(1) @ (pixels @ pixels.T / positions)
-                dseconds.append(moment if bias is None else moment + 2 * bias[:, None] * dmeans[-1])
+                pixels = inputs[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
+                moment = weight.flatten(1) @ (pixels @ pixels.T / positions)
+                if bias is not None:
+                    moment.addcmul_(bias[:, None], self.past_dmean[first + index, None])
+                torch.mul(moment, 2.0, out=slot)
             else:
-                gradient = conv2d_weight(conv_input[rows], shape, outputs, stride, padding, dilation, conv_groups)
-                # scaled after: a pass over the weight's size, not the output's
-                dseconds.append(gradient.flatten(1) * (2.0 / positions))
-        dmean, dsecond, flat = torch.stack(dmeans), torch.stack(dseconds, 1), weight.flatten(1)
-        new = {
-            "past_mean": mean[-kept:],
-            "past_second": second[-kept:],
-            "past_mean_offset": self._dot_mean_patch(dmean, flat),
-            "past_second_offset": torch.bmm(dsecond, flat.unsqueeze(-1))[..., 0].T,
-            "past_dmean": dmean,
-        }
-        for name, values in new.items():
-            buffer = getattr(self, name)
-            buffer.copy_(torch.cat([buffer[kept:], values.to(dtype)]))
-        self.past_dsecond.copy_(torch.cat([self.past_dsecond[:, kept:], dsecond], 1))
+                gradient = conv2d_weight(inputs[rows], shape, outputs[rows], stride, padding, dilation, conv_groups)
+                torch.mul(gradient.flatten(1), 2.0 / positions, out=slot)  # scaled after: the weight's size
+        # each derivative dotted with the weight it was taken at, in closed form: y_c = W[c] . patch + b_c
+        # gives dmu_c/dW[c] . W[c] = mu_c - b_c and dnu_c/dW[c] . W[c] = 2 mean(y_c (y_c - b_c)) = 2 (nu_c - b_c mu_c)
+        new_mean, new_second = mean[-kept:].to(dtype), second[-kept:].to(dtype)
+        shift = 0.0 if bias is None else bias
+        self.past_mean[first:] = new_mean
+        self.past_second[first:] = new_second
+        self.past_mean_offset[first:] = new_mean - shift
+        self.past_second_offset[first:] = 2 * (new_second - shift * new_mean)
         self.past_count.copy_((self.past_count + kept).clamp(max=k))
 
 
@@ -266,19 +306,20 @@ def _input_moment_is_cheaper(shape, padding, conv_groups, positions) -> bool:
     return shape[2:] == (1, 1) and padding == (0, 0) and conv_groups == 1 and in_ * (positions + out) < out * positions
 
 
-def mean_patch(x, kernel_size, stride, padding, dilation, output_size):
-    """d mean(y_c) / d W[c] of a conv with zero padding: the input patch averaged over samples
-    and output positions, flattened as (in_channels, kh, kw); for a grouped conv, channel c's is
-    the slice of its group's input channels."""
-    total = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
+def mean_patch(x, groups, kernel_size, stride, padding, dilation, output_size):
+    """d mean(y_c) / d W[c] of a conv with zero padding, per group of consecutive samples of x
+    (groups, in_channels kh kw): the input patch averaged over the group's samples and output
+    positions, flattened as (in_channels, kh, kw); for a grouped conv, channel c's is the slice of
+    its group's input channels."""
+    total = F.pad(x.unflatten(0, (groups, -1)).sum(1), (padding[1], padding[1], padding[0], padding[0]))
     rows, cols = output_size
     patch = [
         total[
-            :,
+            ...,
             i * dilation[0] : i * dilation[0] + stride[0] * (rows - 1) + 1 : stride[0],
             j * dilation[1] : j * dilation[1] + stride[1] * (cols - 1) + 1 : stride[1],
-        ].sum((1, 2))
+        ].sum((2, 3))
         for i in range(kernel_size[0])
         for j in range(kernel_size[1])
     ]
-    return torch.stack(patch, 1).flatten() / (len(x) * rows * cols)
+    return torch.stack(patch, 2).flatten(1) / (len(x) // groups * rows * cols)
