@@ -1,5 +1,6 @@
 """The norms' training math compiled by inductor on CPU: BN, BRN and MABN (with groups), CBN's
-statistics and backward, PowerNorm, and the norm + activation layers (EvoNorm-B0/S0, FRN + TLU).
+statistics and backward, GN+WS's weight standardization, PowerNorm, and the norm + activation
+layers (EvoNorm-B0/S0, FRN + TLU).
 
 In eager PyTorch a grouped BN/BRN/MABN call is 75-125 small ops around torch's batch-norm
 kernels, which costs up to 2x ``nn.BatchNorm2d`` at small maps. Written as plain tensor

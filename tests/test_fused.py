@@ -1,4 +1,4 @@
-"""The compiled (fused) training math of BN, BRN, MABN, CBN and PowerNorm against the eager layers, which the
+"""The compiled (fused) training math of BN, BRN, MABN, CBN, GN+WS and PowerNorm against the eager layers, which the
 reference tests check against the paper's formulas: outputs, gradients and every buffer, step
 by step across warm-up, window and schedule boundaries."""
 
@@ -103,7 +103,7 @@ def test_fused_cbn_steps_match_the_eager_layer(mode, normalization_batch, channe
 
     calls = []
     compiled = _CompensatedNormFunction.fused_backward
-    monkeypatch.setattr(_CompensatedNormFunction, "fused_backward", lambda *args: calls.append(1) or compiled(*args))
+    monkeypatch.setattr(_CompensatedNormFunction, "fused_backward", counted(compiled, calls))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     sizes = (
         [(8, 3, 4, 3)] * 6 if mode == "1" else [(2, 3, 6, 8), (2, 3, 7, 5), (9, 3, 4, 4), (3, 3, 6, 8), (5, 3, 4, 4)]
@@ -136,6 +136,44 @@ def test_fused_cbn_steps_match_the_eager_layer(mode, normalization_batch, channe
     assert not calls
     assert_same_steps(run(mode), eager)
     assert len(calls) == len(sizes)
+
+
+@pytest.mark.parametrize("mode", ["1", "dynamic"])
+def test_fused_weight_standardization_matches_the_eager_one(mode, monkeypatch):
+    """GN+WS's standardized conv weights, compiled, against the eager formulas: outputs and every
+    gradient over SGD steps, two convs of different shapes."""
+    from mabn.norms import group_norm
+
+    calls = []
+    compiled = group_norm.STANDARDIZE.compiled
+    monkeypatch.setattr(group_norm.STANDARDIZE, "compiled", tuple(counted(f, calls) for f in compiled))
+
+    def run(mode):
+        monkeypatch.setenv("MABN_FUSED", mode)
+        torch.manual_seed(3)
+        layers = [torch.nn.Conv2d(3, 8, 3), mabn.GroupNormWS(8, 4), torch.nn.Conv2d(8, 8, 1), mabn.GroupNormWS(8, 2)]
+        model = mabn.wire_norms(torch.nn.Sequential(*layers))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        records = []
+        for _ in range(4):
+            x = torch.randn(4, 3, 6, 6).requires_grad_()
+            optimizer.zero_grad()
+            y = model(x)
+            y.backward(torch.randn_like(y))
+            records.append([y.detach(), x.grad, *[p.grad.clone() for p in model.parameters()]])
+            optimizer.step()
+        return records
+
+    eager = run("0")
+    assert not calls
+    assert_same_steps(run(mode), eager)
+    # forward and backward, two convs, four steps, and a forward each when wire_norms registers them
+    assert len(calls) == 2 * 2 * 4 + 2
+
+
+def counted(function, calls):
+    """``function``, appending to ``calls`` at each call."""
+    return lambda *args: calls.append(1) or function(*args)
 
 
 @pytest.mark.parametrize("name,options", [case for case in CASES if case[1]["normalization_batch"] is None])

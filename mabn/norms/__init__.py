@@ -16,9 +16,10 @@ ordinary behaviour). This is how the paper simulates "batch 2" at an SGD batch o
 
 Kernels: in fp32 on CPU, once turned on, BN with groups, BRN and MABN train through ``mabn.fused``
 (the plain formulas of ``batch_norm_train``/``batch_norm_backward`` and ``mabn_train``/``mabn_backward``,
-compiled), and CBN takes its statistics and backward there (``group_moments``,
-``compensated_backward``); elsewhere through eager code around torch's batch-norm kernels. PowerNorm and the norm +
-activation layers run their own plain formulas, eager or compiled alike. Both kernels are checked
+compiled), CBN takes its statistics and backward there (``group_moments``,
+``compensated_backward``) and GN+WS its weight standardization; elsewhere through eager code
+around torch's batch-norm kernels. PowerNorm and the norm + activation layers run their own plain
+formulas, eager or compiled alike. Both kernels are checked
 against each other (tests/test_fused.py, tests/test_norm_act.py) and the eager code against
 references from the papers' formulas (tests/test_norms.py, tests/test_power_norm.py).
 
