@@ -143,14 +143,12 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
     BUFFER_NAMES = ("past_mean", "past_second", "past_mean_offset", "past_second_offset", "past_dmean", "past_dsecond")
 
     def _allocate_buffer(self, patch_size: int, conv_groups: int = 1, device=None):
-        """The past entries: mean and second moment (k, C); their derivatives with respect to
-        the conv weight, (k, G K) (the mean input patch: the same for every channel of a conv
-        group, the group's K-long slice for a grouped conv) and (C, k, K); and the derivatives
-        dotted with the weight they were taken at, (k, C), so that a compensation is ``dmu/dW .
-        W - offset`` without keeping old weights. ``past_count`` of them (the newest) are real.
-        The k slots are a ring, the oldest entry in slot ``_oldest``, so that no entry moves (a
-        state dict holds them oldest first)."""
-        self._oldest = 0
+        """The past entries, oldest first: mean and second moment (k, C); their derivatives with
+        respect to the conv weight, (k, G K) (the mean input patch: the same for every channel
+        of a conv group, the group's K-long slice for a grouped conv) and (C, k, K); and the
+        derivatives dotted with the weight they were taken at, (k, C), so that a compensation is
+        ``dmu/dW . W - offset`` without keeping old weights. ``past_count`` of them (the newest)
+        are real."""
         k, c = self.buffer_num, self.num_features
         like = {"device": device if device is not None else self.running_mean.device, "dtype": self.running_mean.dtype}
         shapes = ((k, c), (k, c), (k, c), (k, c), (k, conv_groups * patch_size), (c, k, patch_size))
@@ -174,22 +172,11 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         if self.training:
             self._captured = (args[0], conv.weight, conv.bias)
 
-    def _oldest_first(self, name: str) -> torch.Tensor:
-        """The past entries' buffer ``name`` with its oldest entry first."""
-        return torch.roll(getattr(self, name), -self._oldest, 1 if name == "past_dsecond" else 0)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._oldest:
-            destination.update({prefix + name: self._oldest_first(name) for name in self.BUFFER_NAMES})
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A BatchNorm2d checkpoint loads too (iteration 0, empty buffer)."""
-        for name in ("num_iterations", "past_count"):
+        for name in ("num_iterations", "past_count", *self.BUFFER_NAMES):
             state_dict.setdefault(prefix + name, getattr(self, name))
-        for name in self.BUFFER_NAMES:
-            state_dict.setdefault(prefix + name, self._oldest_first(name))
-        self._burned_in, self._oldest = False, 0
+        self._burned_in = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _eval_forward(self, x):
@@ -255,10 +242,8 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         k = self.buffer_num
         moved_mean = self._dot_mean_patch(self.past_dmean, weight) - self.past_mean_offset  # dmu/dW . (W - W_old)
         moved_second = torch.bmm(self.past_dsecond, weight.unsqueeze(-1))[..., 0].T - self.past_second_offset
-        means, seconds = (  # the past entries oldest first, then the groups of this batch
-            torch.cat([torch.roll(past + self.rho * moved, -self._oldest, 0), own])
-            for past, moved, own in ((self.past_mean, moved_mean, mean), (self.past_second, moved_second, second))
-        )
+        means = torch.cat([self.past_mean + self.rho * moved_mean, mean])
+        seconds = torch.cat([self.past_second + self.rho * moved_second, second])
         real = torch.arange(k, device=mean.device) >= k - self.past_count
         kept = torch.cat([real.to(mean.dtype)[:, None].expand(k, mean.shape[1]), torch.ones_like(mean)]) * (
             seconds >= means.square()
@@ -272,27 +257,32 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
 
     @torch.no_grad()
     def _push(self, conv_input, weight, bias, y, mean, second):
-        """Put the last min(k, G) groups' statistics and their derivatives in the slots of the
-        oldest entries, each written in its slot."""
+        """Append the last min(k, G) groups' statistics and their derivatives, each written in
+        its slot of the buffer (the older entries moved to the front first)."""
         k, groups = self.buffer_num, len(mean)
         kept = min(k, groups)
         if kept == 0:
             return
-        slots = [(self._oldest + index) % k for index in range(kept)]
+        first = k - kept  # the new entries' first slot
+        if first:
+            for name in self.BUFFER_NAMES[:-1]:
+                buffer = getattr(self, name)
+                buffer[:first] = buffer[kept:].clone()
+            self.past_dsecond[:, :first] = self.past_dsecond[:, kept:].clone()
         dtype = self.past_dsecond.dtype
         stride, padding, dilation, shape, conv_groups = self._conv
         size = len(y) // groups
         outputs = y[(groups - kept) * size :].to(dtype)
         inputs = conv_input[(groups - kept) * size :].to(dtype)
-        self.past_dmean[slots] = mean_patch(inputs, kept, shape[2:], stride, padding, dilation, outputs.shape[2:])
+        self.past_dmean[first:] = mean_patch(inputs, kept, shape[2:], stride, padding, dilation, outputs.shape[2:])
         positions = size * outputs[0, 0].numel()
         for index in range(kept):
-            rows, slot = slice(index * size, (index + 1) * size), self.past_dsecond[:, slots[index]]
+            rows, slot = slice(index * size, (index + 1) * size), self.past_dsecond[:, first + index]
             if _input_moment_is_cheaper(shape, padding, conv_groups, positions):
                 pixels = inputs[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
                 moment = weight.flatten(1) @ (pixels @ pixels.T / positions)
                 if bias is not None:
-                    moment.addcmul_(bias[:, None], self.past_dmean[slots[index], None])
+                    moment.addcmul_(bias[:, None], self.past_dmean[first + index, None])
                 torch.mul(moment, 2.0, out=slot)
             else:
                 gradient = conv2d_weight(inputs[rows], shape, outputs[rows], stride, padding, dilation, conv_groups)
@@ -301,12 +291,11 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         # gives dmu_c/dW[c] . W[c] = mu_c - b_c and dnu_c/dW[c] . W[c] = 2 mean(y_c (y_c - b_c)) = 2 (nu_c - b_c mu_c)
         new_mean, new_second = mean[-kept:].to(dtype), second[-kept:].to(dtype)
         shift = 0.0 if bias is None else bias
-        self.past_mean[slots] = new_mean
-        self.past_second[slots] = new_second
-        self.past_mean_offset[slots] = new_mean - shift
-        self.past_second_offset[slots] = 2 * (new_second - shift * new_mean)
+        self.past_mean[first:] = new_mean
+        self.past_second[first:] = new_second
+        self.past_mean_offset[first:] = new_mean - shift
+        self.past_second_offset[first:] = 2 * (new_second - shift * new_mean)
         self.past_count.copy_((self.past_count + kept).clamp(max=k))
-        self._oldest = (self._oldest + kept) % k
 
 
 def _input_moment_is_cheaper(shape, padding, conv_groups, positions) -> bool:
