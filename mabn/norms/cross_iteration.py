@@ -199,14 +199,15 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             self._burned_in = int(self.num_iterations) > self.burnin
         var, mean, count = self._group_stats(x, groups)
         self._running_states(var, mean, count, last_only=True)
-        zero = torch.zeros_like(mean)
+        second = var + mean.square()
         if not (self._burned_in and x.requires_grad):  # plain BN, unbiased variance
+            zero = torch.zeros_like(mean)
             return _CompensatedNormFunction.apply(
                 x,
                 self.weight,
                 self.bias,
                 mean,
-                var + mean.square(),
+                second,
                 zero,
                 zero,
                 torch.ones_like(mean),
@@ -220,11 +221,11 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         weight, bias = (
             None if t is None else t.detach().to(x.dtype).to(self.past_dsecond.dtype) for t in (weight, bias)
         )
-        past_mean, past_second, share = self._window(mean, var + mean.square(), weight.flatten(1))
+        past_mean, past_second, share = self._window(mean, second, weight.flatten(1))
         y = _CompensatedNormFunction.apply(
-            x, self.weight, self.bias, mean, var + mean.square(), past_mean, past_second, share, 1.0, self.eps
+            x, self.weight, self.bias, mean, second, past_mean, past_second, share, 1.0, self.eps
         )
-        self._push(conv_input.detach(), weight, bias, x, mean, var + mean.square())
+        self._push(conv_input.detach(), weight, bias, x, mean, second)
         return y
 
     def _dot_mean_patch(self, dmean, weight):
@@ -276,9 +277,10 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         inputs = conv_input[(groups - kept) * size :].to(dtype)
         self.past_dmean[first:] = mean_patch(inputs, kept, shape[2:], stride, padding, dilation, outputs.shape[2:])
         positions = size * outputs[0, 0].numel()
+        input_moment = _input_moment_is_cheaper(shape, padding, conv_groups, positions)
         for index in range(kept):
             rows, slot = slice(index * size, (index + 1) * size), self.past_dsecond[:, first + index]
-            if _input_moment_is_cheaper(shape, padding, conv_groups, positions):
+            if input_moment:
                 pixels = inputs[rows, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(shape[1], -1)
                 moment = weight.flatten(1) @ (pixels @ pixels.T / positions)
                 if bias is not None:
