@@ -266,10 +266,11 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
             return
         first = k - kept  # the new entries' first slot
         if first:
-            for name in self.BUFFER_NAMES[:-1]:
-                buffer = getattr(self, name)
-                buffer[:first] = buffer[kept:].clone()
-            self.past_dsecond[:, :first] = self.past_dsecond[:, kept:].clone()
+            for name in self.BUFFER_NAMES:
+                entries = getattr(self, name)
+                if name == "past_dsecond":  # (C, k, K): the entries on dim 1
+                    entries = entries.transpose(0, 1)
+                entries[:first] = entries[kept:].clone()
         dtype = self.past_dsecond.dtype
         stride, padding, dilation, shape, conv_groups = self._conv
         size = len(y) // groups
