@@ -109,8 +109,7 @@ def test_fused_cbn_steps_match_the_eager_layer(mode, normalization_batch, channe
         [(8, 3, 4, 3)] * 6 if mode == "1" else [(2, 3, 6, 8), (2, 3, 7, 5), (9, 3, 4, 4), (3, 3, 6, 8), (5, 3, 4, 4)]
     )
 
-    def run(mode):
-        monkeypatch.setenv("MABN_FUSED", mode)
+    def setup():
         torch.manual_seed(1)
         norm = mabn.CrossIterationBatchNorm2d(5, normalization_batch=normalization_batch, buffer_num=3, burnin=2)
         # no conv bias: through a norm its gradient is nearly 0, round-off against round-off
@@ -119,22 +118,15 @@ def test_fused_cbn_steps_match_the_eager_layer(mode, normalization_batch, channe
         with torch.no_grad():
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        records = []
-        for step, size in enumerate(sizes):
-            x = ((0.5 + step / 4) * torch.randn(*size) + step / 3).contiguous(memory_format=memory_format)
-            x.requires_grad_()
-            optimizer.zero_grad()
-            y = model(x)
-            y.backward(torch.randn_like(y))
-            records.append([y.detach(), x.grad, *[p.grad.clone() for p in model.parameters()]])
-            records[-1] += [b.clone() for b in model.buffers()]
-            optimizer.step()
-        return records
+        inputs = (
+            ((0.5 + step / 4) * torch.randn(*size) + step / 3).contiguous(memory_format=memory_format)
+            for step, size in enumerate(sizes)
+        )
+        return model, inputs
 
-    eager = run("0")
+    eager = sgd_steps(setup, "0", monkeypatch)
     assert not calls
-    assert_same_steps(run(mode), eager)
+    assert_same_steps(sgd_steps(setup, mode, monkeypatch), eager)
     assert len(calls) == len(sizes)
 
 
@@ -148,27 +140,35 @@ def test_fused_weight_standardization_matches_the_eager_one(mode, monkeypatch):
     compiled = group_norm.STANDARDIZE.compiled
     monkeypatch.setattr(group_norm.STANDARDIZE, "compiled", tuple(counted(f, calls) for f in compiled))
 
-    def run(mode):
-        monkeypatch.setenv("MABN_FUSED", mode)
+    def setup():
         torch.manual_seed(3)
         layers = [torch.nn.Conv2d(3, 8, 3), mabn.GroupNormWS(8, 4), torch.nn.Conv2d(8, 8, 1), mabn.GroupNormWS(8, 2)]
-        model = mabn.wire_norms(torch.nn.Sequential(*layers))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        records = []
-        for _ in range(4):
-            x = torch.randn(4, 3, 6, 6).requires_grad_()
-            optimizer.zero_grad()
-            y = model(x)
-            y.backward(torch.randn_like(y))
-            records.append([y.detach(), x.grad, *[p.grad.clone() for p in model.parameters()]])
-            optimizer.step()
-        return records
+        return mabn.wire_norms(torch.nn.Sequential(*layers)), (torch.randn(4, 3, 6, 6) for _ in range(4))
 
-    eager = run("0")
+    eager = sgd_steps(setup, "0", monkeypatch)
     assert not calls
-    assert_same_steps(run(mode), eager)
+    assert_same_steps(sgd_steps(setup, mode, monkeypatch), eager)
     # forward and backward, two convs, four steps, and a forward each when wire_norms registers them
     assert len(calls) == 2 * 2 * 4 + 2
+
+
+def sgd_steps(setup, mode, monkeypatch):
+    """Per SGD step (lr 0.1) of the model ``setup()`` builds, on each input it gives, against a
+    random dy: y, x.grad, every parameter's gradient and the buffers after the step, with
+    MABN_FUSED=mode (set before the model is built: wiring runs it once)."""
+    monkeypatch.setenv("MABN_FUSED", mode)
+    model, inputs = setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    for x in inputs:  # drawn one by one, each after the last step's dy
+        x.requires_grad_()
+        optimizer.zero_grad()
+        y = model(x)
+        y.backward(torch.randn_like(y))
+        records.append([y.detach(), x.grad, *[p.grad.clone() for p in model.parameters()]])
+        records[-1] += [b.clone() for b in model.buffers()]
+        optimizer.step()
+    return records
 
 
 def counted(function, calls):
