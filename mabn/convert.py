@@ -1,7 +1,8 @@
 """Model surgery: swap BatchNorm2d layers for any norm (then wire them, ``mabn.wiring``), and
 fold norms into convs for inference.
 
-"The conv that feeds a norm" is ``mabn.wiring.conv_norm_pairs``'s.
+"The conv that feeds a norm" is ``mabn.wiring.conv_norm_pairs``'s: by the dataflow, and a norm no
+conv feeds (a pre-activation block's first, DenseNet's) is left unfolded.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def inference_affine(norm: nn.Module):
 
 @torch.no_grad()
 def fold_norms(model: nn.Module) -> nn.Module:
-    """Fold every BN/BRN/MABN that a conv feeds into that conv, in place: the conv gets the
+    """Fold every BN/BRN/MABN/CBN that a conv feeds (``conv_norm_pairs``) into that conv, in place: the conv gets the
     eval-mode affine in its weight and bias, the norm becomes ``nn.Identity``. Only valid for
     inference (call on an eval-mode model); outputs equal the unfolded eval-mode model."""
     for _, conv, norm_name, norm in conv_norm_pairs(model):

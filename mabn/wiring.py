@@ -1,11 +1,14 @@
 """Give each norm what it needs from the model around it: ``wire_norms(model)``.
 
 - The conv that feeds it: GN+WS standardizes that conv's weight, CBN reads its weight and
-  input (``bind_conv``). "The conv that feeds a norm" is found in registration order: the most
-  recent ``nn.Conv2d`` (any subclass, e.g. detectron2's) registered before the norm with as
-  many output channels as the norm has channels, and no other norm in between. This holds for
-  timm, torchvision and detectron2 ResNets, FPNs and ROI heads (conv, then its norm, or a conv
-  owning ``.norm``).
+  input (``bind_conv``). "The conv that feeds a norm" is the conv whose output is the norm's
+  whole input and nothing else's (``conv_norm_pairs``), found from the dataflow: a symbolic trace
+  whose leaves are convs and norms, where the model traces (else its children, each on its own),
+  and the structure where it is certain (a conv that applies its own norm: detectron2's
+  ``Conv2d(norm=...)``; a plain ``nn.Sequential``'s conv and the norm after it). Never by module
+  order: in pre-activation and concatenating networks the conv registered before a norm is often
+  another block's. A norm fed by anything else (a sum, a concatenation) is paired with nothing:
+  it is not folded, MABN there stays uncentralized (with a warning), CBN and GN+WS refuse.
 - Its conv's weight centralized: MABN subtracts no mean, so the conv feeding it trains with
   W - mean(W) per output channel (``centralize_weights``, ``mabn.centralization``).
 - The ReLU after it: a norm + activation layer (EvoNorm, FRN + TLU) replaces a norm and the
@@ -24,11 +27,12 @@ A norm that needs any of these (``mabn.norms.wired.NeedsWiring``) refuses to tra
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import timm.models.resnet as timm_resnet
 import torchvision.models.resnet as tv_resnet
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils import parametrize
 from torchvision.models._utils import IntermediateLayerGetter
 
@@ -48,46 +52,147 @@ BATCH_STAT_NORMS = (
     norms.PowerNorm2d,
 )
 PAIRED_NORMS = BATCH_STAT_NORMS + (nn.GroupNorm,) + NORM_ACT_LAYERS
+LEAVES = (nn.Conv2d, norms.TokenNorm, *PAIRED_NORMS)  # what the trace does not enter
 
 
-def conv_norm_pairs(model: nn.Module):
-    """(conv name, conv, norm name, norm) for each norm fed directly by a conv."""
-    pairs, last_conv = [], None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = (name, module)
-        elif isinstance(module, norms.TokenNorm):  # over a transformer's tokens: no conv feeds it
-            last_conv = None
-        elif isinstance(module, PAIRED_NORMS):
-            channels = getattr(module, "num_features", getattr(module, "num_channels", None))
-            if channels is None:
-                channels = len(module.weight)
-            if last_conv is not None and last_conv[1].out_channels == channels:
-                pairs.append((*last_conv, name, module))
-            last_conv = None
+# ---- which conv feeds which norm: the dataflow ----
+
+# conv types that apply a norm of their own to their output (attribute name): detectron2's Conv2d
+CONVS_WITH_NORM: dict[type, str] = {}
+
+
+def register_conv_with_norm(conv_type: type, attribute: str = "norm") -> None:
+    """Teach the pairing a conv type whose forward applies ``conv.<attribute>`` to its own output
+    (detectron2's ``Conv2d(norm=...)``, registered by ``mabn.detection.detectron2_registration``)."""
+    CONVS_WITH_NORM[conv_type] = attribute
+
+
+MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+class _PairTracer(fx.Tracer):
+    """A symbolic trace whose leaves are the convs and the norms (as torch's conv-BN fusion traces)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, LEAVES) or super().is_leaf_module(module, qualified_name)
+
+
+def _owned_norm(conv: nn.Module):
+    """The norm a conv of a ``CONVS_WITH_NORM`` type applies (its subclasses too: a centralized
+    conv's class is a parametrized subclass), or None."""
+    attribute = next((name for kind, name in CONVS_WITH_NORM.items() if isinstance(conv, kind)), None)
+    norm = getattr(conv, attribute, None) if attribute else None
+    return norm if isinstance(norm, PAIRED_NORMS) else None
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    """The symbolic trace of ``module``, its modules' attributes as they were before it (a forward
+    run on proxies may set some: torchvision's ``MultiScaleRoIAlign`` caches its scales)."""
+    kept = [(m, dict(vars(m)), {name: dict(vars(m)[name]) for name in MODULE_DICTS}) for m in module.modules()]
+    try:
+        return _PairTracer().trace(module)
+    finally:
+        for m, attributes, dicts in kept:
+            vars(m).clear()
+            vars(m).update(attributes)
+            for name, entries in dicts.items():
+                getattr(m, name).clear()
+                getattr(m, name).update(entries)
+
+
+def _traced_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+    """(conv name, norm name) where the norm's only input is the conv's output and nothing else reads
+    that output, in the symbolic trace of ``module``; a module that does not trace (control flow on
+    its input) is split into its children, each traced on its own, and a plain ``nn.Sequential``'s
+    conv followed by a norm pairs by its order (its forward is the chain)."""
+    try:
+        graph = _trace(module)
+    except Exception:  # any failure of the trace only means no dataflow is known at this level
+        children = list(module.named_children())
+        pairs = []
+        if type(module).forward is nn.Sequential.forward:
+            pairs = [
+                (f"{prefix}{conv}", f"{prefix}{norm}")
+                for (conv, first), (norm, second) in zip(children, children[1:])
+                if isinstance(first, nn.Conv2d) and _owned_norm(first) is None and isinstance(second, PAIRED_NORMS)
+            ]
+        for name, child in children:
+            if not isinstance(child, LEAVES):
+                pairs += _traced_pairs(child, f"{prefix}{name}.")
+        return pairs
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    times_called = Counter(node.target for node in calls)
+    pairs = []
+    for node in calls:
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not (isinstance(module.get_submodule(node.target), PAIRED_NORMS) and isinstance(source, fx.Node)):
+            continue
+        conv = module.get_submodule(source.target) if source.op == "call_module" else None
+        if (
+            isinstance(conv, nn.Conv2d)
+            and _owned_norm(conv) is None
+            and len(source.users) == 1
+            and times_called[source.target] == times_called[node.target] == 1
+        ):
+            pairs.append((f"{prefix}{source.target}", f"{prefix}{node.target}"))
     return pairs
 
 
+def conv_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.Module]]:
+    """(conv name, conv, norm name, norm) for each norm whose input is exactly one ``nn.Conv2d``'s
+    output, which nothing else reads (the module docstring says how that is found), in the
+    norms' module order. Every other norm is paired with nothing."""
+    modules = dict(model.named_modules())
+    name_of = {id(module): name for name, module in modules.items()}
+    conv_of = {name_of[id(norm)]: name for name, conv in modules.items() if (norm := _owned_norm(conv)) is not None}
+    conv_of.update((norm, conv) for conv, norm in _traced_pairs(model))
+    return [(conv_of[name], modules[conv_of[name]], name, norm) for name, norm in modules.items() if name in conv_of]
+
+
+def _unpaired(model: nn.Module, pairs, wants) -> list[str]:
+    """Names of the norms for which ``wants(norm)`` holds that no conv feeds (over maps: a
+    ``TokenNorm``'s norm sees tokens, never a conv's output)."""
+    paired = {id(norm) for *_, norm in pairs}
+    paired.update(id(module.norm) for module in model.modules() if isinstance(module, norms.TokenNorm))
+    return [name for name, module in model.named_modules() if wants(module) and id(module) not in paired]
+
+
+def _unfed(model: nn.Module, names: list[str]) -> str:
+    """ "<Layer> at <first name> (and N more) is fed by no conv ...", for a one-line message."""
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return (
+        f"{type(model.get_submodule(names[0])).__name__} at {names[0]}{more} is fed by no conv (its input is a sum, "
+        "a concatenation or another op's output: mabn.wiring.conv_norm_pairs)"
+    )
+
+
 def bind_convs(model: nn.Module) -> nn.Module:
-    """Hand every norm that needs its conv (``bind_conv``: GN+WS, CBN) that conv."""
-    for _, conv, _, norm in conv_norm_pairs(model):
+    """Hand every norm that needs its conv (``bind_conv``: GN+WS, CBN) that conv; refuse, in one
+    line, a model where one is fed by no conv."""
+    pairs = conv_norm_pairs(model)
+    for _, conv, _, norm in pairs:
         if hasattr(norm, "bind_conv"):
             norm.bind_conv(conv)
-    for name, module in model.named_modules():
-        if isinstance(module, norms.CrossIterationBatchNorm2d) and module._conv is None:
-            raise ValueError(f"cbn at {name} is not fed by a conv of its width: use another norm there")
+    unfed = _unpaired(model, pairs, lambda module: hasattr(module, "bind_conv"))
+    if unfed:
+        raise ValueError(f"{_unfed(model, unfed)}: it needs that conv; use another norm for this model")
     return model
 
 
 def centralize_weights(model: nn.Module) -> nn.Module:
     """Centralize (as a parametrization, so gradients flow through it) the weight of every
     conv feeding a layer whose class asks for it (``centralize_conv = True``: MABN, which subtracts
-    no mean). Idempotent. State dicts of the plain model still load."""
-    for _, conv, _, norm in conv_norm_pairs(model):
+    no mean). A layer that no conv feeds normalizes uncentralized, as ``centralize=False`` leaves
+    every layer, with a warning that names it. Idempotent. State dicts of the plain model still load."""
+    pairs = conv_norm_pairs(model)
+    for _, conv, _, norm in pairs:
         if not getattr(norm, "centralize_conv", False) or is_centralized(conv):
             continue
         parametrize.register_parametrization(conv, "weight", Centralize())
         conv.register_load_state_dict_pre_hook(load_plain_weight)
+    unfed = _unpaired(model, pairs, lambda module: getattr(module, "centralize_conv", False))
+    if unfed:
+        warnings.warn(f"{_unfed(model, unfed)}: it normalizes there uncentralized", stacklevel=2)
     for module in model.modules():
         if getattr(module, "centralize_conv", False):
             module.wired = True  # a layer no conv feeds (over tokens) needs nothing more

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import ConfigError
 from ..norms.norm_act import NORM_ACT_LAYERS
 from ..registry import norm_layer
-from ..wiring import register_activated_block
+from ..wiring import register_activated_block, register_conv_with_norm
 
 
 class Detectron2NotInstalled(ImportError, ConfigError):
@@ -165,5 +165,6 @@ register_activated_block(_resnet.BasicStem, _swap_block(NormActStem, "conv1"))
 register_activated_block(_resnet.BasicBlock, _swap_block(NormActBasicBlock, "conv1"))
 register_activated_block(_resnet.BottleneckBlock, _swap_block(NormActBottleneckBlock, "conv1", "conv2"))
 register_activated_block(Conv2d, _conv_activation)
+register_conv_with_norm(Conv2d)  # its forward applies .norm to its own output
 
 register_detectron2_norms()  # importing the module makes the names valid (with default options)
