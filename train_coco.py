@@ -8,11 +8,12 @@ from source). Relaunching the same command resumes from the run directory's chec
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from mabn.config import ConfigError, check_numbers, kept_summary, register_resolvers
+from mabn.config import ConfigError, check_numbers, check_overrides, kept_summary, register_resolvers
 
 register_resolvers()
 # Image sizes and RoI counts change from batch to batch: the norms' compiled kernels
@@ -34,4 +35,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:], Path(__file__).parent / "configs")  # one line, before Hydra's own
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     main()

@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from mabn.config import ConfigError, check_numbers, kept_summary, register_resolvers
+from mabn.config import ConfigError, check_numbers, check_overrides, kept_summary, register_resolvers
 
 register_resolvers()
 
@@ -38,4 +38,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:], Path(__file__).parent / "configs")  # one line, before Hydra's own
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     main()

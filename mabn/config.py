@@ -4,6 +4,7 @@ input fails at once with one line that names the fix."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +12,74 @@ from omegaconf import DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """Bad user input; the entry points print it as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The ``norm:`` config group, its keys and their defaults declared once: read with
+    ``NormSpec.from_config(cfg.norm)`` where a run starts, and handed to every consumer."""
+
+    name: str  # the registry's name of the layer (mabn.NORMS)
+    options: dict = field(default_factory=dict)  # the layer's keyword arguments
+    label: str | None = None  # a variant's own name in summaries and reports (mabn_no_wc, ...)
+    centralize_weights: bool = True  # MABN's convs centralized (false: the ablation)
+    recompute_weights: bool = False  # computed conv weights recomputed in the backward (mabn.reparametrized_conv)
+    gamma_lr_factor: float = 1.0  # the norms' gammas learn at this multiple of the lr
+    simulated_batch: int | None = None  # MABN: the SMA window spans simulated_batch / batch normalization batches
+    schedule_reference_steps: int | None = None  # the norms' iteration counts scale from runs of this length
+    run_fractions: dict | None = None  # or are set to these fractions of the run (mabn.schedules)
+    mimic: bool = False  # MimicNorm: a method of the whole model (mabn.mimicnorm)
+    logits_normalization_batch: int | None = None  # MimicNorm's BatchNorm1d on the logits
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [spec.name for spec in fields(cls)]
+
+    @classmethod
+    def from_config(cls, norm_cfg) -> NormSpec:
+        """The spec of a resolved ``norm:`` group; a key it does not declare fails in one line."""
+        values = OmegaConf.to_container(norm_cfg, resolve=True) if isinstance(norm_cfg, DictConfig) else dict(norm_cfg)
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(unknown_norm_key(unknown[0]))
+        for key in fields(cls):
+            if isinstance(key.default, bool) and not isinstance(values.get(key.name, key.default), bool):
+                raise ConfigError(f"norm.{key.name}={values[key.name]!r} is not a boolean: give true or false")
+        return cls(**values)
+
+    @property
+    def display_name(self) -> str:
+        """The norm's name in summaries and reports: its label, else its name."""
+        return self.label or self.name
+
+
+def unknown_norm_key(key: str) -> str:
+    return f"norm.{key} is not a key of the norm group: use one of {', '.join(NormSpec.keys())}"
+
+
+def check_overrides(arguments: list[str], config_dir: Path) -> None:
+    """Refuse, in one line and before Hydra composes the config (its messages run to five lines
+    and more), ``norm=<name>`` where ``configs/norm/<name>.yaml`` does not exist and a
+    ``norm.<key>`` (plain or appended) that ``NormSpec`` does not declare."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    searched = any(a.startswith(("--config-dir", "-cd", "hydra.searchpath")) for a in arguments)
+    known = sorted(path.stem for path in (config_dir / "norm").glob("*.yaml"))
+    for argument in arguments:
+        try:
+            (override,) = parser.parse_overrides([argument])
+            sweep = override.is_sweep_override()
+            values = list(override.sweep_string_iterator()) if sweep else [override.get_value_element_as_str()]
+        except Exception:  # not an override (an option or its value) or a glob: Hydra reads it
+            continue
+        key = override.key_or_group
+        if key == "norm" and not override.is_delete() and not searched:
+            for value in values:
+                if value not in known:
+                    raise ConfigError(f"norm={value} is not a norm of this suite: choose one of {', '.join(known)}")
+        elif key.startswith("norm.") and key.split(".")[1] not in NormSpec.keys():
+            raise ConfigError(unknown_norm_key(key.split(".")[1]))
 
 
 def first_line(error: BaseException, limit: int = 160) -> str:

@@ -57,7 +57,7 @@ def scale_schedules(
     return used
 
 
-def schedule_norms(model: nn.Module, total_steps: int, norm_cfg: Mapping) -> dict:
-    """``scale_schedules`` with a run's norm config (``cfg.norm``: its ``schedule_reference_steps``
-    and ``run_fractions``)."""
-    return scale_schedules(model, total_steps, norm_cfg.get("schedule_reference_steps"), norm_cfg.get("run_fractions"))
+def schedule_norms(model: nn.Module, total_steps: int, norm) -> dict:
+    """``scale_schedules`` with a run's norm spec (``mabn.config.NormSpec``: its
+    ``schedule_reference_steps`` and ``run_fractions``)."""
+    return scale_schedules(model, total_steps, norm.schedule_reference_steps, norm.run_fractions)

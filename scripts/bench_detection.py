@@ -43,7 +43,7 @@ os.environ.setdefault("MABN_FUSED", "dynamic")  # as train_coco.py
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mabn.benchmark import command, markdown_table, paired_ratio_text, round_robin, setting  # noqa: E402
-from mabn.config import register_resolvers  # noqa: E402
+from mabn.config import NormSpec, register_resolvers  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
 from mabn.engine.detection.common import split_paths  # noqa: E402
 from mabn.engine.detection.torchvision_engine import build_detector  # noqa: E402
@@ -116,7 +116,8 @@ class TorchvisionCase:
     def __init__(self, cfg, batches):
         (images, annotations), _ = split_paths(cfg.data, True)
         dataset = coco_dataset(images, annotations, train=True)
-        self.model = wire(build_detector(cfg, num_classes(dataset.coco)), cfg.norm)
+        norm = NormSpec.from_config(cfg.norm)
+        self.model = wire(build_detector(cfg, norm, num_classes(dataset.coco)), norm)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
@@ -149,7 +150,7 @@ class Detectron2Case:
         from mabn.engine.detection.detectron2_trainer import build_detectron2_model
 
         self.d2cfg = build_detectron2_cfg(cfg, work_dir)
-        self.model = build_detectron2_model(self.d2cfg, cfg).train()
+        self.model = build_detectron2_model(self.d2cfg, cfg, NormSpec.from_config(cfg.norm)).train()
         self.optimizer = build_sgd(self.model, cfg.optim, cfg.batch)
         dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN)
         loader = iter(

@@ -28,6 +28,7 @@ from torchrun import torchrun  # noqa: E402
 
 import mabn  # noqa: E402
 from mabn.centralization import is_centralized  # noqa: E402
+from mabn.config import NormSpec  # noqa: E402
 from mabn.detection import detectron2_registration as registration  # noqa: E402
 from mabn.engine.detection.detectron2_config import build_detectron2_cfg  # noqa: E402
 from mabn.engine.detection.detectron2_trainer import RunHook, Trainer, build_detectron2_model, train  # noqa: E402
@@ -79,7 +80,7 @@ def scenes(tmp_path_factory):
 def build(scenes, tmp_path, *overrides):
     cfg = compose_config("train_coco", [*scenes, *overrides])
     d2cfg = build_detectron2_cfg(cfg, tmp_path)
-    return cfg, d2cfg, build_detectron2_model(d2cfg, cfg)
+    return cfg, d2cfg, build_detectron2_model(d2cfg, cfg, NormSpec.from_config(cfg.norm))
 
 
 def parts(model):
@@ -208,7 +209,7 @@ def test_config_dumps_and_loads_back(scenes, tmp_path):
     assert loaded.SOLVER.IMS_PER_BATCH == 2 and loaded.SOLVER.BASE_LR == pytest.approx(
         0.08 * 2 / 16
     )  # optim/sgd_scenes
-    model = build_detectron2_model(loaded, cfg)
+    model = build_detectron2_model(loaded, cfg, NormSpec.from_config(cfg.norm))
     assert sum(isinstance(m, mabn.MABN2d) for m in model.modules()) == 36
 
 

@@ -184,6 +184,7 @@ def test_seed_k_gives_every_norm_of_the_study_the_same_initial_weights():
     data order depends on the seed alone: mabn.engine.sampling)."""
     import torch
 
+    from mabn.config import NormSpec
     from mabn.detection.torchvision_maskrcnn import build_maskrcnn
     from mabn.engine.training import norm_layer_from_config
 
@@ -193,7 +194,7 @@ def test_seed_k_gives_every_norm_of_the_study_the_same_initial_weights():
         torch.manual_seed(3)
         model = build_maskrcnn(
             3,
-            norm_layer_from_config(cfg.norm),
+            norm_layer_from_config(NormSpec.from_config(cfg.norm)),
             cfg.detector.backbone,
             None,
             128,

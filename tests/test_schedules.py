@@ -8,6 +8,7 @@ from reference_norms import ReferenceBRN
 from torch import nn
 
 from mabn import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
+from mabn.config import NormSpec
 from mabn.engine.training import norm_layer_from_config
 from mabn.schedules import PAPER_STEPS, scale_schedules, scaled_count, schedule_norms
 
@@ -79,7 +80,8 @@ def test_a_run_fraction_sets_its_option_to_that_share_of_the_run_whatever_the_re
 
 def test_the_cbn_config_starts_its_window_after_two_thirds_of_any_run():
     cfg = compose_config("train_imagenet", ["norm=cbn", "batch=2"])
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), norm_layer_from_config(cfg.norm)(4))
+    norm = NormSpec.from_config(cfg.norm)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), norm_layer_from_config(norm)(4))
     for steps in (600, 4000):
-        assert schedule_norms(net, steps, cfg.norm) == {"CrossIterationBatchNorm2d": {"burnin": round(steps * 2 / 3)}}
+        assert schedule_norms(net, steps, norm) == {"CrossIterationBatchNorm2d": {"burnin": round(steps * 2 / 3)}}
         assert net[1].burnin == round(steps * 2 / 3)

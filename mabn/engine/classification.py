@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ConfigError, check_normalization_batch
+from ..config import ConfigError, NormSpec, check_normalization_batch
 from ..data.fashion_mnist import FashionMNIST
 from ..data.faults import SkipUnreadable
 from ..data.imagenet import imagenet_datasets
@@ -42,13 +42,11 @@ def subset(dataset, size):
     return dataset if not size or size >= len(dataset) else torch.utils.data.Subset(dataset, range(size))
 
 
-def build_model(cfg, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(cfg, norm: NormSpec, num_classes: int, in_chans: int) -> nn.Module:
     """The run's classifier with its norm, as it starts training (before wiring and the device)."""
-    model = build_classifier(
-        cfg.model.name, num_classes, in_chans, norm_layer_from_config(cfg.norm), **cfg.model.options
-    )
-    if cfg.norm.get("mimic", False):  # a method of the whole model (mabn.mimicnorm)
-        mimic(model, num_classes, cfg.norm.logits_normalization_batch)
+    model = build_classifier(cfg.model.name, num_classes, in_chans, norm_layer_from_config(norm), **cfg.model.options)
+    if norm.mimic:  # a method of the whole model (mabn.mimicnorm)
+        mimic(model, num_classes, norm.logits_normalization_batch)
     return model
 
 
@@ -57,7 +55,7 @@ class ClassificationRun(TrainingRun):
 
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir, cfg.per_device_batch)
-        if cfg.norm.get("mimic", False):
+        if self.norm.mimic:
             center_after_steps(self.optimizer, unwrap(self.model))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
@@ -65,7 +63,7 @@ class ClassificationRun(TrainingRun):
         cfg = self.cfg
         check_normalization_batch(cfg, cfg.per_device_batch)
         train, val, num_classes, in_chans = build_datasets(cfg.data, self.run_dir)
-        model = build_model(cfg, num_classes, in_chans)
+        model = build_model(cfg, self.norm, num_classes, in_chans)
         return model, subset(train, cfg.data.train_samples_limit), subset(val, cfg.data.val_samples_limit)
 
     def schedule(self):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import fused
-from ..config import ConfigError, first_line, resolved
+from ..config import ConfigError, NormSpec, first_line, resolved
 from ..probes import BatchStatisticsProbe
 from ..provenance import provenance
 from ..schedules import schedule_norms
@@ -175,6 +175,7 @@ class TrainingRun:
 
     def __init__(self, cfg, run_dir: str | Path, per_device_batch: int):
         self.cfg, self.run_dir, self.per_device_batch = cfg, Path(run_dir), per_device_batch
+        self.norm = NormSpec.from_config(cfg.norm)  # the norm group, read once
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         self.env = init_distributed(cfg.device)
@@ -184,11 +185,11 @@ class TrainingRun:
         except (FileNotFoundError, ValueError, TypeError, OmegaConfBaseException) as error:
             raise ConfigError(first_line(error, 1000)) from error
         self.train_set = SeededSamples(train_set, cfg.seed)
-        self.model = prepare_model(model, cfg.norm, self.env, cfg.channels_last)
+        self.model = prepare_model(model, self.norm, self.env, cfg.channels_last)
         self.amp = cfg.amp and self.env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         images_per_step = per_device_batch * self.env.world_size
-        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step, cfg.norm.get("gamma_lr_factor", 1.0))
+        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step, self.norm.gamma_lr_factor)
         self.sampler = EpochSampler(
             len(train_set), per_device_batch, True, cfg.seed, self.env.rank, self.env.world_size
         )
@@ -202,7 +203,7 @@ class TrainingRun:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.stop_step = stop_step(cfg, self.total_steps)
-        self.norm_schedule = schedule_norms(unwrap(self.model), self.total_steps, cfg.norm)
+        self.norm_schedule = schedule_norms(unwrap(self.model), self.total_steps, self.norm)
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
         self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
@@ -347,17 +348,12 @@ def stop_step(cfg, total_steps: int) -> int:
     return min(total_steps, stop) if stop else total_steps
 
 
-def norm_label(cfg) -> str:
-    """The norm's name in reports: a variant's ``norm.label`` (mabn_no_wc, ...) or ``norm.name``."""
-    return cfg.norm.get("label", cfg.norm.name)
-
-
-def summary_keys(cfg, env, norm_schedule: dict) -> dict:
+def summary_keys(cfg, norm: NormSpec, env, norm_schedule: dict) -> dict:
     """The fields a run's summary is grouped and paired by in the study reports, and its provenance."""
     return {
         "world_size": env.world_size,
-        "norm": cfg.norm.name,
-        "label": norm_label(cfg),
+        "norm": norm.name,
+        "label": norm.display_name,
         "batch": cfg.batch,
         "seed": cfg.seed,
         "norm_schedule": norm_schedule,
@@ -365,12 +361,14 @@ def summary_keys(cfg, env, norm_schedule: dict) -> dict:
     }
 
 
-def announce_start(cfg, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None) -> None:
+def announce_start(
+    cfg, norm: NormSpec, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None
+) -> None:
     """One line saying what the run does, which norm kernels it uses (``mabn.fused`` mode), where
     its folder is and when its time estimate comes (``estimate``: where else it comes from);
     main process."""
     if env.is_main:
-        label = norm_label(cfg)
+        label = norm.display_name
         model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
         per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
         if estimate is None:
@@ -454,14 +452,14 @@ def run_training(run_class, cfg, run_dir: str | Path) -> dict:
     if finished is not None:
         return finished
     preemption = Preemption()
-    announce_start(cfg, run.stop_step, run.step, run.env, run.run_dir)
+    announce_start(cfg, run.norm, run.stop_step, run.step, run.env, run.run_dir)
     try:
         metrics = run.fit(logger, preemption)
         summary = {
             **run.summary(metrics),
             "images_per_second": run.images_per_second,
             "steps": run.step,
-            **summary_keys(cfg, run.env, run.norm_schedule),
+            **summary_keys(cfg, run.norm, run.env, run.norm_schedule),
         }
         return end_run(run, logger, metrics, summary)
     finally:

@@ -13,14 +13,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import registry
+from ..config import NormSpec
 from ..probes import norm_layers
 from ..wiring import wire_norms
 from .distributed import Distributed, all_reduce_max
 
 
-def norm_layer_from_config(norm_cfg):
+def norm_layer_from_config(norm: NormSpec):
     """``norm_layer(channels)`` for the configured norm (``norm.name`` + ``norm.options``)."""
-    return registry.norm_layer(norm_cfg.name, **norm_cfg.options)
+    return registry.norm_layer(norm.name, **norm.options)
 
 
 def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
@@ -28,24 +29,20 @@ def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
     return [module.weight for _, module in norm_layers(model)]
 
 
-def wire(model: nn.Module, norm_cfg) -> nn.Module:
+def wire(model: nn.Module, norm: NormSpec) -> nn.Module:
     """``mabn.wire_norms`` as a run's norm config asks (``centralize_weights: false``: the ablation
-    that trains MABN uncentralized; ``+norm.recompute_weights=true``: computed conv weights
+    that trains MABN uncentralized; ``norm.recompute_weights=true``: computed conv weights
     recomputed in the backward, ``mabn.reparametrized_conv``)."""
-    return wire_norms(
-        model,
-        centralize=norm_cfg.get("centralize_weights", True),
-        recompute_weights=norm_cfg.get("recompute_weights", False),
-    )
+    return wire_norms(model, centralize=norm.centralize_weights, recompute_weights=norm.recompute_weights)
 
 
-def prepare_model(model: nn.Module, norm_cfg, env: Distributed, channels_last: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, norm: NormSpec, env: Distributed, channels_last: bool = False) -> nn.Module:
     """Wire the norms to their convs and activations (``mabn.wire_norms``), centralize conv
     weights for MABN (if configured), move to the device and wrap in DDP.
 
     DDP does not broadcast buffers: every process keeps its own normalization statistics
     (the paper's per-GPU statistics); syncbn synchronizes them itself."""
-    wire(model, norm_cfg)
+    wire(model, norm)
     model.to(env.device)
     if channels_last and env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

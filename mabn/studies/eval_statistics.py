@@ -63,6 +63,7 @@ def load_run(run_dir: Path):
     """(model with the run's final weights, its summary) of a classification run folder."""
     from omegaconf import OmegaConf
 
+    from ..config import NormSpec
     from ..engine.distributed import Distributed
     from ..engine.training import norm_layer_from_config, prepare_model
     from ..models import build_classifier
@@ -71,8 +72,9 @@ def load_run(run_dir: Path):
     cfg = OmegaConf.create(summary["config"])
     if cfg.data.name != "fashion_mnist":
         raise ValueError(f"{run_dir}: data {cfg.data.name!r}; this check reads Fashion-MNIST runs")
-    model = build_classifier(cfg.model.name, 10, 1, norm_layer_from_config(cfg.norm), **cfg.model.options)
-    model = prepare_model(model, cfg.norm, Distributed(0, 1, 0, torch.device("cpu")))
+    norm = NormSpec.from_config(cfg.norm)
+    model = build_classifier(cfg.model.name, 10, 1, norm_layer_from_config(norm), **cfg.model.options)
+    model = prepare_model(model, norm, Distributed(0, 1, 0, torch.device("cpu")))
     model.load_state_dict(torch.load(run_dir / "model_final.pt", map_location="cpu", weights_only=True))
     return model, summary
 

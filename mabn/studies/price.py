@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..benchmark import saved_bytes, training_step_saved_bytes
+from ..config import NormSpec
 from ..data.fashion_mnist import CLASSES
 from ..engine.classification import build_model
 from ..engine.detection.torchvision_engine import build_detector
@@ -52,7 +53,8 @@ def _saved_per_image(config: str) -> float:
     if "detector" in cfg:
         return _detection_saved_per_image(cfg)
     classes, channels, size = inputs(cfg)
-    model = prepare_model(build_model(cfg, classes, channels), cfg.norm, CPU)
+    norm = NormSpec.from_config(cfg.norm)
+    model = prepare_model(build_model(cfg, norm, classes, channels), norm, CPU)
     images = torch.randn(cfg.per_device_batch, channels, size, size)
     labels = torch.randint(0, classes, (cfg.per_device_batch,))
     return training_step_saved_bytes(model, images, labels) / cfg.per_device_batch
@@ -75,7 +77,8 @@ def _detection_saved_per_image(cfg) -> float:
     follow the weights, so it would change with the seed and not with the norm alone."""
     size = cfg.data.max_size
     cfg.weights = None  # the same model from scratch: a fine-tuned run's starting weights change no size
-    model = prepare_model(build_detector(cfg, DETECTION_CLASSES[cfg.data.name]), cfg.norm, CPU)
+    norm = NormSpec.from_config(cfg.norm)
+    model = prepare_model(build_detector(cfg, norm, DETECTION_CLASSES[cfg.data.name]), norm, CPU)
     images = torch.randn(cfg.batch, 3, size, size)
     return saved_bytes(_Features(model.backbone), images, torch.ones(())) / cfg.batch
 

@@ -65,7 +65,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from omegaconf.errors import OmegaConfBaseException
 
-from ...config import ConfigError, first_line, resolved
+from ...config import ConfigError, NormSpec, first_line
 from ...data.faults import SkipUnreadable
 from ...schedules import schedule_norms
 from .. import checkpoint as ckpt
@@ -95,17 +95,17 @@ AP_METRICS = ("AP", "AP50", "AP75")
 
 
 # -- model --------------------------------------------------------------------------------
-def build_detectron2_model(d2cfg: CfgNode, cfg) -> torch.nn.Module:
-    """detectron2's Mask R-CNN with this suite's norm (options from ``cfg.norm``), backbone
+def build_detectron2_model(d2cfg: CfgNode, cfg, norm: NormSpec) -> torch.nn.Module:
+    """detectron2's Mask R-CNN with this suite's ``norm`` (its name and options), backbone
     weights if given, its norms wired (``mabn.wire_norms``), and weight centralization of the convs feeding MABN;
     checks that
     detectron2 kept every layer built for the norm."""
-    register_detectron2_norms({cfg.norm.name: resolved(cfg.norm.options)})
+    register_detectron2_norms({norm.name: norm.options})
     with recording_norms() as made:
         model = build_model(d2cfg)
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
-    wire(model, cfg.norm)
+    wire(model, norm)
     check_norms_kept(model, made, d2cfg.MODEL.RESNETS.NORM)
     return model
 
@@ -272,12 +272,13 @@ class Detectron2Run:
 
     def __init__(self, cfg, run_dir: Path, env: Distributed):
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
+        self.norm = NormSpec.from_config(cfg.norm)  # the norm group, read once
         self.checkpoint_path = ckpt.checkpoint_path(self.run_dir)
         try:
-            check_start(cfg)
+            check_start(cfg, self.norm)
             self.d2cfg = build_detectron2_cfg(cfg, self.run_dir, env)
             torch.manual_seed(cfg.seed)
-            self.model = build_detectron2_model(self.d2cfg, cfg)
+            self.model = build_detectron2_model(self.d2cfg, cfg, self.norm)
             seed_all_rng(cfg.seed + env.rank)  # data augmentation draws from numpy/random (workers=0)
             self.train_dicts = get_detection_dataset_dicts(self.d2cfg.DATASETS.TRAIN, filter_empty=True)
         except (FileNotFoundError, ValueError, TypeError, KeyError, OmegaConfBaseException) as error:
@@ -291,8 +292,8 @@ class Detectron2Run:
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
         self.stop_step = stop_step(cfg, self.total_steps)
-        self.norm_schedule = schedule_norms(self.model, self.total_steps, cfg.norm)
-        self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, cfg.norm.get("gamma_lr_factor", 1.0))
+        self.norm_schedule = schedule_norms(self.model, self.total_steps, self.norm)
+        self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, self.norm.gamma_lr_factor)
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
         self.scaler_state = self.rng_states = None
@@ -368,7 +369,7 @@ class Detectron2Run:
             "engine": "detectron2",
             "images_per_second": self.images_per_second,
             "steps": self.step,
-            **summary_keys(cfg, self.env, self.norm_schedule),
+            **summary_keys(cfg, self.norm, self.env, self.norm_schedule),
         }
 
 
@@ -392,7 +393,7 @@ def train(cfg, run_dir) -> dict:
             return finished
         logger = run.logger
         run.preemption = preemption = Preemption()
-        announce_start(cfg, run.stop_step, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
+        announce_start(cfg, run.norm, run.stop_step, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
         run.fit()
         metrics = run.evaluate()
         logger.log(metrics, run.step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ...config import NormSpec
 from ...data.coco import coco_dataset, collate_detection, num_classes
 from ...detection.coco_eval import detections_to_coco, evaluate_coco
 from ...detection.torchvision_maskrcnn import build_maskrcnn
@@ -36,7 +37,7 @@ class DetectionRun(TrainingRun):
 
     def build(self):
         cfg = self.cfg
-        check_start(cfg)
+        check_start(cfg, self.norm)
         (train_images, train_json), (val_images, val_json) = split_paths(cfg.data, self.env.is_main)
         fraction, record = cfg.data.max_bad_fraction, lambda split: self.run_dir / f"unreadable_{split}.txt"
         train_set = coco_dataset(train_images, train_json, True, fraction, record("train"))
@@ -45,7 +46,7 @@ class DetectionRun(TrainingRun):
         limit = cfg.data.val_images_limit
         self.val_ids = list(val_set.ids[:limit] if limit else val_set.ids)
         val_set = val_set.first(limit)
-        return build_detector(cfg, num_classes(self.coco_gt)), train_set, val_set
+        return build_detector(cfg, self.norm, num_classes(self.coco_gt)), train_set, val_set
 
     def schedule(self):
         return self.cfg.schedule.max_iter, list(self.cfg.schedule.steps), self.cfg.schedule.warmup_iters
@@ -92,13 +93,13 @@ class DetectionRun(TrainingRun):
         }
 
 
-def build_detector(cfg, classes: int) -> torch.nn.Module:
-    """torchvision Mask R-CNN of ``cfg.detector`` with ``cfg.norm`` for ``classes`` categories (the
+def build_detector(cfg, norm: NormSpec, classes: int) -> torch.nn.Module:
+    """torchvision Mask R-CNN of ``cfg.detector`` with ``norm`` for ``classes`` categories (the
     backbone's weights from ``cfg.weights``), not wired yet (``mabn.engine.training.wire``)."""
     detector = cfg.detector
     return build_maskrcnn(
         classes,
-        norm_layer_from_config(cfg.norm),
+        norm_layer_from_config(norm),
         detector.backbone,
         cfg.weights,
         cfg.data.min_size,
