@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from . import norms
 from .centralization import Centralize
 from .registry import build_norm
-from .wiring import BATCH_STAT_NORMS, conv_norm_pairs, wire_norms
+from .wiring import conv_norm_pairs, foldable_norms, wire_norms
 
 SHARED_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -97,7 +97,7 @@ def inference_affine(norm: nn.Module):
         return norm.inference_scale(), norm.bias
     if isinstance(norm, norms.CrossIterationBatchNorm2d):
         return norm.inference_affine()
-    if isinstance(norm, BATCH_STAT_NORMS) and getattr(norm, "running_var", None) is not None:
+    if isinstance(norm, foldable_norms()) and getattr(norm, "running_var", None) is not None:
         weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
         bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
         scale = weight * torch.rsqrt(norm.running_var + norm.eps)

@@ -23,26 +23,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norms import BatchRenorm2d, CrossIterationBatchNorm2d, MABN2d
+from . import registry
+from .norms import BatchRenorm2d, MABN2d
 from .norms.norm_act import NORM_ACT_LAYERS
 
+
 # every per-channel norm of the suite: the probe records its input's and gradient's statistics
-NORM_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    BatchRenorm2d,
-    MABN2d,
-    CrossIterationBatchNorm2d,
-    *NORM_ACT_LAYERS,
-)
-
-
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the model's normalization layers with a per-channel weight."""
+    kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, *NORM_ACT_LAYERS, *registry.layers())
     return [
         (name, m)
         for name, m in model.named_modules()
-        if (isinstance(m, NORM_TYPES) or hasattr(m, "normalization_batch")) and getattr(m, "weight", None) is not None
+        if (isinstance(m, kinds) or hasattr(m, "normalization_batch")) and getattr(m, "weight", None) is not None
     ]
 
 

@@ -36,23 +36,22 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 from torchvision.models._utils import IntermediateLayerGetter
 
-from . import norms
+from . import norms, registry
 from .centralization import Centralize, is_centralized
 from .norms.group_norm import load_plain_weight
 from .norms.norm_act import NORM_ACT_LAYERS, drop_activation
 from .norms.wired import NeedsWiring
 from .reparametrized_conv import recompute_weight
 
-BATCH_STAT_NORMS = (
-    nn.modules.batchnorm._BatchNorm,
-    norms.BatchNorm2d,
-    norms.BatchRenorm2d,
-    norms.MABN2d,
-    norms.CrossIterationBatchNorm2d,
-    norms.PowerNorm2d,
-)
-PAIRED_NORMS = BATCH_STAT_NORMS + (nn.GroupNorm,) + NORM_ACT_LAYERS
-LEAVES = (nn.Conv2d, norms.TokenNorm, *PAIRED_NORMS)  # what the trace does not enter
+
+def foldable_norms() -> tuple[type, ...]:
+    """torch's BN and the norms of ``registry.TABLE`` that fold (per-channel affine in eval mode)."""
+    return (nn.modules.batchnorm._BatchNorm, *registry.layers("foldable"))
+
+
+def paired_norms() -> tuple[type, ...]:
+    """Every norm a conv can feed: torch's BN and GN, timm's norm + activation layers, the table's."""
+    return (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, *NORM_ACT_LAYERS, *registry.layers())
 
 
 # ---- which conv feeds which norm: the dataflow ----
@@ -73,8 +72,13 @@ MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 class _PairTracer(fx.Tracer):
     """A symbolic trace whose leaves are the convs and the norms (as torch's conv-BN fusion traces)."""
 
+    def __init__(self):
+        super().__init__()
+        self.norms = paired_norms()
+        self.leaves = (nn.Conv2d, norms.TokenNorm, *self.norms)
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, LEAVES) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, self.leaves) or super().is_leaf_module(module, qualified_name)
 
 
 def _owned_norm(conv: nn.Module):
@@ -82,15 +86,15 @@ def _owned_norm(conv: nn.Module):
     conv's class is a parametrized subclass), or None."""
     attribute = next((name for kind, name in CONVS_WITH_NORM.items() if isinstance(conv, kind)), None)
     norm = getattr(conv, attribute, None) if attribute else None
-    return norm if isinstance(norm, PAIRED_NORMS) else None
+    return norm if isinstance(norm, paired_norms()) else None
 
 
-def _trace(module: nn.Module) -> fx.Graph:
+def _trace(module: nn.Module, tracer: fx.Tracer) -> fx.Graph:
     """The symbolic trace of ``module``, its modules' attributes as they were before it (a forward
     run on proxies may set some: torchvision's ``MultiScaleRoIAlign`` caches its scales)."""
     kept = [(m, dict(vars(m)), {name: dict(vars(m)[name]) for name in MODULE_DICTS}) for m in module.modules()]
     try:
-        return _PairTracer().trace(module)
+        return tracer.trace(module)
     finally:
         for m, attributes, dicts in kept:
             vars(m).clear()
@@ -105,8 +109,9 @@ def _traced_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     that output, in the symbolic trace of ``module``; a module that does not trace (control flow on
     its input) is split into its children, each traced on its own, and a plain ``nn.Sequential``'s
     conv followed by a norm pairs by its order (its forward is the chain)."""
+    tracer = _PairTracer()
     try:
-        graph = _trace(module)
+        graph = _trace(module, tracer)
     except Exception:  # any failure of the trace only means no dataflow is known at this level
         children = list(module.named_children())
         pairs = []
@@ -114,10 +119,10 @@ def _traced_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
             pairs = [
                 (f"{prefix}{conv}", f"{prefix}{norm}")
                 for (conv, first), (norm, second) in zip(children, children[1:])
-                if isinstance(first, nn.Conv2d) and _owned_norm(first) is None and isinstance(second, PAIRED_NORMS)
+                if isinstance(first, nn.Conv2d) and _owned_norm(first) is None and isinstance(second, tracer.norms)
             ]
         for name, child in children:
-            if not isinstance(child, LEAVES):
+            if not isinstance(child, tracer.leaves):
                 pairs += _traced_pairs(child, f"{prefix}{name}.")
         return pairs
     calls = [node for node in graph.nodes if node.op == "call_module"]
@@ -125,7 +130,7 @@ def _traced_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     pairs = []
     for node in calls:
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not (isinstance(module.get_submodule(node.target), PAIRED_NORMS) and isinstance(source, fx.Node)):
+        if not (isinstance(module.get_submodule(node.target), tracer.norms) and isinstance(source, fx.Node)):
             continue
         conv = module.get_submodule(source.target) if source.op == "call_module" else None
         if (

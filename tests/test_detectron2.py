@@ -387,7 +387,7 @@ def test_paper_r50_fpn_has_the_norm_in_69_places(scenes, tmp_path):
     assert model.backbone.bottom_up.res3[0].conv2.stride == (2, 2)  # torchvision's v1.5 stride placement
 
 
-WIRED_NAMES = sorted(d2 for d2, name in registration.DETECTRON2_NAMES.items() if name in WIRED_SUITE_NAMES)
+WIRED_NAMES = sorted(d2 for d2, name in registration.detectron2_names().items() if name in WIRED_SUITE_NAMES)
 
 
 def test_the_detectron2_names_that_need_wiring():

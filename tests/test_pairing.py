@@ -13,7 +13,7 @@ from torch import nn
 
 import mabn
 from mabn.centralization import is_centralized
-from mabn.wiring import PAIRED_NORMS, conv_norm_pairs
+from mabn.wiring import conv_norm_pairs, paired_norms
 
 MODELS = {  # (builder, input side): families nobody here wrote
     "timm.densenet121": (lambda: timm.create_model("densenet121", num_classes=4), 32),  # concatenation
@@ -59,7 +59,7 @@ def train_a_little(model, x):
 def test_plain_models_pair_only_norms_their_conv_feeds(name):
     build, side = MODELS[name]
     model = build().eval()
-    norms = sum(isinstance(m, PAIRED_NORMS) for m in model.modules())
+    norms = sum(isinstance(m, paired_norms()) for m in model.modules())
     paired = fed_by_their_conv(model, torch.randn(2, 3, side, side))
     assert 0 < paired <= norms
 
@@ -91,8 +91,8 @@ def test_converted_models_train_and_fold_exactly_in_float64(name, norm):
         expected = model(x)
         folded = mabn.fold_norms(copy.deepcopy(model))
         got = folded(x)
-    left = sum(isinstance(m, PAIRED_NORMS) for m in folded.modules())
-    assert left == sum(isinstance(m, PAIRED_NORMS) for m in model.modules()) - paired  # the unfed stay
+    left = sum(isinstance(m, paired_norms()) for m in folded.modules())
+    assert left == sum(isinstance(m, paired_norms()) for m in model.modules()) - paired  # the unfed stay
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9 * expected.abs().max().item())
 
 

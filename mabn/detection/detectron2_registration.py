@@ -8,18 +8,14 @@ modules imported later take it from). Importing this module registers them with 
 options; call ``register_detectron2_norms(options)`` to set options. The yacs config keeps
 plain strings, so ``cfg.dump()`` still works; the options live here, set by the latest call.
 
-Names added (detectron2's own, "BN", "SyncBN", "GN", "FrozenBN", ..., are untouched):
-
-- ``MABN``: ``mabn.MABN2d`` (options of ``norm_options["mabn"]``)
-- ``BRN``: ``mabn.BatchRenorm2d`` (``norm_options["brn"]``)
-- ``BN_NB``: ``mabn.BatchNorm2d``, BN with a normalization batch (``norm_options["bn"]``)
-- ``SyncBN_ANY``: ``mabn.SyncBatchNorm``, global-batch BN that runs on CPU (gloo) and CUDA
-  (``norm_options["syncbn"]``)
-- ``CBN``, ``EvoNormB0``, ``EvoNormS0``, ``FRN``, ``GN_WS``: MABN's successors (``cbn``,
-  ``evonorm_b0``, ``evonorm_s0``, ``frn``, ``gn_ws``); ``mabn.wire_norms(model)`` then gives CBN
-  and GN+WS their convs and lets EvoNorm and FRN take the ReLU after them: this module teaches
-  it detectron2's stem, blocks and ``Conv2d(norm=..., activation=...)``.
-- ``PowerNorm``: ``mabn.PowerNorm2d``, MABN's relative (``powernorm``)
+Names added: the detectron2 name of every norm of ``mabn.registry.TABLE`` that detectron2 does
+not build itself (``detectron2_names()``: ``MABN``, ``BRN``, ``BN_NB`` for BN with a normalization
+batch, ``SyncBN_ANY`` for the global-batch BN that runs on CPU (gloo) and CUDA, ``CBN``,
+``EvoNormB0``, ``EvoNormS0``, ``FRN``, ``GN_WS``, ``PowerNorm``), each built with the options
+given under the suite's name. ``mabn.wire_norms(model)`` then gives CBN and GN+WS their convs
+and lets EvoNorm and FRN take the ReLU after them: this module teaches it detectron2's stem,
+blocks and ``Conv2d(norm=..., activation=...)``. detectron2's own names (``DETECTRON2_OWN``)
+are untouched.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..norms.norm_act import NORM_ACT_LAYERS
-from ..registry import norm_layer
+from ..registry import TABLE, norm_layer
 from ..wiring import register_activated_block, register_conv_with_norm
 
 
@@ -56,19 +52,15 @@ except ImportError as error:  # detectron2 itself, or a compiled part of it, is 
         raise
     raise Detectron2NotInstalled(MISSING_MESSAGE) from None
 
-# detectron2 name -> this suite's registry name
-DETECTRON2_NAMES = {
-    "MABN": "mabn",
-    "BRN": "brn",
-    "BN_NB": "bn",
-    "SyncBN_ANY": "syncbn",
-    "CBN": "cbn",
-    "EvoNormB0": "evonorm_b0",
-    "EvoNormS0": "evonorm_s0",
-    "FRN": "frn",
-    "GN_WS": "gn_ws",
-    "PowerNorm": "powernorm",
-}
+# the names detectron2's own get_norm builds (its "GN" is the table's gn); the others are added here
+DETECTRON2_OWN = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "LN")
+
+
+def detectron2_names() -> dict[str, str]:
+    """detectron2 name -> this suite's name, for every norm of ``mabn.registry.TABLE`` with a
+    detectron2 name that detectron2 does not build itself."""
+    return {e.detectron2: name for name, e in TABLE.items() if e.detectron2 and e.detectron2 not in DETECTRON2_OWN}
+
 
 _options: dict[str, dict] = {}
 _recorders: list[list] = []
@@ -80,9 +72,9 @@ def _original_get_norm():
 
 
 def get_norm(norm, out_channels):
-    """detectron2's ``get_norm`` plus the names of ``DETECTRON2_NAMES``."""
-    if isinstance(norm, str) and norm in DETECTRON2_NAMES:
-        name = DETECTRON2_NAMES[norm]
+    """detectron2's ``get_norm`` plus the names of ``detectron2_names()``."""
+    if isinstance(norm, str) and norm in (names := detectron2_names()):
+        name = names[norm]
         module = norm_layer(name, **_options.get(name, {}))(out_channels)
         for made in _recorders:
             made.append(module)
@@ -91,8 +83,8 @@ def get_norm(norm, out_channels):
 
 
 def register_detectron2_norms(norm_options: dict[str, dict] | None = None) -> None:
-    """Make the names of ``DETECTRON2_NAMES`` valid detectron2 norm strings, built with
-    ``norm_options[name]`` (keyed by this suite's names: ``{"mabn": {"sma_window": 16}}``).
+    """Make the names of ``detectron2_names()`` valid detectron2 norm strings, built with
+    ``norm_options[name]`` (keyed by this suite's names: ``{<name>: {<option>: <value>}}``).
     Idempotent; a later call replaces all options of the earlier one."""
     original = get_norm.__wrapped__ = _original_get_norm()
     _options.clear()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from ...config import ConfigError, NormSpec
 from ...data.coco import coco_split_paths
 from ...data.scenes import generate_fashion_scenes
+from ...registry import TABLE
 from ..distributed import barrier
 
 
 def check_start(cfg, norm: NormSpec) -> None:
     """``start`` (scratch | finetune) and ``weights`` must agree; the norm must be one a detector
     can take (not MimicNorm, a classification method)."""
-    if norm.mimic:
+    if norm.mimic or getattr(TABLE.get(norm.name), "classification_only", False):
         raise ConfigError(
             "norm=mimicnorm is a classification method (no norm in the body, one BatchNorm1d on the logits) "
             "and a detector has no logits to normalize: use it with train_imagenet.py"

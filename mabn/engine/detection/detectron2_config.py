@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 # first: without detectron2 it raises the one-line error, before detectron2's own imports would fail
-from ...detection.detectron2_registration import DETECTRON2_NAMES
+from ...detection.detectron2_registration import TABLE
 
 # isort: split
 from detectron2.config import CfgNode, get_cfg
@@ -29,23 +29,21 @@ PIXEL_MEAN = [123.675, 116.28, 103.53]
 PIXEL_STD = [58.395, 57.12, 57.375]
 
 
-def detectron2_norm(norm_cfg) -> str:
-    """The detectron2 norm string for this suite's ``norm`` config."""
-    name = norm_cfg.name
-    if name == "gn":
-        if dict(norm_cfg.options) not in ({}, {"num_groups": 32}):
-            raise ConfigError(
-                f'engine=detectron2 builds GN with 32 groups (its "GN"); got norm.options='
-                f"{dict(norm_cfg.options)}: use num_groups=32 or engine=torchvision"
-            )
-        return "GN"
-    for d2_name, ours in DETECTRON2_NAMES.items():
-        if ours == name:
-            return d2_name
-    raise ConfigError(
-        f'norm={name} is not wired to engine=detectron2 (its "LN" is a different layer): '
-        f"use norm={'|'.join(['gn', *DETECTRON2_NAMES.values()])}, or engine=torchvision"
-    )
+def detectron2_norm(norm) -> str:
+    """The detectron2 norm string for this suite's ``norm`` (``mabn.registry.TABLE``'s detectron2 name)."""
+    entry = TABLE.get(norm.name)
+    if entry is None or entry.detectron2 is None:
+        wired = [name for name, e in TABLE.items() if e.detectron2]
+        raise ConfigError(
+            f'norm={norm.name} is not wired to engine=detectron2 (its "LN" is a different layer): '
+            f"use norm={'|'.join(wired)}, or engine=torchvision"
+        )
+    if entry.detectron2 == "GN" and dict(norm.options) not in ({}, {"num_groups": 32}):
+        raise ConfigError(
+            f'engine=detectron2 builds GN with 32 groups (its "GN"); got norm.options='
+            f"{dict(norm.options)}: use num_groups=32 or engine=torchvision"
+        )
+    return entry.detectron2
 
 
 def _environment(env: Distributed | None, cfg) -> tuple[int, bool, str]:

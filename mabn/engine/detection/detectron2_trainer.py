@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 # first: without detectron2 it raises the one-line error, before detectron2's own imports would fail
-from ...detection.detectron2_registration import DETECTRON2_NAMES, recording_norms, register_detectron2_norms
+from ...detection.detectron2_registration import detectron2_names, recording_norms, register_detectron2_norms
 
 # isort: split
 from detectron2.config import CfgNode
@@ -114,7 +114,7 @@ def check_norms_kept(model: torch.nn.Module, made: list, norm: str) -> None:
     present = {id(m) for m in model.modules()}
     lost = sum(id(m) not in present for m in made)
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    if norm in DETECTRON2_NAMES and not made:
+    if norm in detectron2_names() and not made:
         raise RuntimeError(f"detectron2 built no {norm} layer: the norm registration did not reach its get_norm")
     if lost or frozen:
         raise RuntimeError(
