@@ -91,6 +91,15 @@ def load_backbone_state(module: nn.Module, state: dict, path, ignored: list | No
         )
 
 
+def bake_parametrization(module: nn.Module, name: str) -> None:
+    """Make ``module``'s parametrized ``name`` a plain parameter holding its current value. torch's
+    ``remove_parametrizations`` deletes ``name`` from the module's class, which every deep copy of
+    the module shares (baking a copy broke its original): the module gets a class of its own first."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
 def inference_affine(norm: nn.Module):
     """(scale, shift) of an eval-mode BN-like norm, or None if it is not a per-channel affine."""
     if isinstance(norm, norms.MABN2d) or (isinstance(norm, norms.PowerNorm2d) and norm.scaling_groups is None):
@@ -116,7 +125,7 @@ def fold_norms(model: nn.Module) -> nn.Module:
             continue
         scale, shift = affine
         if parametrize.is_parametrized(conv, "weight"):
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+            bake_parametrization(conv, "weight")
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
         bias = conv.bias * scale + shift if conv.bias is not None else shift.clone()
         conv.bias = nn.Parameter(bias.detach())

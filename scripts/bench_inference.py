@@ -5,9 +5,10 @@ measured in one run (round-robin over the models, median time), beside the autho
     python scripts/bench_inference.py --batch 1 --repeats 30       # a quick look
     python scripts/bench_inference.py --runtime onnxruntime --batch 1 8 --out results/bench_inference_onnxruntime_cpu.md
 
-With ``--runtime onnxruntime`` each model goes through ``mabn.export.export_onnx`` (folded where
-foldable, validated against PyTorch) and is timed in ONNX Runtime, where deployment happens: the
-paper's norms and MABN's successors, at each ``--batch``.
+With ``--runtime onnxruntime`` each model goes through ``mabn.export.export_onnx`` once (folded
+where foldable, a file that takes any batch size, validated against PyTorch) and is timed in ONNX
+Runtime, where deployment happens: the paper's norms and MABN's successors, at each ``--batch``
+from that one file.
 
 BN and MABN are trained-looking (random running statistics / EMA) and then folded with
 ``mabn.fold_norms``: both become a conv with a bias, so they should cost the same. GN, LN
@@ -81,16 +82,15 @@ def onnxruntime_table(args) -> str:
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    rows, paired = {label: {} for label, _, _ in RUNTIME_CASES}, {}
+    rows, paired, sessions = {label: {} for label, _, _ in RUNTIME_CASES}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as folder:  # ~100 MB per ResNet-50 file
+        example = torch.randn(args.batch[0], 3, args.image_size, args.image_size)
+        for label, norm, fold in RUNTIME_CASES:  # one file per norm: any batch size (checked against PyTorch)
+            path = Path(folder) / f"{norm}.onnx"
+            export_onnx(build(norm, False, "cpu"), example, path, fold=fold)
+            sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
     for batch in args.batch:
-        images = torch.randn(batch, 3, args.image_size, args.image_size)
-        sessions = {}
-        with tempfile.TemporaryDirectory(prefix="bench_onnx_") as folder:  # ~100 MB per ResNet-50 file
-            for label, norm, fold in RUNTIME_CASES:
-                path = Path(folder) / f"{norm}.onnx"
-                export_onnx(build(norm, False, "cpu"), images, path, fold=fold)  # validated against PyTorch
-                sessions[label] = onnxruntime.InferenceSession(str(path), options, providers=providers)
-        feed = images.numpy()
+        feed = torch.randn(batch, 3, args.image_size, args.image_size).numpy()
         cases = {label: call(s.run, None, {s.get_inputs()[0].name: feed}) for label, s in sessions.items()}
         times = round_robin(cases, args.repeats)
         for label, values in times.items():
@@ -100,7 +100,8 @@ def onnxruntime_table(args) -> str:
     lines = [
         f"ResNet-50 inference in ONNX Runtime {onnxruntime.__version__} ({providers[0]}) at {args.image_size}x"
         f"{args.image_size}, {setting(args.device)}, median of {args.repeats} runs per model, round robin; each "
-        "model exported by `mabn.export.export_onnx` (foldable norms folded; outputs checked against PyTorch).",
+        "model exported once by `mabn.export.export_onnx` (foldable norms folded; any batch size; outputs checked "
+        "against PyTorch at batch 1, 3 and 8 and two image sizes), every batch timed from that file.",
         "",
         command(),
         "",

@@ -10,7 +10,9 @@ import timm
 import torch
 from torch import nn
 
-pytest.importorskip("onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')")
+onnxruntime = pytest.importorskip(
+    "onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')"
+)
 
 from hydra_configs import ROOT
 
@@ -112,6 +114,9 @@ def test_the_command_prints_the_validation_and_refuses_bad_input_in_one_line(tmp
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "onnx.checker passed" in ok.stdout and "max abs diff" in ok.stdout and "Conv " in ok.stdout
+    assert (
+        "(any batch, height, width); ONNX Runtime vs PyTorch at 1x3x32x32, 3x3x32x32, 8x3x32x32, 1x3x64x64" in ok.stdout
+    )
     bad = subprocess.run(
         [sys.executable, "-m", "mabn.export", "--norm", "mabnx", "--out", str(tmp_path / "x.onnx")],
         cwd=ROOT,
@@ -120,3 +125,27 @@ def test_the_command_prints_the_validation_and_refuses_bad_input_in_one_line(tmp
         timeout=300,
     )
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "unknown norm" in bad.stderr
+
+
+@pytest.mark.parametrize("norm,options", [("mabn", {}), ("gn", {"num_groups": 8})])  # foldable, per-sample
+def test_the_file_takes_any_batch_and_image_size_and_each_is_checked(norm, options, tmp_path):
+    model = trained(build_model("resnet10t", norm, num_classes=10, **options))
+    result = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "model.onnx")
+    assert result.dynamic_axes() == [0, 2, 3] and result.input_shape[1] == 3
+    assert result.checked[0] == [2, 3, 32, 32]  # the example first, then every other batch and size
+    assert sorted(result.checked) == sorted([b, 3, s, s] for s in (32, 64) for b in (1, 2, 3, 8))
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, 48, 40)
+    (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_static_files_keep_the_examples_shape(tmp_path):
+    result = export_onnx(
+        build_model("resnet10t", "mabn", num_classes=10).eval(),
+        torch.randn(1, 3, 32, 32),
+        tmp_path / "model.onnx",
+        dynamic=False,
+    )
+    assert result.input_shape == [1, 3, 32, 32] and result.checked == [[1, 3, 32, 32]] and not result.dynamic_axes()
