@@ -10,9 +10,7 @@ import timm
 import torch
 from torch import nn
 
-onnxruntime = pytest.importorskip(
-    "onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')"
-)
+pytest.importorskip("onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')")
 
 from hydra_configs import ROOT
 
@@ -134,6 +132,8 @@ def test_the_file_takes_any_batch_and_image_size_and_each_is_checked(norm, optio
     assert result.dynamic_axes() == [0, 2, 3] and result.input_shape[1] == 3
     assert result.checked[0] == [2, 3, 32, 32]  # the example first, then every other batch and size
     assert sorted(result.checked) == sorted([b, 3, s, s] for s in (32, 64) for b in (1, 2, 3, 8))
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     images = torch.randn(5, 3, 48, 40)
     (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
