@@ -4,7 +4,7 @@ their metrics to the last digit:
     python -m mabn.verify results/fashion_study_runs/mabn-b2-s0.json [more summaries] [--runs-dir runs/verify]
     torchrun --nproc_per_node 2 -m mabn.verify results/scenes_study_runs/mabn-2x2-s0.json   # a 2-process run
 
-Each rerun trains in ``<runs-dir>/<summary name>/`` (a relaunch resumes it, exactly), with the recorded
+Each rerun trains in ``<runs-dir>/<folder>/<run>/`` (``rerun_dir``; a relaunch resumes it, exactly), with the recorded
 config (seed, threads and kernels' run length included), W&B off and no kept-run skipping. Bit-for-bit
 equality holds on the machine kind that made the run: CPU kernels differ by CPU and thread count.
 Exit status 1 if any run is not reproduced."""
@@ -44,6 +44,14 @@ def rerun(kept: dict, run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
+def rerun_dir(runs_dir: Path, summary: Path) -> Path:
+    """Where the rerun of ``summary`` trains: ``<runs_dir>/<folder>/<run>`` for a kept summary
+    ``<folder>/<run>.json`` and for a run's own ``<folder>/<run>/summary.json``, so that two runs'
+    summaries never share a folder."""
+    run = summary.parent if summary.name == "summary.json" else summary.with_suffix("")
+    return runs_dir / run.parent.name / run.name
+
+
 def differences(kept: dict, new: dict) -> list[str]:
     """The metrics that differ in any digit, each as ``name kept -> new``."""
     return [f"{key} {kept[key]!r} -> {new.get(key)!r}" for key in METRICS if key in kept and kept[key] != new.get(key)]
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
     for path in args.summaries:
         kept = json.loads(path.read_text())
         try:
-            new = rerun(kept, args.runs_dir / path.stem)
+            new = rerun(kept, rerun_dir(args.runs_dir, path))
         except ConfigError as error:
             sys.exit(f"error: {path}: {error}")
         changed = differences(kept, new)

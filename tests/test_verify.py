@@ -27,7 +27,18 @@ def test_a_kept_run_is_rerun_and_reproduced_to_the_last_digit(kept, tmp_path, ca
     assert main([str(kept), "--runs-dir", str(tmp_path / "verify")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"[verify] {kept}: reproduced to the last digit (top1_error ")
-    assert (tmp_path / "verify" / "mabn-b4-s0" / "summary.json").is_file()
+    assert (tmp_path / "verify" / "kept" / "mabn-b4-s0" / "summary.json").is_file()
+
+
+def test_two_runs_own_summaries_rerun_each_in_its_folder(kept, tmp_path, capsys):
+    """Their files are both called summary.json: the reruns' folders are named after the runs."""
+    other = train(compose_config("train_imagenet", [*TINY, "seed=1"]), tmp_path / "study" / "mabn-b4-s1")
+    assert other["top1_error"] is not None
+    summaries = [tmp_path / "study" / run / "summary.json" for run in ("mabn-b4-s0", "mabn-b4-s1")]
+    assert main([*map(str, summaries), "--runs-dir", str(tmp_path / "verify")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("[verify]")] == [f"[verify] {s}" for s in summaries]
+    assert all((tmp_path / "verify" / "study" / run / "summary.json").is_file() for run in ("mabn-b4-s0", "mabn-b4-s1"))
 
 
 def test_a_metric_that_differs_in_any_digit_is_named_and_fails(kept, tmp_path, capsys):
