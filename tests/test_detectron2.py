@@ -164,15 +164,18 @@ def test_successor_names_build_wire_and_train_through_train_coco(norm, scenes, t
 
 
 def test_registration_is_idempotent_and_keeps_detectron2_names():
-    registration.register_detectron2_norms({"mabn": {"sma_window": 4}})
-    registration.register_detectron2_norms({"mabn": {"sma_window": 8}, "bn": {"normalization_batch": 2}})
+    registration.register_detectron2_norms()
+    registration.register_detectron2_norms()
     original = registration.get_norm.__wrapped__  # detectron2's own function, wrapped once, not twice
     assert original.__module__ == "detectron2.layers.batch_norm" and not hasattr(original, "__wrapped__")
     for name in USERS_OF_GET_NORM:
         assert sys.modules[name].get_norm is registration.get_norm, name
     get_norm = detectron2.layers.get_norm
-    assert get_norm("MABN", 16).sma_window == 8  # the later options replace the earlier ones
-    assert get_norm("BN_NB", 16).normalization_batch == 2 and isinstance(get_norm("BRN", 16), mabn.BatchRenorm2d)
+    with registration.building_with({"mabn": {"sma_window": 8}, "bn": {"normalization_batch": 2}}) as made:
+        assert get_norm("MABN", 16).sma_window == 8
+        assert get_norm("BN_NB", 16).normalization_batch == 2
+    assert len(made) == 2 and get_norm("MABN", 16).sma_window == 16  # outside the block: the defaults
+    assert isinstance(get_norm("BRN", 16), mabn.BatchRenorm2d)
     assert type(get_norm("BN", 16)) is type(original("BN", 16)) and isinstance(get_norm("BN", 16), nn.BatchNorm2d)
     assert type(get_norm("GN", 64)) is nn.GroupNorm and get_norm("GN", 64).num_groups == 32
     assert isinstance(get_norm("FrozenBN", 8), detectron2.layers.FrozenBatchNorm2d)
@@ -392,6 +395,19 @@ WIRED_NAMES = sorted(d2 for d2, name in registration.detectron2_names().items() 
 
 def test_the_detectron2_names_that_need_wiring():
     assert WIRED_NAMES == ["CBN", "EvoNormB0", "EvoNormS0", "FRN", "GN_WS", "MABN"]
+
+
+def test_two_models_built_one_after_the_other_each_get_their_own_options(scenes, tmp_path):
+    models = {}
+    for window in (4, 8):
+        cfg = compose_config("train_coco", [*scenes, "norm=mabn", f"norm.options.sma_window={window}"])
+        models[window] = build_detectron2_model(
+            build_detectron2_cfg(cfg, tmp_path), cfg, NormSpec.from_config(cfg.norm)
+        )
+    for window, model in models.items():
+        assert {m.sma_window for m in model.modules() if isinstance(m, mabn.MABN2d)} == {window}
+    d2cfg = build_detectron2_cfg(compose_config("train_coco", [*scenes, "norm=mabn"]), tmp_path)
+    assert {m.sma_window for m in build_model(d2cfg).modules() if isinstance(m, mabn.MABN2d)} == {16}  # nothing kept
 
 
 @pytest.mark.parametrize("name", WIRED_NAMES)

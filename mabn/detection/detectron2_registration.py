@@ -4,9 +4,12 @@ detectron2's ``get_norm(norm, out_channels)`` maps strings to classes in a dict 
 the function, and every module that uses it binds its own name (``from detectron2.layers
 import get_norm``). ``register_detectron2_norms`` wraps the original once and rebinds the
 wrapper in every loaded detectron2 module that holds it (and in ``detectron2.layers``, where
-modules imported later take it from). Importing this module registers them with default
-options; call ``register_detectron2_norms(options)`` to set options. The yacs config keeps
-plain strings, so ``cfg.dump()`` still works; the options live here, set by the latest call.
+modules imported later take it from). Importing this module registers them. A build inside
+``with building_with(options):`` gives the layers those options, and no state outlives the block:
+two models built one after the other each get their own. The yacs config keeps plain strings, so
+``cfg.dump()`` still works (detectron2 also takes a callable as a norm, but its yacs config, merged
+and dumped as text, holds only primitives, and its modules bind ``get_norm`` by name: the names
+must reach those bindings).
 
 Names added: the detectron2 name of every norm of ``mabn.registry.TABLE`` that detectron2 does
 not build itself (``detectron2_names()``: ``MABN``, ``BRN``, ``BN_NB`` for BN with a normalization
@@ -21,6 +24,7 @@ are untouched.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 
 import torch.nn.functional as F
@@ -62,8 +66,8 @@ def detectron2_names() -> dict[str, str]:
     return {e.detectron2: name for name, e in TABLE.items() if e.detectron2 and e.detectron2 not in DETECTRON2_OWN}
 
 
-_options: dict[str, dict] = {}
-_recorders: list[list] = []
+# (options by this suite's name, the layers made) of the build under way in this context, if any
+_build: contextvars.ContextVar[tuple[dict, list] | None] = contextvars.ContextVar("mabn_detectron2_build", default=None)
 
 
 def _original_get_norm():
@@ -72,23 +76,21 @@ def _original_get_norm():
 
 
 def get_norm(norm, out_channels):
-    """detectron2's ``get_norm`` plus the names of ``detectron2_names()``."""
+    """detectron2's ``get_norm`` plus the names of ``detectron2_names()``, built with the options of
+    the ``building_with`` block under way (none outside one: the layers' defaults)."""
     if isinstance(norm, str) and norm in (names := detectron2_names()):
         name = names[norm]
-        module = norm_layer(name, **_options.get(name, {}))(out_channels)
-        for made in _recorders:
-            made.append(module)
+        options, made = _build.get() or ({}, [])
+        module = norm_layer(name, **options.get(name, {}))(out_channels)
+        made.append(module)
         return module
     return get_norm.__wrapped__(norm, out_channels)
 
 
-def register_detectron2_norms(norm_options: dict[str, dict] | None = None) -> None:
-    """Make the names of ``detectron2_names()`` valid detectron2 norm strings, built with
-    ``norm_options[name]`` (keyed by this suite's names: ``{<name>: {<option>: <value>}}``).
-    Idempotent; a later call replaces all options of the earlier one."""
+def register_detectron2_norms() -> None:
+    """Make the names of ``detectron2_names()`` valid detectron2 norm strings: rebind the wrapped
+    ``get_norm`` in every loaded detectron2 module that holds the original. Idempotent."""
     original = get_norm.__wrapped__ = _original_get_norm()
-    _options.clear()
-    _options.update({name: dict(options) for name, options in (norm_options or {}).items()})
     for name, module in list(sys.modules.items()):
         if (name == "detectron2" or name.startswith("detectron2.")) and module is not None:
             bound = getattr(module, "get_norm", None)
@@ -97,14 +99,17 @@ def register_detectron2_norms(norm_options: dict[str, dict] | None = None) -> No
 
 
 @contextlib.contextmanager
-def recording_norms():
-    """Collects every norm layer built through the added names while the block runs."""
+def building_with(norm_options: dict[str, dict] | None = None):
+    """A detectron2 build whose added names take ``norm_options`` (keyed by this suite's names:
+    ``{<name>: {<option>: <value>}}``); yields the list of the layers built through them. The
+    options hold inside the block only: the next model gets its own."""
+    register_detectron2_norms()  # detectron2 modules loaded since the import bind the original
     made: list = []
-    _recorders.append(made)
+    token = _build.set(({name: dict(options) for name, options in (norm_options or {}).items()}, made))
     try:
         yield made
     finally:
-        _recorders.remove(made)
+        _build.reset(token)
 
 
 # ---- norm + activation layers in detectron2's modules (mabn.wiring) ----
@@ -159,4 +164,4 @@ register_activated_block(_resnet.BottleneckBlock, _swap_block(NormActBottleneckB
 register_activated_block(Conv2d, _conv_activation)
 register_conv_with_norm(Conv2d)  # its forward applies .norm to its own output
 
-register_detectron2_norms()  # importing the module makes the names valid (with default options)
+register_detectron2_norms()  # importing the module makes the names valid

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 # first: without detectron2 it raises the one-line error, before detectron2's own imports would fail
-from ...detection.detectron2_registration import detectron2_names, recording_norms, register_detectron2_norms
+from ...detection.detectron2_registration import building_with, detectron2_names
 
 # isort: split
 from detectron2.config import CfgNode
@@ -100,8 +100,7 @@ def build_detectron2_model(d2cfg: CfgNode, cfg, norm: NormSpec) -> torch.nn.Modu
     weights if given, its norms wired (``mabn.wire_norms``), and weight centralization of the convs feeding MABN;
     checks that
     detectron2 kept every layer built for the norm."""
-    register_detectron2_norms({norm.name: norm.options})
-    with recording_norms() as made:
+    with building_with({norm.name: norm.options}) as made:
         model = build_model(d2cfg)
     if cfg.weights:
         load_backbone_weights(model.backbone.bottom_up, cfg.weights)
