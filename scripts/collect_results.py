@@ -5,9 +5,10 @@
     python scripts/collect_results.py runs/imagenet --out results/fashion_mnist.md --plot results/fashion_mnist.png
     python scripts/collect_results.py runs/quickstart --study results/REPORT.md   # beside the study
 
-Classification runs give top-1 error (%) per norm (rows) and normalization batch (columns);
-detection runs give box/mask AP per norm. The paper's numbers (docs/papers.md, MABN's results) are
-printed beside them when the run is the paper's setting (ImageNet ResNet-50, COCO Mask R-CNN).
+Classification runs give top-1 error (%) per norm (rows) and normalization batch (columns), a
+table per model; detection runs give box/mask AP per run; a folder of both gives both. The paper's
+numbers (docs/papers.md, MABN's results) are printed beside them when the run is the paper's
+setting (ImageNet ResNet-50, COCO Mask R-CNN R50-FPN).
 """
 
 import argparse
@@ -15,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mabn.studies.collect import beside_the_study, classification_table, detection_table, plot
+from mabn.studies.collect import beside_the_study, plot, tables
 from mabn.studies.reporting import load_summaries, publish
 
 
@@ -32,16 +33,16 @@ def main(argv=None) -> str:
     summaries = load_summaries(args.root)
     if not summaries:
         sys.exit(f"error: no summary.json under {args.root}: run a training job first")
-    detection = "box_AP" in summaries[0]
-    text = detection_table(summaries) if detection else classification_table(summaries)
-    if args.study and not detection:
-        text += "\n\n" + beside_the_study(summaries, args.study)
+    classification = [s for s in summaries if "box_AP" not in s]
+    text = tables(summaries)
+    if args.study and classification:
+        text += "\n\n" + beside_the_study(classification, args.study)
     if args.title:
         text = f"{args.title}\n\n{text}"
     text += f"\n\nCommand: `` python scripts/collect_results.py {shlex.join(argv or sys.argv[1:])} ``"
     publish(text, args.out)
-    if args.plot and not detection:
-        plot(summaries, args.plot)
+    if args.plot and classification:
+        plot(classification, args.plot)
     return text
 
 

@@ -64,12 +64,33 @@ def test_paper_imagenet_runs_show_the_paper_numbers(tmp_path):
     assert row(result.stdout, "mabn") == "| mabn | 24.00 (23.67) |"
 
 
-def test_detection_table_lists_ap_with_the_paper_numbers(tmp_path):
-    aps = dict(box_AP=30.0, box_AP50=50.0, box_AP75=31.0, mask_AP=27.0, mask_AP50=47.0, mask_AP75=28.0)
-    write_summary(tmp_path / "mabn", norm="mabn", batch=2, start="scratch", **aps)
-    result = collect(tmp_path)
+APS = dict(box_AP=30.0, box_AP50=50.0, box_AP75=31.0, mask_AP=27.0, mask_AP50=47.0, mask_AP75=28.0)
+
+
+def detection(folder, data="coco", backbone="resnet50"):
+    config = {"data": {"name": data}, "detector": {"backbone": backbone}}
+    write_summary(folder, norm="mabn", batch=2, start="scratch", config=config, **APS)
+
+
+def test_detection_table_lists_ap_with_the_paper_numbers_at_the_papers_setting_only(tmp_path):
+    detection(tmp_path / "paper" / "mabn")
+    detection(tmp_path / "scenes" / "mabn", data="fashion_scenes", backbone="resnet18")
+    result = collect(tmp_path / "paper")
     assert result.returncode == 0, result.stderr
     assert "| scratch | mabn | 2 | 30.00 | 50.00 | 31.00 | 27.00 | 47.00 | 28.00 | 36.5 / 32.69 |" in result.stdout
+    result = collect(tmp_path / "scenes")  # a small R18 on generated scenes: not the paper's setting
+    assert "| scratch | mabn | 2 | 30.00 | 50.00 | 31.00 | 27.00 | 47.00 | 28.00 | - |" in result.stdout
+
+
+def test_a_folder_of_both_kinds_and_two_models_gives_a_table_for_each(tmp_path):
+    classification(tmp_path, "bn", 2, 0, 14.0)
+    classification(tmp_path / "vit", "bn", 2, 0, 20.0, model="vit_tiny")
+    detection(tmp_path / "det" / "mabn", data="fashion_scenes", backbone="resnet18")
+    result = collect(tmp_path)
+    assert result.returncode == 0, result.stderr
+    small, vit = result.stdout.split("Model small_resnet:")[1].split("Model vit_tiny:")
+    assert row(small, "bn") == "| bn | 14.00 |" and row(vit, "bn") == "| bn | 20.00 |"
+    assert "| scratch | mabn | 2 | 30.00 |" in vit  # the detection table after both
 
 
 def test_no_runs_is_a_one_line_error(tmp_path):
@@ -96,3 +117,10 @@ def test_quick_runs_beside_the_study_cells_and_one_line_per_claim_on_their_cells
     assert (
         "these runs disagree" in verdict["mabn@2 minus mabn@32"] and "(run length)" in verdict["mabn@2 minus mabn@32"]
     )
+
+
+def test_runs_on_no_cell_of_the_study_say_so(tmp_path):
+    classification(tmp_path, "frn", 2, 0, 15.0)
+    result = collect(tmp_path, "--study", ROOT / "results" / "REPORT.md")
+    assert result.returncode == 0, result.stderr
+    assert "No claim of the study is on these cells." in result.stdout and "claims on these cells:" not in result.stdout

@@ -17,6 +17,25 @@ def is_paper_imagenet(summary: dict) -> bool:
     return config.get("data", {}).get("name") == "imagenet" and config.get("model", {}).get("name") == "resnet50"
 
 
+def is_paper_coco(summary: dict) -> bool:
+    config = summary.get("config", {})
+    return config.get("data", {}).get("name") == "coco" and config.get("detector", {}).get("backbone") == "resnet50"
+
+
+def tables(summaries: list[dict]) -> str:
+    """A table per kind of run: classification (one per model) and detection."""
+    detection = [s for s in summaries if "box_AP" in s]
+    classification = [s for s in summaries if "box_AP" not in s]
+    models = defaultdict(list)
+    for s in classification:
+        models[s.get("config", {}).get("model", {}).get("name", "?")].append(s)
+    parts = [
+        (f"Model {model}:\n\n" if len(models) > 1 else "") + classification_table(runs)
+        for model, runs in sorted(models.items())
+    ]
+    return "\n\n".join(parts + ([detection_table(detection)] if detection else []))
+
+
 def classification_table(summaries: list[dict]) -> str:
     errors = defaultdict(dict)
     speed = defaultdict(dict)
@@ -79,7 +98,7 @@ def beside_the_study(summaries: list[dict], study: Path) -> str:
         + " |"
         for (norm, batch), v in sorted(errors.items())
     ]
-    lines += ["", "The study's claims on these cells:", ""]
+    claims = []
     for match in map(CLAIM.match, report.splitlines()):
         if not match or (match["a"], int(match["ab"])) not in errors or (match["b"], int(match["bb"])) not in errors:
             continue
@@ -92,7 +111,7 @@ def beside_the_study(summaries: list[dict], study: Path) -> str:
             f"- {match['title']} {match['a']}@{match['ab']} minus {match['b']}@{match['bb']}: {quick:+.2f} here, "
             f"{match['diff']} [{match['low']}, {match['high']}] in the study ({match['verdict']}): "
         )
-        lines.append(
+        claims.append(
             line
             + (
                 "these runs agree."
@@ -102,6 +121,11 @@ def beside_the_study(summaries: list[dict], study: Path) -> str:
                 "evidence."
             )
         )
+    lines += (
+        ["", "The study's claims on these cells:", "", *claims]
+        if claims
+        else ["", "No claim of the study is on these cells."]
+    )
     return "\n".join(lines)
 
 
@@ -112,7 +136,7 @@ def detection_table(summaries: list[dict]) -> str:
         "|---" * (len(keys) + 4) + "|",
     ]
     for s in summaries:
-        paper = PAPER_COCO.get((s["start"], s["norm"]))
+        paper = PAPER_COCO.get((s["start"], s["norm"])) if is_paper_coco(s) else None
         lines.append(
             f"| {s['start']} | {s['norm']} | {s['batch']} | "
             + " | ".join(f"{s[k]:.2f}" for k in keys)
