@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +55,22 @@ TABLE: dict[str, NormEntry] = {
     # the layer MimicNorm leaves in a norm's place (mabn.mimicnorm)
     "mimicnorm": NormEntry(ChannelBias, ChannelBias, classification_only=True),
 }
-NORMS: dict[str, NormFactory] = {name: entry.factory for name, entry in TABLE.items()}
+
+
+class _Factories(Mapping):
+    """``TABLE``'s factories by name: a view, so a row added or removed shows here too."""
+
+    def __getitem__(self, name: str) -> NormFactory:
+        return TABLE[name].factory
+
+    def __iter__(self):
+        return iter(TABLE)
+
+    def __len__(self) -> int:
+        return len(TABLE)
+
+
+NORMS: Mapping[str, NormFactory] = _Factories()
 
 
 def layers(trait: str | None = None) -> tuple[type, ...]:
@@ -73,7 +88,6 @@ def register_norm(
     if name in NORMS and NORMS[name] is not factory and not overwrite:
         raise ValueError(f"norm {name!r} is already registered: pass overwrite=True to replace it")
     TABLE[name] = NormEntry(factory, layer or (factory if isinstance(factory, type) else None), **traits)
-    NORMS[name] = factory
 
 
 def get_norm_factory(name: str) -> NormFactory:

@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import mabn
+from mabn import registry
 from mabn.centralization import is_centralized
 from mabn.convert import fold_norms
-from mabn.registry import NORMS
 from mabn.wiring import conv_norm_pairs
 
 OPTIONS = {
@@ -69,7 +69,7 @@ def test_register_norm_makes_a_name_available_everywhere():
         with pytest.raises(ValueError, match="already registered"):
             mabn.register_norm("scale", nn.Identity)
     finally:
-        NORMS.pop("scale")
+        registry.TABLE.pop("scale")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

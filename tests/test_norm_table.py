@@ -56,7 +56,6 @@ class RMSBatchNorm2d(nn.Module):
 @pytest.fixture
 def registered(monkeypatch):
     monkeypatch.setattr(registry, "TABLE", dict(registry.TABLE))
-    monkeypatch.setattr(registry, "NORMS", dict(registry.NORMS))
     mabn.register_norm("rms_bn", RMSBatchNorm2d, batch_statistics=True)
 
 
