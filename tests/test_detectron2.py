@@ -31,8 +31,14 @@ from mabn.centralization import is_centralized  # noqa: E402
 from mabn.config import NormSpec  # noqa: E402
 from mabn.detection import detectron2_registration as registration  # noqa: E402
 from mabn.engine.detection.detectron2_config import build_detectron2_cfg  # noqa: E402
-from mabn.engine.detection.detectron2_trainer import RunHook, Trainer, build_detectron2_model, train  # noqa: E402
+from mabn.engine.detection.detectron2_trainer import (  # noqa: E402
+    AsDetectron2Hook,
+    Trainer,
+    build_detectron2_model,
+    train,
+)
 from mabn.engine.detection.detectron2_weights import load_backbone_weights  # noqa: E402
+from mabn.engine.hooks import Checkpoints, NonFiniteLoss  # noqa: E402
 from mabn.models import build_classifier  # noqa: E402
 from mabn.norms.wired import NeedsWiring  # noqa: E402
 from mabn.registry import norm_layer  # noqa: E402
@@ -313,26 +319,19 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
 
     model = NaNModel()
     saved = []
-    trainer = Trainer(
-        model,
-        iter(lambda: [{}], None),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        False,
-        "cpu",
-        tmp_path / "checkpoint.pt",
+    run = SimpleNamespace(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=False,
+        env=SimpleNamespace(device=torch.device("cpu")),
+        checkpoint_path=tmp_path / "checkpoint.pt",
+        cfg=SimpleNamespace(checkpoint_every_minutes=10),
+        evaluates_now=lambda: True,  # a checkpoint after every step, were there one
+        save=lambda: saved.append(run.step),
     )
-    trainer.register_hooks(
-        [
-            RunHook(
-                SimpleNamespace(
-                    save=saved.append,
-                    cfg=SimpleNamespace(checkpoint_every_minutes=10),
-                    preemption=None,
-                    env=SimpleNamespace(device=torch.device("cpu")),
-                )
-            )
-        ]
-    )
+    trainer = Trainer(run, iter(lambda: [{}], None))
+    trainer.register_hooks([AsDetectron2Hook(run, hook) for hook in (NonFiniteLoss(), Checkpoints())])
     with pytest.raises(
         FloatingPointError,
         match=r"loss is nan at step 0: stopped before updating the weights; "

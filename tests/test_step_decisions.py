@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchrun import free_port
 
-from mabn.engine import training
+from mabn.engine import hooks, training
 from mabn.engine.distributed import shutdown_distributed
 
 WORLD, STEPS, PREEMPTED_AT = 2, 40, 33
@@ -21,17 +21,14 @@ TICK = {0: 10.0, 1: 7.0}  # seconds per step on each process's clock: the clocks
 def test_a_checkpoint_is_due_when_any_process_finds_its_interval_passed(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
-    preemption, timer = training.Preemption(), training.CheckpointTimer(minutes=2)
-    try:
-        assert training.between_steps(preemption, timer, "cpu") == (False, False)
-        clock[0] += 121
-        assert training.between_steps(preemption, timer, "cpu") == (False, True)
-        timer.reset()
-        other_process = torch.tensor([1.0, 1.0])  # another process got a signal and its clock has passed
-        monkeypatch.setattr(training, "all_reduce_max", lambda flags: torch.maximum(flags, other_process))
-        assert training.between_steps(preemption, timer, "cpu") == (True, True)
-    finally:
-        preemption.restore()
+    timer = training.CheckpointTimer(minutes=2)
+    assert not hooks.any_process(timer.expired(), "cpu")
+    clock[0] += 121
+    assert hooks.any_process(timer.expired(), "cpu")
+    timer.reset()
+    other_process = torch.tensor([1.0])  # another process's clock has passed its interval
+    monkeypatch.setattr(hooks, "all_reduce_max", lambda flags: torch.maximum(flags, other_process))
+    assert not timer.expired() and hooks.any_process(timer.expired(), "cpu")
 
 
 def worker(rank, port):
@@ -49,7 +46,9 @@ def worker(rank, port):
             if rank == 1 and step == PREEMPTED_AT:
                 preemption.signum = signal.SIGTERM
             own_clock_due.append(timer.expired())
-            stop, save = training.between_steps(preemption, timer, "cpu")
+            # as the hooks: StopOnPreemption, then Checkpoints, each one all-reduce
+            stop = hooks.any_process(preemption.signum is not None, "cpu")
+            save = hooks.any_process(timer.expired(), "cpu")
             decisions.append((stop, save))
             if save:
                 dist.barrier()  # as a checkpoint's save

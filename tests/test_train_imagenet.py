@@ -21,7 +21,6 @@ import mabn.norms
 from mabn.config import ConfigError
 from mabn.engine.classification import ClassificationRun, train
 from mabn.engine.loggers import RunLogger
-from mabn.engine.training import Preemption
 from mabn.serialization import load_weights_only
 
 SYNTHETIC = ["data=synthetic", "workers=0", "log_every_steps=2", "per_device_batch=8"]
@@ -286,13 +285,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = ClassificationRun(cfg, tmp_path)
     criterion = run.criterion
     run.criterion = lambda logits, labels: criterion(logits, labels) * (float("nan") if run.step == 2 else 1.0)
-    logger, preemption = RunLogger(tmp_path, True), Preemption()
+    run.logger = RunLogger(tmp_path, True)
     try:
         with pytest.raises(FloatingPointError, match=r"loss is nan at step 2: stopped before updating the weights"):
-            run.fit(logger, preemption)
+            run.fit()
     finally:
-        preemption.restore()
-        logger.finish()
+        run.logger.finish()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
     for key, value in run.model.named_parameters():  # the weights of step 2, untouched by the NaN step

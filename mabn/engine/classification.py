@@ -13,7 +13,7 @@ from ..data.synthetic import SyntheticImages
 from ..mimicnorm import center_after_steps, mimic
 from ..models import build_classifier
 from .distributed import all_reduce_sum
-from .run import TrainingRun, run_training
+from .run import TrainingRun
 from .training import norm_layer_from_config, unwrap
 
 
@@ -108,4 +108,4 @@ class ClassificationRun(TrainingRun):
 
 def train(cfg, run_dir) -> dict:
     """Run (or resume) classification training in ``run_dir``; returns the summary."""
-    return run_training(ClassificationRun, cfg, run_dir)
+    return ClassificationRun(cfg, run_dir).execute()

@@ -1,41 +1,29 @@
-"""A training run in a directory, shared by classification and detection: the loop, AMP,
-checkpoints and exact resume, preemption, logging and the final summary. Subclasses build
-the model and data and define the loss, the evaluation and the summary."""
+"""A training run in a directory, shared by every engine (``Run``): checkpoints and exact
+resume, the hooks around each step, the start and the final summary; and the run that the
+classification and torchvision-detection engines train with ``train_loop`` (``TrainingRun``)."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import signal
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .. import fused
 from ..config import ConfigError, NormSpec, first_line, resolved
-from ..probes import BatchStatisticsProbe
 from ..provenance import provenance
 from ..schedules import schedule_norms
 from . import checkpoint as ckpt
+from . import hooks
 from .distributed import barrier, init_distributed
+from .hooks import Hook, train_loop
 from .loggers import RunLogger
 from .sampling import EpochSampler, SeededSamples
-from .training import (
-    CheckpointTimer,
-    Preemption,
-    between_steps,
-    build_sgd,
-    check_finite,
-    check_finite_weights,
-    lr_factor,
-    prepare_model,
-    unwrap,
-)
+from .training import build_sgd, check_finite_weights, lr_factor, prepare_model, unwrap
 
 # config keys a resumed run may change (they do not change what is computed)
 OPERATIONAL_KEYS = (
@@ -71,71 +59,143 @@ def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
     return state
 
 
-def save_run(run, step: int, scaler) -> None:
-    """Write ``run``'s checkpoint after ``step`` (both engines: one format, one writer): weights,
-    optimizer, lr schedule, AMP scaler, RNG states, the config and the W&B run; atomically, the
-    previous one kept, on the main process; refused if the weights are not finite."""
-    path = ckpt.checkpoint_path(run.run_dir)
-    check_finite_weights(run.model, step, path)
-    if run.env.is_main:
-        state = {
-            "model": unwrap(run.model).state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "rng": ckpt.rng_states(),
-            "config": resolved(run.cfg),
-            "images_per_second": run.images_per_second,
-            "wandb_run_id": run.wandb_run_id,
-            "provenance": provenance(run.env.device),
+class Run:
+    """What every engine's run shares: its folder, checkpoints and exact resume, the hooks around
+    each step, and the start and end (logger, announcements, summary.json, model_final.pt).
+
+    An engine's run sets ``cfg``, ``run_dir``, ``env``, ``norm`` (the ``NormSpec``), ``model``,
+    ``optimizer``, ``scheduler``, ``scaler``, ``images_per_step``, ``per_device_batch``,
+    ``total_steps``, ``stop_step`` and ``norm_schedule``, and defines ``fit`` (train with
+    ``hooks()`` to ``stop_step``), ``evaluate``, ``evaluation_due`` and ``summary``. While it
+    trains, ``last_loss`` and ``last_extras`` hold the current step's loss and its parts."""
+
+    step, images_per_second, wandb_run_id, logger = 0, 0.0, None, None
+    last_loss, last_extras = None, {}
+
+    def fit(self) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def evaluation_due(self) -> bool:
+        """Whether to evaluate (and checkpoint) after the current step, besides the last."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> dict:
+        """The engine's headline results for summary.json."""
+        raise NotImplementedError
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return ckpt.checkpoint_path(self.run_dir)
+
+    def evaluates_now(self) -> bool:
+        return self.step == self.stop_step or self.evaluation_due()
+
+    def log_due(self) -> bool:
+        return self.step % self.cfg.log_every_steps == 0 or self.step == self.stop_step
+
+    def hooks(self) -> list[Hook]:
+        """Every per-step behaviour, in the order the rules need (``mabn.engine.hooks``)."""
+        probe = self.cfg.get("probe")
+        return [
+            hooks.Log(),
+            hooks.NonFiniteLoss(),
+            *([hooks.Probe(probe)] if probe and probe.every and self.env.is_main else []),
+            hooks.Progress(),
+            hooks.Estimate(),
+            hooks.StopOnPreemption(),
+            hooks.Evaluation(),
+            hooks.Checkpoints(),
+        ]
+
+    def save(self) -> None:
+        """Write the checkpoint after the current step (every engine: one format, one writer):
+        weights, optimizer, lr schedule, AMP scaler, RNG states, the config and the W&B run;
+        atomically, the previous one kept, on the main process; refused if the weights are not
+        finite."""
+        check_finite_weights(self.model, self.step, self.checkpoint_path)
+        if self.env.is_main:
+            state = {
+                "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "rng": ckpt.rng_states(),
+                "config": resolved(self.cfg),
+                "images_per_second": self.images_per_second,
+                "wandb_run_id": self.wandb_run_id,
+                "provenance": provenance(self.env.device),
+            }
+            ckpt.save_atomic(state, self.checkpoint_path, keep_previous=True)
+        barrier()
+
+    def resume(self) -> bool:
+        """Load the folder's checkpoint (``load_run_checkpoint``) into the model, optimizer, lr
+        schedule and AMP scaler, with the step, speed and W&B run, then ``restore_rng``. False: a
+        new run."""
+        state = load_run_checkpoint(self.run_dir, self.cfg)
+        if state is None:
+            return False
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_per_second = state["step"], state["images_per_second"]
+        self.wandb_run_id = state["wandb_run_id"]
+        self.restore_rng(state["rng"])
+        return True
+
+    def restore_rng(self, states: dict) -> None:
+        """The checkpoint's RNG states, restored now (an engine whose setup still draws from them
+        restores them later)."""
+        ckpt.restore_rng_states(states)
+
+    def execute(self) -> dict:
+        """Train (or resume) to ``stop_step``, then write summary.json and model_final.pt and
+        return the summary; a run that finished in its folder already returns its summary."""
+        resumed = self.resume()
+        summary_path = self.run_dir / "summary.json"
+        if resumed and self.step >= self.stop_step and summary_path.is_file():
+            return json.loads(summary_path.read_text())
+        cfg, env = self.cfg, self.env
+        self.logger = RunLogger(
+            self.run_dir, env.is_main, wandb_options(cfg, self.run_dir), run_record(cfg, env), self.wandb_run_id
+        )
+        self.wandb_run_id, self.metrics = self.logger.run_id, {}
+        try:
+            if resumed and env.is_main:
+                print(f"resumed from step {self.step} of {self.stop_step} ({self.checkpoint_path})", flush=True)
+            announce_start(cfg, self.norm, self.stop_step, self.step, env, self.run_dir)
+            self.fit()
+            if not self.metrics:  # resumed after its last step's checkpoint
+                self.metrics = self.evaluate()
+                self.logger.log(self.metrics, self.step)
+            return self.end()
+        finally:
+            self.logger.finish()
+
+    def end(self) -> dict:
+        """Log the final metrics and the summary, write model_final.pt and summary.json; returns
+        the summary, with the config."""
+        metrics = self.metrics
+        summary = {
+            **self.summary(metrics),
+            "images_per_second": self.images_per_second,
+            "steps": self.step,
+            **summary_keys(self.cfg, self.norm, self.env, self.norm_schedule),
         }
-        ckpt.save_atomic(state, path, keep_previous=True)
-    barrier()
-
-
-def resume_run(run, restore) -> bool:
-    """Load ``run``'s checkpoint (``load_run_checkpoint``) into its model, optimizer and lr
-    schedule, and its step, speed and W&B run, then ``restore(checkpoint)``: the engine's AMP
-    scaler and RNG states, restored when it has built what draws from them. False: a new run."""
-    state = load_run_checkpoint(run.run_dir, run.cfg)
-    if state is None:
-        return False
-    unwrap(run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.step, run.images_per_second = state["step"], state["images_per_second"]
-    run.wandb_run_id = state["wandb_run_id"]
-    restore(state)
-    return True
-
-
-class StepRules:
-    """What both engines decide after each training step, in one place: log (every
-    ``log_every_steps`` and at ``last_step``), stop (a preemption signal on any process, or
-    ``debug.preempt_at_step``: checkpoint, then exit), evaluate (when the engine says it is due;
-    then checkpoint) and checkpoint (every ``checkpoint_every_minutes``)."""
-
-    def __init__(self, cfg, preemption: Preemption, last_step: int, device):
-        self.cfg, self.preemption, self.last_step, self.device = cfg, preemption, last_step, device
-        self.checkpoints = CheckpointTimer(cfg.checkpoint_every_minutes)
-
-    def log_due(self, step: int) -> bool:
-        return step % self.cfg.log_every_steps == 0 or step == self.last_step
-
-    def after_step(self, step: int, evaluation_due: bool, evaluate, save) -> None:
-        """``evaluate()`` (it logs) if ``evaluation_due``; ``save()`` where a checkpoint is due."""
-        if self.cfg.debug.preempt_at_step == step:
-            self.preemption.signum = signal.SIGTERM
-        stop, save_due = between_steps(self.preemption, self.checkpoints, self.device)
-        if stop:
-            save()
-            self.preemption.stop()
-        if evaluation_due:
-            evaluate()
-        if evaluation_due or save_due:
-            save()
-            self.checkpoints.reset()
+        self.logger.log({f"final/{k}": v for k, v in metrics.items()}, self.step)
+        self.logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
+        summary["config"] = resolved(self.cfg)
+        summary_path = self.run_dir / "summary.json"
+        if self.env.is_main:
+            ckpt.save_atomic(unwrap(self.model).state_dict(), self.run_dir / "model_final.pt")
+            summary_path.write_text(json.dumps(summary, indent=2))
+        announce_end(summary, summary_path, self.env)
+        return summary
 
 
 def worker_start_method() -> str | None:
@@ -145,8 +205,10 @@ def worker_start_method() -> str | None:
     return None if multiprocessing.get_start_method(allow_none=True) in (None, *methods) else methods[0]
 
 
-class TrainingRun:
-    """One run in ``run_dir``; relaunching in the same directory resumes it exactly."""
+class TrainingRun(Run):
+    """A classification or torchvision-detection run in ``run_dir``, trained by ``train_loop``;
+    relaunching in the same directory resumes it exactly. Subclasses build the model and data
+    and define the schedule, the loss, the evaluation and the summary."""
 
     collate_fn = None
 
@@ -160,17 +222,6 @@ class TrainingRun:
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         """The training loss of a batch (on ``self.env.device``) and extra values to log."""
-        raise NotImplementedError
-
-    def evaluate(self) -> dict:
-        raise NotImplementedError
-
-    def evaluation_due(self) -> bool:
-        """Whether to evaluate (and checkpoint) after the current step, besides the last."""
-        raise NotImplementedError
-
-    def summary(self, metrics: dict) -> dict:
-        """The headline results for summary.json (the config is added)."""
         raise NotImplementedError
 
     def __init__(self, cfg, run_dir: str | Path, per_device_batch: int):
@@ -188,8 +239,8 @@ class TrainingRun:
         self.model = prepare_model(model, self.norm, self.env, cfg.channels_last)
         self.amp = cfg.amp and self.env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        images_per_step = per_device_batch * self.env.world_size
-        self.optimizer = build_sgd(self.model, cfg.optim, images_per_step, self.norm.gamma_lr_factor)
+        self.images_per_step = per_device_batch * self.env.world_size
+        self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, self.norm.gamma_lr_factor)
         self.sampler = EpochSampler(
             len(train_set), per_device_batch, True, cfg.seed, self.env.rank, self.env.world_size
         )
@@ -197,7 +248,7 @@ class TrainingRun:
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the training set ({len(train_set)} images) is smaller than one step of "
-                f"{images_per_step} images: use more data or a smaller batch"
+                f"{self.images_per_step} images: use more data or a smaller batch"
             )
         self.total_steps, milestones, warmup = self.schedule()
         if cfg.max_steps:
@@ -205,48 +256,12 @@ class TrainingRun:
         self.stop_step = stop_step(cfg, self.total_steps)
         self.norm_schedule = schedule_norms(unwrap(self.model), self.total_steps, self.norm)
         fused.choose_for_run(self.total_steps, cfg.get("fused_min_steps", 0))  # eager for short runs
-        self.probe = self._probe(cfg.get("probe"))
         lr = cfg.optim.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(step, self.total_steps, lr.name, milestones, lr.gamma, warmup, lr.warmup_factor),
         )
-        self.step = 0
-        self.images_per_second = 0.0
-        self.wandb_run_id = None
 
-    def _probe(self, probe_cfg) -> BatchStatisticsProbe | None:
-        """The statistics probe of ``probe`` (main process; off when ``probe.every`` is 0)."""
-        if not probe_cfg or not probe_cfg.every or not self.env.is_main:
-            return None
-        return BatchStatisticsProbe(
-            unwrap(self.model),
-            probe_cfg.layers,
-            probe_cfg.channels,
-            probe_cfg.every,
-            [b for b in probe_cfg.batches if b <= self.per_device_batch],
-        ).attach()
-
-    def write_probe_records(self) -> None:
-        """Append the probe's new records to probes.jsonl (a resumed run repeats some steps:
-        readers keep the last record of each step)."""
-        if self.probe and self.probe.records:
-            with open(self.run_dir / "probes.jsonl", "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.probe.records)
-            self.probe.records.clear()
-
-    # -- checkpoints -------------------------------------------------------------------
-    def save(self) -> None:
-        save_run(self, self.step, self.scaler)
-
-    def resume(self) -> bool:
-        return resume_run(self, self.restore_states)
-
-    def restore_states(self, state: dict) -> None:
-        self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_states(state["rng"])
-
-    # -- training ----------------------------------------------------------------------
     def loader(self, dataset, sampler) -> DataLoader:
         """Batches in the sampler's order. The loader's own generator keeps it from drawing
         from the global RNG (which the model's sampling uses), wherever a run resumes."""
@@ -268,76 +283,37 @@ class TrainingRun:
             len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
         )
 
-    def train_step(self, batch) -> tuple[torch.Tensor, dict]:
+    def batches(self):
+        """Training batches from the current step on, epoch after epoch (each epoch's order
+        drawn from the seed, so a resumed run continues inside its epoch)."""
+        while True:
+            epoch, start_batch = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, start_batch)
+            self.train_set.set_epoch(epoch)
+            yield from self.loader(self.train_set, self.sampler)
+
+    def train_step(self, batch, after_backward) -> None:
+        """One optimizer step on ``batch``; ``after_backward()`` runs before the weights change."""
+        epoch = self.step // self.steps_per_epoch
         with torch.autocast(self.env.device.type, enabled=self.amp):
             loss, extras = self.loss(batch)
-        check_finite(loss.detach(), self.step, ckpt.checkpoint_path(self.run_dir))
+        self.last_loss, self.last_extras = loss.detach(), {**extras, "epoch": epoch}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        after_backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return loss.detach(), extras
 
-    def fit(self, logger: RunLogger, preemption: Preemption) -> dict:
-        """Train to ``stop_step`` and return the final metrics; on a preemption signal,
-        save a checkpoint and exit (``Preemption.stop``)."""
-        cfg = self.cfg
+    def fit(self) -> None:
+        """Train to ``stop_step`` (on a preemption signal: save a checkpoint and exit)."""
         self.model.train()
-        metrics = {}
-        with tqdm(
-            total=self.stop_step,
-            initial=self.step,
-            disable=not self.env.is_main,
-            desc=cfg.run_name,
-            mininterval=5,
-            dynamic_ncols=True,
-        ) as progress:  # closed on errors too
-            rules = StepRules(cfg, preemption, self.stop_step, self.env.device)
-            first_step, window_start = self.step, None
-
-            def evaluate():
-                nonlocal metrics
-                metrics = self.evaluate()
-                logger.log(metrics, self.step)
-
-            while self.step < self.stop_step:
-                epoch, start_batch = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, start_batch)
-                self.train_set.set_epoch(epoch)
-                tic, images_seen = time.perf_counter(), 0
-                for batch in self.loader(self.train_set, self.sampler):
-                    if self.probe:
-                        self.probe.step(self.step + 1)
-                    loss, extras = self.train_step(batch)
-                    self.write_probe_records()
-                    images_seen += self.per_device_batch * self.env.world_size
-                    progress.update()
-                    if self.step - first_step == ESTIMATE_AFTER[0]:
-                        window_start = time.perf_counter()
-                    elif self.step - first_step == ESTIMATE_AFTER[1] and window_start is not None:
-                        announce_estimate(
-                            self.step, first_step, time.perf_counter() - window_start, self.stop_step, self.env
-                        )
-                    if rules.log_due(self.step):
-                        self.images_per_second = images_seen / (time.perf_counter() - tic)
-                        logger.log(
-                            {
-                                "train/loss": loss.item(),
-                                **{k: float(v) for k, v in extras.items()},
-                                "train/lr": self.scheduler.get_last_lr()[0],
-                                "train/images_per_second": self.images_per_second,
-                                "epoch": epoch,
-                            },
-                            self.step,
-                        )
-                        progress.set_postfix(loss=f"{loss.item():.3f}")
-                    due = self.step == self.stop_step or self.evaluation_due()
-                    rules.after_step(self.step, due, evaluate, self.save)
-                    if self.step == self.stop_step:
-                        break
-        return metrics or self.evaluate()
+        batches = self.batches()
+        try:
+            train_loop(self, self.hooks(), batches)
+        finally:
+            batches.close()  # the loader's worker processes end here
 
 
 def stop_step(cfg, total_steps: int) -> int:
@@ -361,22 +337,15 @@ def summary_keys(cfg, norm: NormSpec, env, norm_schedule: dict) -> dict:
     }
 
 
-def announce_start(
-    cfg, norm: NormSpec, total_steps: int, step: int, env, run_dir: Path, estimate: str | None = None
-) -> None:
+def announce_start(cfg, norm: NormSpec, total_steps: int, step: int, env, run_dir: Path) -> None:
     """One line saying what the run does, which norm kernels it uses (``mabn.fused`` mode), where
-    its folder is and when its time estimate comes (``estimate``: where else it comes from);
-    main process."""
+    its folder is and when its time estimate comes; main process."""
     if env.is_main:
         label = norm.display_name
         model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
         per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
-        if estimate is None:
-            estimate = (
-                f"a time estimate follows after {ESTIMATE_AFTER[1]} steps"
-                if total_steps - step > ESTIMATE_AFTER[1]
-                else "a short run"
-            )
+        window = hooks.Estimate.WINDOW[1]
+        estimate = f"a time estimate follows after {window} steps" if total_steps - step > window else "a short run"
         print(
             f"[{cfg.task}] {cfg.data.name} / {model} / norm {label} at normalization batch "
             f"{cfg.normalization_batch or 'all'} (per-device batch {per_device}, {env.world_size} "
@@ -394,77 +363,6 @@ def announce_end(summary: dict, summary_path: Path, env) -> None:
     if env.is_main:
         keys = [k for k in ("top1_error", "top5_error", "box_AP", "mask_AP") if isinstance(summary.get(k), float)]
         print("[done] " + ", ".join(f"{k} {summary[k]:.2f}" for k in keys) + f"; summary: {summary_path}", flush=True)
-
-
-# (first, last) step of the window whose speed gives the time estimate: after the first steps,
-# which compile the kernels and warm the caches
-ESTIMATE_AFTER = (5, 25)
-
-
-def announce_estimate(step: int, first_step: int, seconds: float, total_steps: int, env) -> None:
-    """The measured speed over the estimate window and the time the rest of the run needs."""
-    if env.is_main:
-        per_step = seconds / (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0])
-        left = (total_steps - step) * per_step
-        print(
-            f"\n[estimate] {per_step * 1000:.0f} ms per step over steps "
-            f"{first_step + ESTIMATE_AFTER[0] + 1}-{step} on this "
-            f"machine: about {left / 60:.1f} min for the {total_steps - step} steps left, evaluation aside",
-            flush=True,
-        )
-
-
-def start_run(run) -> tuple[dict | None, RunLogger | None]:
-    """Resume ``run`` from its folder (both engines): (its summary, None) where it finished there
-    already; else (None, its logger), having said where it resumes."""
-    resumed = run.resume()
-    summary_path = run.run_dir / "summary.json"
-    if resumed and run.step >= run.stop_step and summary_path.is_file():
-        return json.loads(summary_path.read_text()), None
-    cfg, env = run.cfg, run.env
-    logger = RunLogger(
-        run.run_dir, env.is_main, wandb_options(cfg, run.run_dir), run_record(cfg, env), run.wandb_run_id
-    )
-    run.wandb_run_id = logger.run_id
-    if resumed and env.is_main:
-        print(f"resumed from step {run.step} of {run.stop_step} ({ckpt.checkpoint_path(run.run_dir)})", flush=True)
-    return None, logger
-
-
-def end_run(run, logger: RunLogger, metrics: dict, summary: dict) -> dict:
-    """Log the final metrics and the summary, write model_final.pt and summary.json (both
-    engines); returns the summary, with the config."""
-    logger.log({f"final/{k}": v for k, v in metrics.items()}, run.step)
-    logger.summary({k: v for k, v in summary.items() if isinstance(v, float)})
-    summary["config"] = resolved(run.cfg)
-    summary_path = run.run_dir / "summary.json"
-    if run.env.is_main:
-        ckpt.save_atomic(unwrap(run.model).state_dict(), run.run_dir / "model_final.pt")
-        summary_path.write_text(json.dumps(summary, indent=2))
-    announce_end(summary, summary_path, run.env)
-    return summary
-
-
-def run_training(run_class, cfg, run_dir: str | Path) -> dict:
-    """Run (or resume) a ``run_class`` run in ``run_dir``; write summary.json and return it."""
-    run = run_class(cfg, run_dir)
-    finished, logger = start_run(run)
-    if finished is not None:
-        return finished
-    preemption = Preemption()
-    announce_start(cfg, run.norm, run.stop_step, run.step, run.env, run.run_dir)
-    try:
-        metrics = run.fit(logger, preemption)
-        summary = {
-            **run.summary(metrics),
-            "images_per_second": run.images_per_second,
-            "steps": run.step,
-            **summary_keys(cfg, run.norm, run.env, run.norm_schedule),
-        }
-        return end_run(run, logger, metrics, summary)
-    finally:
-        preemption.restore()
-        logger.finish()
 
 
 def run_record(cfg, env) -> dict:

@@ -16,7 +16,7 @@ from .. import registry
 from ..config import NormSpec
 from ..probes import norm_layers
 from ..wiring import wire_norms
-from .distributed import Distributed, all_reduce_max
+from .distributed import Distributed
 
 
 def norm_layer_from_config(norm: NormSpec):
@@ -106,7 +106,7 @@ def lr_factor(
 
 
 class CheckpointTimer:
-    """A checkpoint every ``minutes`` of wall time, by this process's clock (``between_steps``
+    """A checkpoint every ``minutes`` of wall time, by this process's clock (``hooks.any_process``
     makes it one decision for all processes)."""
 
     def __init__(self, minutes: float):
@@ -156,16 +156,6 @@ class Preemption:
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def between_steps(preemption: Preemption, checkpoints: CheckpointTimer, device) -> tuple[bool, bool]:
-    """(stop, save): whether any process got a preemption signal, and whether any process's
-    checkpoint interval has passed, in one all-reduce. Every process stops or saves at the same
-    step: a save on one process only (its clock a step ahead) would meet the others' gradient
-    all-reduce at its barrier, a hang."""
-    flags = torch.tensor([float(preemption.signum is not None), float(checkpoints.expired())], device=device)
-    stop, save = all_reduce_max(flags).tolist()
-    return bool(stop), bool(save)
 
 
 def check_finite(loss: torch.Tensor, step: int, checkpoint) -> None:

@@ -1,4 +1,5 @@
-"""What both detection engines share: the start/weights check and the data split paths."""
+"""What both detection engines share: the start/weights check, the evaluation interval and the
+data split paths."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ def check_start(cfg, norm: NormSpec) -> None:
         raise ConfigError(
             "start=finetune needs weights=/path/to/imagenet_weights.pt, and start=scratch none: set both or neither"
         )
+
+
+def eval_every_steps_due(cfg, step: int) -> bool:
+    """Whether ``step`` ends an interval of ``eval_every_steps`` (0: evaluate at the end only)."""
+    return bool(cfg.eval_every_steps) and step % cfg.eval_every_steps == 0
 
 
 def split_paths(data_cfg, is_main: bool):

@@ -3,9 +3,10 @@
 The Hydra config becomes a plain detectron2 ``CfgNode`` (``detectron2_config``) whose norm
 strings name this suite's layers (``detectron2_registration``). Training uses detectron2's
 ``SimpleTrainer`` (with autocast on CUDA when ``amp``) and its ``IterationTimer`` and
-``LRScheduler`` hooks; a hook of this suite logs (metrics.jsonl / W&B), evaluates, saves
-``checkpoint.pt`` (atomic; periodically, on preemption signals, at the end) and the run
-resumes from it when relaunched in the same directory. Evaluation: detectron2's
+``LRScheduler`` hooks, followed in its hook list by the suite's hooks, the same as every engine's
+(``mabn.engine.hooks``: logging, the probe, progress, the time estimate, preemption,
+evaluation, checkpoints, the non-finite-loss stop); the run resumes from ``checkpoint.pt``
+when relaunched in the same directory. Evaluation: detectron2's
 ``COCOEvaluator`` (official pycocotools) through ``inference_on_dataset``.
 
 Choices, and where they differ from detectron2's defaults:
@@ -37,7 +38,6 @@ import inspect
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -70,24 +70,9 @@ from ...data.faults import SkipUnreadable
 from ...schedules import schedule_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, init_distributed
-from ..run import (
-    StepRules,
-    announce_start,
-    end_run,
-    resume_run,
-    save_run,
-    start_run,
-    stop_step,
-    summary_keys,
-)
-from ..training import (
-    Preemption,
-    build_sgd,
-    check_finite,
-    unwrap,
-    wire,
-)
-from .common import check_start
+from ..run import Run, stop_step
+from ..training import build_sgd, unwrap, wire
+from .common import check_start, eval_every_steps_due
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
 from .detectron2_weights import load_backbone_weights
 
@@ -190,89 +175,77 @@ class _QuietFloatingPointError(logging.Filter):
 
 
 class Trainer(SimpleTrainer):
-    """detectron2's SimpleTrainer with this suite's step: autocast + gradient scaling when
-    ``amp`` (as AMPTrainer), and a stop on a non-finite loss before any weight changes."""
+    """detectron2's SimpleTrainer with this suite's step for ``run`` (``mabn.engine.run.Run``):
+    autocast + gradient scaling when ``amp`` (as AMPTrainer), the step's loss and its parts in
+    the run's ``last_loss`` and ``last_extras`` for the hooks, and detectron2's own check of
+    non-finite boxes reported as the suite's non-finite-loss stop."""
 
-    def __init__(self, model, data_loader, optimizer, amp: bool, device_type: str, checkpoint_path: Path):
-        super().__init__(model, data_loader, optimizer)
-        self.amp, self.device_type, self.checkpoint_path = amp, device_type, checkpoint_path
-        self.scaler = torch.amp.GradScaler(device_type, enabled=amp)
-        self.last_losses: dict = {}
-        self.last_loss = None
+    def __init__(self, run, data_loader):
+        super().__init__(run.model, data_loader, run.optimizer)
+        self.run = run
         train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
         if not any(isinstance(f, _QuietFloatingPointError) for f in train_loop_logger.filters):
             train_loop_logger.addFilter(_QuietFloatingPointError())
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
+        run = self.run
         if self.iter == self.start_iter:  # creating the loader's iterator draws a seed from torch's RNG:
             state = torch.get_rng_state()  # undone, so that a resumed run draws as an uninterrupted one
             data = next(self._data_loader_iter)
             torch.set_rng_state(state)
         else:
             data = next(self._data_loader_iter)
-        with torch.autocast(self.device_type, enabled=self.amp):
+        with torch.autocast(run.env.device.type, enabled=run.amp):
             try:
                 loss_dict = self.model(data)
             except FloatingPointError as error:  # detectron2's check of boxes and scores
                 raise FloatingPointError(
                     f"{str(error).rstrip('.')} at step {self.iter}: stopped before updating the weights; the last "
-                    f"good checkpoint is kept at {self.checkpoint_path}; lower optim.base_lr or check the data"
+                    f"good checkpoint is kept at {run.checkpoint_path}; lower optim.base_lr or check the data"
                 ) from None
             loss = sum(loss_dict.values())
-        check_finite(loss.detach(), self.iter, self.checkpoint_path)
+        run.last_loss, run.last_extras = loss.detach(), {f"train/{k}": v.detach() for k, v in loss_dict.items()}
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        run.scaler.scale(loss).backward()
         self.after_backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.last_loss, self.last_losses = loss.detach(), {k: v.detach() for k, v in loss_dict.items()}
+        run.scaler.step(self.optimizer)
+        run.scaler.update()
 
 
-class RunHook(HookBase):
-    """This suite's step rules (``mabn.engine.run.StepRules``: logging, evaluation, checkpoints,
-    preemption) after each of detectron2's steps; the final evaluation follows training."""
+class AsDetectron2Hook(HookBase):
+    """One of the suite's hooks (``mabn.engine.hooks``) in detectron2's trainer: the run's step
+    is the trainer's iteration, and after a step the count of steps done."""
 
-    def __init__(self, run: Detectron2Run):
-        self.run = run
+    def __init__(self, run, hook):
+        self.run, self.hook = run, hook
+        hook.run = run
 
     def before_train(self):
-        self.start_iter, self.started, self.excluded = self.trainer.start_iter, time.perf_counter(), 0.0
-        self.rules = StepRules(self.run.cfg, self.run.preemption, self.trainer.max_iter, self.run.env.device)
+        self.run.step = self.trainer.iter
+        self.hook.before_train()
+
+    def before_step(self):
+        self.run.step = self.trainer.iter
+        self.hook.before_step()
+
+    def after_backward(self):
+        self.hook.after_backward()
 
     def after_step(self):
-        run, cfg = self.run, self.run.cfg
-        done = self.trainer.iter + 1
-        if self.rules.log_due(done):
-            elapsed = time.perf_counter() - self.started - self.excluded
-            run.images_per_second = (done - self.start_iter) * run.images_per_step / max(elapsed, 1e-9)
-            trainer = self.trainer
-            run.logger.log(
-                {
-                    "train/loss": trainer.last_loss.item(),
-                    **{f"train/{k}": v.item() for k, v in trainer.last_losses.items()},
-                    "train/lr": run.scheduler.get_last_lr()[0],
-                    "train/images_per_second": run.images_per_second,
-                },
-                done,
-            )
-        tic = time.perf_counter()
-        due = bool(cfg.eval_every_steps) and done % cfg.eval_every_steps == 0 and done != self.trainer.max_iter
-        self.rules.after_step(done, due, lambda: run.logger.log(run.evaluate(), done), lambda: run.save(done))
-        self.excluded += time.perf_counter() - tic
+        self.run.step = self.trainer.iter + 1
+        self.hook.after_step()
 
     def after_train(self):
-        if self.trainer.iter == self.trainer.max_iter:  # finished, not stopped by an exception
-            self.run.save(self.trainer.max_iter)
+        self.hook.after_train()
 
 
-class Detectron2Run:
+class Detectron2Run(Run):
     """One detectron2 Mask R-CNN run in ``run_dir``; relaunching in the same directory resumes."""
 
     def __init__(self, cfg, run_dir: Path, env: Distributed):
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
         self.norm = NormSpec.from_config(cfg.norm)  # the norm group, read once
-        self.checkpoint_path = ckpt.checkpoint_path(self.run_dir)
         try:
             check_start(cfg, self.norm)
             self.d2cfg = build_detectron2_cfg(cfg, self.run_dir, env)
@@ -289,25 +262,22 @@ class Detectron2Run:
                 f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set"
             )
         self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
+        self.per_device_batch = self.images_per_step // env.world_size
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
         self.stop_step = stop_step(cfg, self.total_steps)
         self.norm_schedule = schedule_norms(self.model, self.total_steps, self.norm)
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, self.norm.gamma_lr_factor)
         self.scheduler = build_lr_schedule(self.d2cfg, self.optimizer, cfg.schedule.max_iter)
         self.amp = self.d2cfg.SOLVER.AMP.ENABLED
-        self.scaler_state = self.rng_states = None
-        self.step, self.images_per_second = 0, 0.0
-        self.logger = self.preemption = self.wandb_run_id = None
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp)
+        self.rng_states = None
 
-    def save(self, step: int) -> None:
-        save_run(self, step, self.trainer.scaler)
+    def restore_rng(self, states: dict) -> None:
+        """Kept, and restored in ``fit`` after everything that draws from them."""
+        self.rng_states = states
 
-    def resume(self) -> bool:
-        return resume_run(self, self.keep_states)
-
-    def keep_states(self, state: dict) -> None:
-        """The AMP scaler's and RNG states, restored in fit, after everything that draws from them."""
-        self.scaler_state, self.rng_states = state["scaler"], state["rng"]
+    def evaluation_due(self) -> bool:
+        return eval_every_steps_due(self.cfg, self.step)
 
     def evaluate(self) -> dict:
         """COCO box and mask AP (%) on the validation split ("eval/" keys; undefined AP is 0)."""
@@ -332,7 +302,7 @@ class Detectron2Run:
         return metrics
 
     def fit(self) -> None:
-        """Train from ``self.step`` to ``stop_step`` with detectron2's trainer and hooks."""
+        """Train from ``self.step`` to ``stop_step`` with detectron2's trainer and the run's hooks."""
         device = self.env.device
         if self.env.world_size > 1:
             ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
@@ -350,25 +320,23 @@ class Detectron2Run:
         loader = build_detection_train_loader(self.d2cfg, dataset=dataset, mapper=as_is, sampler=sampler)
         if self.rng_states is not None:
             ckpt.restore_rng_states(self.rng_states)
-        self.trainer = Trainer(self.model, loader, self.optimizer, self.amp, device.type, self.checkpoint_path)
-        if self.scaler_state is not None:
-            self.trainer.scaler.load_state_dict(self.scaler_state)
-        self.trainer.register_hooks(
-            [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler), RunHook(self)]
+        trainer = Trainer(self, loader)
+        trainer.register_hooks(
+            [
+                hooks.IterationTimer(),
+                hooks.LRScheduler(self.optimizer, self.scheduler),
+                *(AsDetectron2Hook(self, hook) for hook in self.hooks()),
+            ]
         )
         if self.step < self.stop_step:
-            self.trainer.train(self.step, self.stop_step)
+            trainer.train(self.step, self.stop_step)
             self.step = self.stop_step
 
     def summary(self, metrics: dict) -> dict:
-        cfg = self.cfg
         return {
             **{k.removeprefix("eval/"): v for k, v in metrics.items()},
-            "start": cfg.start,
+            "start": self.cfg.start,
             "engine": "detectron2",
-            "images_per_second": self.images_per_second,
-            "steps": self.step,
-            **summary_keys(cfg, self.norm, self.env, self.norm_schedule),
         }
 
 
@@ -379,26 +347,8 @@ def _local_world_size(world_size: int) -> int:
 def train(cfg, run_dir) -> dict:
     """Run (or resume) Mask R-CNN training with detectron2 in ``run_dir``; write summary.json
     and model_final.pt and return the summary (keys as the torchvision engine's)."""
-    run_dir = Path(run_dir)
     env = init_distributed(cfg.device)
     # detectron2's launch() would create the per-machine group; torchrun/SLURM start us instead
     if env.world_size > 1 and comm._LOCAL_PROCESS_GROUP is None:
         comm.create_local_process_group(_local_world_size(env.world_size))
-    logger = preemption = None
-    try:
-        run = Detectron2Run(cfg, run_dir, env)
-        finished, run.logger = start_run(run)
-        if finished is not None:
-            return finished
-        logger = run.logger
-        run.preemption = preemption = Preemption()
-        announce_start(cfg, run.norm, run.stop_step, run.step, env, run_dir, estimate="detectron2's log gives the ETA")
-        run.fit()
-        metrics = run.evaluate()
-        logger.log(metrics, run.step)
-        return end_run(run, logger, metrics, run.summary(metrics))
-    finally:
-        if preemption is not None:
-            preemption.restore()
-        if logger is not None:
-            logger.finish()
+    return Detectron2Run(cfg, run_dir, env).execute()

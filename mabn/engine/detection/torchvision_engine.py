@@ -9,9 +9,9 @@ from ...config import NormSpec
 from ...data.coco import coco_dataset, collate_detection, num_classes
 from ...detection.coco_eval import detections_to_coco, evaluate_coco
 from ...detection.torchvision_maskrcnn import build_maskrcnn
-from ..run import TrainingRun, run_training
+from ..run import TrainingRun
 from ..training import norm_layer_from_config
-from .common import check_start, split_paths
+from .common import check_start, eval_every_steps_due, split_paths
 
 
 def torchvision_options(detector_cfg) -> dict:
@@ -52,8 +52,7 @@ class DetectionRun(TrainingRun):
         return self.cfg.schedule.max_iter, list(self.cfg.schedule.steps), self.cfg.schedule.warmup_iters
 
     def evaluation_due(self) -> bool:
-        every = self.cfg.eval_every_steps
-        return bool(every) and self.step % every == 0
+        return eval_every_steps_due(self.cfg, self.step)
 
     def loss(self, batch):
         images, targets = batch
@@ -112,4 +111,4 @@ def build_detector(cfg, norm: NormSpec, classes: int) -> torch.nn.Module:
 
 def train(cfg, run_dir) -> dict:
     """Run (or resume) Mask R-CNN training with torchvision in ``run_dir``; returns the summary."""
-    return run_training(DetectionRun, cfg, run_dir)
+    return DetectionRun(cfg, run_dir).execute()
