@@ -17,7 +17,7 @@ from mabn.config import ConfigError, check_numbers, check_overrides, kept_summar
 
 register_resolvers()
 # Image sizes and RoI counts change from batch to batch: the norms' compiled kernels
-# (mabn.fused) in their dynamic-shape mode, graphs that serve every size; MABN_FUSED=0: eager ones.
+# (mabn.norms.fused) in their dynamic-shape mode, graphs that serve every size; MABN_FUSED=0: eager ones.
 os.environ.setdefault("MABN_FUSED", "dynamic")
 
 
@@ -27,7 +27,7 @@ def main(cfg):
         return kept
     try:
         check_numbers(cfg)
-        from mabn.engine.detection import train
+        from mabn.engine.coco import train
 
         return train(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, FloatingPointError) as error:

@@ -23,7 +23,7 @@ class NormSpec:
     options: dict = field(default_factory=dict)  # the layer's keyword arguments
     label: str | None = None  # a variant's own name in summaries and reports (mabn_no_wc, ...)
     centralize_weights: bool = True  # MABN's convs centralized (false: the ablation)
-    recompute_weights: bool = False  # computed conv weights recomputed in the backward (mabn.reparametrized_conv)
+    recompute_weights: bool = False  # computed conv weights recomputed in the backward (mabn.norms.reparametrized_conv)
     gamma_lr_factor: float = 1.0  # the norms' gammas learn at this multiple of the lr
     simulated_batch: int | None = None  # MABN: the SMA window spans simulated_batch / batch normalization batches
     schedule_reference_steps: int | None = None  # the norms' iteration counts scale from runs of this length

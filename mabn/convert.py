@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import norms
-from .centralization import Centralize
+from .norms.centralization import Centralize
 from .registry import build_norm
 from .wiring import conv_norm_pairs, foldable_norms, wire_norms
 

@@ -4,7 +4,7 @@ torchvision and detectron2, and ``register_norm`` for new names.
 ``TABLE`` declares each norm once (its name, factory, layer class, detectron2 name and traits);
 every list of norms in the library derives from it (``layers``): which norms a conv feeds and
 folds (``mabn.wiring``), which the probe reads (``mabn.probes``), the detectron2 names
-(``mabn.detection.detectron2_registration``)."""
+(``mabn.detectors.detectron2_registration``)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def rerun(kept: dict, run_dir: Path) -> dict:
         from .engine.classification import train
     else:
         os.environ.setdefault("MABN_FUSED", "dynamic")  # the kernels train_coco.py runs
-        from .engine.detection import train
+        from .engine.coco import train
     return train(cfg, run_dir)
 
 

@@ -10,13 +10,13 @@
   another block's. A norm fed by anything else (a sum, a concatenation) is paired with nothing:
   it is not folded, MABN there stays uncentralized (with a warning), CBN and GN+WS refuse.
 - Its conv's weight centralized: MABN subtracts no mean, so the conv feeding it trains with
-  W - mean(W) per output channel (``centralize_weights``, ``mabn.centralization``).
+  W - mean(W) per output channel (``centralize_weights``, ``mabn.norms.centralization``).
 - The ReLU after it: a norm + activation layer (EvoNorm, FRN + TLU) replaces a norm and the
   ReLU that follows it. Where a ReLU follows the norm directly, the block stops applying it;
   everywhere else (before a residual add, whose ReLU stays, in FPNs, in shortcuts) the layer's
   own activation is turned off. Blocks decide by their type (``ACTIVATED_BLOCKS``: timm's and
   torchvision's ResNets, ``nn.Sequential`` conv-norm-ReLU runs; detectron2's blocks are added
-  by ``mabn.detection.detectron2_registration``); a norm + activation layer in a module of
+  by ``mabn.detectors.detectron2_registration``); a norm + activation layer in a module of
   another type keeps its activation, with a warning.
 
 A norm that needs any of these (``mabn.norms.wired.NeedsWiring``) refuses to train until
@@ -37,11 +37,11 @@ from torch.nn.utils import parametrize
 from torchvision.models._utils import IntermediateLayerGetter
 
 from . import norms, registry
-from .centralization import Centralize, is_centralized
+from .norms.centralization import Centralize, is_centralized
 from .norms.group_norm import load_plain_weight
 from .norms.norm_act import NORM_ACT_LAYERS, drop_activation
+from .norms.reparametrized_conv import recompute_weight
 from .norms.wired import NeedsWiring
-from .reparametrized_conv import recompute_weight
 
 
 def foldable_norms() -> tuple[type, ...]:
@@ -62,7 +62,7 @@ CONVS_WITH_NORM: dict[type, str] = {}
 
 def register_conv_with_norm(conv_type: type, attribute: str = "norm") -> None:
     """Teach the pairing a conv type whose forward applies ``conv.<attribute>`` to its own output
-    (detectron2's ``Conv2d(norm=...)``, registered by ``mabn.detection.detectron2_registration``)."""
+    (detectron2's ``Conv2d(norm=...)``, registered by ``mabn.detectors.detectron2_registration``)."""
     CONVS_WITH_NORM[conv_type] = attribute
 
 
@@ -319,7 +319,7 @@ def wire_norms(model: nn.Module, centralize: bool = True, recompute_weights: boo
     then ``fuse_activations``; every layer that needs wiring is then marked ``wired`` (until then
     it refuses to train). ``recompute_weights``: the convs whose weight is computed (MABN's
     centralized, GN+WS's standardized) recompute it in the backward instead of keeping it
-    (``mabn.reparametrized_conv``: BN's memory, at a time cost where weights outweigh activations).
+    (``mabn.norms.reparametrized_conv``: BN's memory, at a time cost where weights outweigh activations).
     Call once a model is built with any norm (``convert_model`` and the suite's entry points do);
     idempotent. Returns the model."""
     bind_convs(model)

@@ -19,7 +19,7 @@ Both engines build the model as train_coco.py does (norm in backbone, FPN, box a
 convs feeding MABN centralized). The detectron2 engine is skipped with a note when detectron2
 is not installed. syncbn in one process has no one to synchronize with: it times BN's path.
 The norms run their kernels as train_coco.py runs them: compiled in the dynamic-shape mode of
-mabn.fused (image sizes and RoI counts change from batch to batch); MABN_FUSED=0 times the eager
+mabn.norms.fused (image sizes and RoI counts change from batch to batch); MABN_FUSED=0 times the eager
 ones.
 """
 
@@ -45,8 +45,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from mabn.benchmark import command, markdown_table, paired_ratio_text, round_robin, setting  # noqa: E402
 from mabn.config import NormSpec, register_resolvers  # noqa: E402
 from mabn.data.coco import coco_dataset, collate_detection, num_classes  # noqa: E402
-from mabn.engine.detection.common import split_paths  # noqa: E402
-from mabn.engine.detection.torchvision_engine import build_detector  # noqa: E402
+from mabn.engine.coco.common import split_paths  # noqa: E402
+from mabn.engine.coco.torchvision_engine import build_detector  # noqa: E402
 from mabn.engine.training import build_sgd, wire  # noqa: E402
 from mabn.studies.reporting import publish  # noqa: E402
 from mabn.wiring import conv_norm_pairs  # noqa: E402
@@ -111,7 +111,7 @@ def config(args, norm: str, engine: str):
 
 
 class TorchvisionCase:
-    """torchvision Mask R-CNN as mabn.engine.detection.torchvision_engine.DetectionRun builds it."""
+    """torchvision Mask R-CNN as mabn.engine.coco.torchvision_engine.DetectionRun builds it."""
 
     def __init__(self, cfg, batches):
         (images, annotations), _ = split_paths(cfg.data, True)
@@ -138,7 +138,7 @@ class TorchvisionCase:
 
 
 class Detectron2Case:
-    """detectron2 Mask R-CNN as mabn.engine.detection.detectron2_trainer builds it."""
+    """detectron2 Mask R-CNN as mabn.engine.coco.detectron2_trainer builds it."""
 
     def __init__(self, cfg, batches, work_dir):
         from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
@@ -146,8 +146,8 @@ class Detectron2Case:
         from detectron2.utils.env import seed_all_rng
         from detectron2.utils.events import EventStorage
 
-        from mabn.engine.detection.detectron2_config import build_detectron2_cfg
-        from mabn.engine.detection.detectron2_trainer import build_detectron2_model
+        from mabn.engine.coco.detectron2_config import build_detectron2_cfg
+        from mabn.engine.coco.detectron2_trainer import build_detectron2_model
 
         self.d2cfg = build_detectron2_cfg(cfg, work_dir)
         self.model = build_detectron2_model(self.d2cfg, cfg, NormSpec.from_config(cfg.norm)).train()
@@ -229,7 +229,7 @@ def main(argv=None):
         for engine in args.engines:
             if engine == "detectron2":
                 try:
-                    import mabn.engine.detection.detectron2_trainer  # noqa: F401
+                    import mabn.engine.coco.detectron2_trainer  # noqa: F401
                 except ImportError as error:
                     notes.append(f"detectron2 skipped: {error}")
                     continue
@@ -266,7 +266,7 @@ def main(argv=None):
         f"({cfg.detector.backbone}, {cfg.detector.channels}-channel FPN/heads), {args.batch} images of "
         f"{cfg.data.min_size}-{cfg.data.max_size} px per iteration, {setting(args.device)}, "
         f"{args.repeats} round-robin rounds after {args.warmup} warm-up iterations, "
-        f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.fused).\n\n"
+        f"norm kernels: MABN_FUSED={os.environ['MABN_FUSED']} (mabn.norms.fused).\n\n"
         + command(["scripts/bench_detection.py", *(argv if argv is not None else sys.argv[1:])])
     )
     rois = {key: case.mask_rois[-args.repeats :] for key, case in cases.items()}  # the timed iterations'

@@ -11,7 +11,7 @@ backward. A second nn.BatchNorm2d row shows the noise floor of the ratios.
     python scripts/bench_norms.py --eager              # BN/BRN/MABN's eager kernels (MABN_FUSED=0)
     python scripts/bench_norms.py --eager-rows         # compiled and eager kernels in the same run
 
-On CPU in fp32 the grouped layers run their compiled kernels (mabn.fused); each is compiled in
+On CPU in fp32 the grouped layers run their compiled kernels (mabn.norms.fused); each is compiled in
 the warm-up step, which is not timed.
 """
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import timm
 import torch
+from external_code import load_module
 from torch import nn
 
 import mabn
-import mabn.fused
+import mabn.norms.fused
 from mabn.benchmark import command, markdown_table, round_robin, saved_bytes, setting
-from mabn.external import load_module
 from mabn.studies.reporting import publish
 
 # (channels, height, width) of the norms in ResNet-50 at 224x224, one per distinct shape
@@ -203,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--eager-rows", action="store_true", help="also rows with the eager kernels, tagged [eager]")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
-    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
+    mabn.norms.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     if args.eager:
         os.environ["MABN_FUSED"] = "0"
 
@@ -215,12 +215,12 @@ def main(argv=None):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
     times, saved = benchmark(shapes, args.batch, layers, args.repeats, args.device, dtype, args.channels_last)
     layout = f"{args.autocast or 'fp32'}{', channels_last' if args.channels_last else ''}"
-    compiled = mabn.fused.enabled() and args.device == "cpu" and dtype is None
-    kernels = f"compiled (MABN_FUSED={mabn.fused.mode()})" if compiled else "eager"
+    compiled = mabn.norms.fused.enabled() and args.device == "cpu" and dtype is None
+    kernels = f"compiled (MABN_FUSED={mabn.norms.fused.mode()})" if compiled else "eager"
     title = (
         f"Norm layers, forward+backward, per-device batch {args.batch}, "
         f"{'quick' if args.quick else 'ResNet-50'} shapes (channels x height x width), {layout}, "
-        f"{kernels} kernels (mabn.fused), {setting(args.device)}, median of {args.repeats} "
+        f"{kernels} kernels (mabn.norms.fused), {setting(args.device)}, median of {args.repeats} "
         "(round robin); ratios to nn.BatchNorm2d per shape. "
         "saved / x: bytes saved for the backward over the bytes of the input (1.00: x alone).\n\n" + command()
     )

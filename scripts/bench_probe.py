@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import mabn
-import mabn.fused
+import mabn.norms.fused
 from mabn.benchmark import command, markdown_table, paired_ratio, round_robin, setting, training_step
 from mabn.models import build_classifier
 from mabn.probes import BatchStatisticsProbe
@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
+    mabn.norms.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     runs = {mode: setup(mode) for mode in ("no probe", "off", "attached", "recording")}
 

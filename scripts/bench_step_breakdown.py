@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mabn
-import mabn.fused
+import mabn.norms.fused
 from mabn.benchmark import command, markdown_table, round_robin, setting, training_case
 from mabn.data.fashion_mnist import FashionMNIST
 from mabn.engine.sampling import EpochSampler, SeededSamples
@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
+    mabn.norms.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
     torch.set_num_threads(1)
     widths = tuple(int(w) for w in args.widths.split(","))
     train = FashionMNIST(train=True, augment=True)

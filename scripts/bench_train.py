@@ -23,9 +23,10 @@ from pathlib import Path
 
 import timm
 import torch
+from external_code import AuthorsCBN, load_module
 from torch import nn
 
-import mabn.fused
+import mabn.norms.fused
 from mabn import wire_norms
 from mabn.benchmark import (
     command,
@@ -39,7 +40,6 @@ from mabn.benchmark import (
     training_step_saved_bytes,
 )
 from mabn.export import build_model
-from mabn.external import AuthorsCBN, load_module
 from mabn.models import build_classifier
 from mabn.studies.reporting import publish
 
@@ -152,7 +152,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.peaks_to:
         follow_live_memory()  # before any tensor
-    mabn.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
+    mabn.norms.fused.use("1")  # the compiled kernels, as a long run uses them (MABN_FUSED=0: the eager ones)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

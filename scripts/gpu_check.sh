@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh
 # Parts and their time limits (seconds), run in this order, each stopped at its limit:
 #   smoke 60       one MABN layer forward/backward on CUDA: a broken machine costs a minute
-#   tests 150      tests/test_cuda.py (layers vs CPU float64, autocast, folding, probe, compiled
+#   tests 150      tests/norms/test_cuda.py (layers vs CPU float64, autocast, folding, probe, compiled
 #                  kernels vs eager, a training run with AMP, SyncBN over NCCL)
 #   norms 100      scripts/bench_norms.py: fp32 and fp16 x contiguous and channels_last, trimmed
 #   train 70       scripts/bench_train.py: ResNet-50 training step per norm (AMP, channels_last)
@@ -37,7 +37,7 @@ x = torch.randn(8, 64, 16, 16, device='cuda', requires_grad=True)
 layer(x).square().sum().backward(); torch.cuda.synchronize()
 assert torch.isfinite(x.grad).all(); print('mabn forward/backward on', torch.cuda.get_device_name())"
 [ "$failed" = 0 ] || { echo "[gpu_check] the smoke test failed: stopping (a broken machine)"; exit 1; }
-part tests 150 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part tests 150 "$python" -m pytest -q -p no:cacheprovider tests/norms/test_cuda.py
 part norms 100 bash -c "
 for layout in '' '--channels-last'; do for amp in '' '--autocast fp16'; do
   name=results/bench_norms_cuda\$( [ -n \"\$amp\" ] && echo _fp16)\$( [ -n \"\$layout\" ] && echo _channels_last).md

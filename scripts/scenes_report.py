@@ -1,4 +1,4 @@
-"""Table, AP curve, plot and claim-by-claim verdicts of the detection study (mabn.studies.detection),
+"""Table, AP curve, plot and claim-by-claim verdicts of the detection study (mabn.studies.scenes),
 from its run folders (what ``bash scripts/scenes_study.sh`` wrote) and the runs kept in results/:
 
     python scripts/scenes_report.py                      # runs/scenes_study -> results/
@@ -8,7 +8,7 @@ from its run folders (what ``bash scripts/scenes_study.sh`` wrote) and the runs 
 import argparse
 from pathlib import Path
 
-from mabn.studies.detection import write_report
+from mabn.studies.scenes import write_report
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # The eager kernels unless asked (MABN_FUSED=1): compiling the fused ones costs seconds per new
-# shape in every test process. tests/test_fused.py checks the fused kernels against the eager
+# shape in every test process. tests/norms/test_fused.py checks the fused kernels against the eager
 # ones; the training tests marked below run jobs end to end with them.
 os.environ.setdefault("MABN_FUSED", "0")
 

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
-from .. import fused
 from ..config import ConfigError, NormSpec, first_line, resolved
+from ..norms import fused
 from ..provenance import provenance
 from ..schedules import schedule_norms
 from . import checkpoint as ckpt
@@ -338,7 +338,7 @@ def summary_keys(cfg, norm: NormSpec, env, norm_schedule: dict) -> dict:
 
 
 def announce_start(cfg, norm: NormSpec, total_steps: int, step: int, env, run_dir: Path) -> None:
-    """One line saying what the run does, which norm kernels it uses (``mabn.fused`` mode), where
+    """One line saying what the run does, which norm kernels it uses (``mabn.norms.fused`` mode), where
     its folder is and when its time estimate comes; main process."""
     if env.is_main:
         label = norm.display_name

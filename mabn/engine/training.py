@@ -32,7 +32,7 @@ def norm_gammas(model: nn.Module) -> list[nn.Parameter]:
 def wire(model: nn.Module, norm: NormSpec) -> nn.Module:
     """``mabn.wire_norms`` as a run's norm config asks (``centralize_weights: false``: the ablation
     that trains MABN uncentralized; ``norm.recompute_weights=true``: computed conv weights
-    recomputed in the backward, ``mabn.reparametrized_conv``)."""
+    recomputed in the backward, ``mabn.norms.reparametrized_conv``)."""
     return wire_norms(model, centralize=norm.centralize_weights, recompute_weights=norm.recompute_weights)
 
 

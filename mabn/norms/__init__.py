@@ -14,14 +14,14 @@ Normalization batch: a per-device batch of N samples is split into N / b consecu
 groups of b samples, each normalized with its own statistics (b >= N, or None, is the
 ordinary behaviour). This is how the paper simulates "batch 2" at an SGD batch of 32.
 
-Kernels: in fp32 on CPU, once turned on, BN with groups, BRN and MABN train through ``mabn.fused``
+Kernels: in fp32 on CPU, once turned on, BN with groups, BRN and MABN train through ``mabn.norms.fused``
 (the plain formulas of ``batch_norm_train``/``batch_norm_backward`` and ``mabn_train``/``mabn_backward``,
 compiled), CBN takes its statistics and backward there (``group_moments``,
 ``compensated_backward``) and GN+WS its weight standardization; elsewhere through eager code
 around torch's batch-norm kernels. PowerNorm and the norm + activation layers run their own plain
 formulas, eager or compiled alike. Both kernels are checked
-against each other (tests/test_fused.py, tests/test_norm_act.py) and the eager code against
-references from the papers' formulas (tests/test_norms.py, tests/test_power_norm.py).
+against each other (tests/norms/test_fused.py, tests/norms/test_norm_act.py) and the eager code against
+references from the papers' formulas (tests/norms/test_norms.py, tests/norms/test_power_norm.py).
 
 None of the layers subclasses ``nn.BatchNorm2d``: torch's SyncBN conversion and
 detectron2's FrozenBN conversion decide by ``isinstance(m, BatchNorm2d)`` and would

@@ -1,5 +1,5 @@
 """BN with a normalization batch, Batch Renormalization (Ioffe, 2017) and SyncBN: their eager
-layers and the plain formulas that ``mabn.fused`` compiles."""
+layers and the plain formulas that ``mabn.norms.fused`` compiles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fused
+from . import fused
 from .kernels import (
     _GroupBatchNormFunction,
     accumulation_dtype,
@@ -100,12 +100,12 @@ def batch_norm_backward(dy, x, weight, mean, var, r, d, eps: float):
 
 def group_moments(x, groups: int):
     """Biased variance and mean per (group, channel), (G, C) each, in plain tensor ops (compiled by
-    ``mabn.fused`` for the layers that take their statistics apart from their step: CBN)."""
+    ``mabn.norms.fused`` for the layers that take their statistics apart from their step: CBN)."""
     return torch.var_mean(group_view(x, groups), dim=(1, 3), correction=0)
 
 
 class _FusedBatchNormFunction(torch.autograd.Function):
-    """``batch_norm_train`` and its backward, compiled (``mabn.fused``); saves x and (G, C) values."""
+    """``batch_norm_train`` and its backward, compiled (``mabn.norms.fused``); saves x and (G, C) values."""
 
     fused_forward, fused_backward = fused.Fused(batch_norm_train), fused.Fused(batch_norm_backward)
 
@@ -177,7 +177,7 @@ class _GroupedBatchStats(nn.Module):
     @torch.no_grad()
     def _group_stats(self, x, groups):
         """Biased variance and mean per (group, channel), shaped (G, C), and the group size
-        (the gradient through them is _GroupBatchNormFunction's); compiled where ``mabn.fused``
+        (the gradient through them is _GroupBatchNormFunction's); compiled where ``mabn.norms.fused``
         applies."""
         channels, count = x.shape[1], x.numel() // (groups * x.shape[1])
         if fused.applies(x, groups):

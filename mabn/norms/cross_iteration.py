@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from .. import fused
+from . import fused
 from .batch_norm import _GroupedBatchStats
 from .kernels import gradient_sums, group_view, normalize, num_groups, per_sample
 from .wired import NeedsWiring
@@ -25,7 +25,7 @@ def _input_gradient_terms(weight, mean, denom, share, scale: float, eps: float, 
 
 
 def compensated_backward(dy, x, weight, mean, denom, share, scale: float, eps: float):
-    """``_CompensatedNormFunction``'s backward in plain tensor ops, compiled by ``mabn.fused``: one
+    """``_CompensatedNormFunction``'s backward in plain tensor ops, compiled by ``mabn.norms.fused``: one
     reduction over dy and x, one pass that writes dx; returns dx, d gamma, d beta."""
     groups = len(mean)
     xg, dyg = group_view(x, groups), group_view(dy, groups)
@@ -44,7 +44,7 @@ class _CompensatedNormFunction(torch.autograd.Function):
     ``mean = past_mean + share * mu`` and ``var = scale * (past_second + share * nu - mean^2)``
     (clamped at 0): mu and nu, the group's own mean and second moment, are the only terms with
     a gradient; the past sums and the shares (1 / number of entries kept) are constants. The
-    backward is compiled where ``mabn.fused`` applies, else torch's batch-norm kernels."""
+    backward is compiled where ``mabn.norms.fused`` applies, else torch's batch-norm kernels."""
 
     fused_backward = fused.Fused(compensated_backward)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import fused
+from . import fused
 from .wired import NeedsWiring
 
 
@@ -64,7 +64,7 @@ STANDARDIZE = fused.Kernels(standardize, standardize_backward)
 class _StandardizeFunction(torch.autograd.Function):
     """``standardize`` keeping only W for the backward (autograd through the formula keeps three
     weight-sized tensors beside the standardized weight the conv keeps); compiled where
-    ``mabn.fused`` applies (eagerly, the standardization of a small detector's weights cost 0.7 of
+    ``mabn.norms.fused`` applies (eagerly, the standardization of a small detector's weights cost 0.7 of
     its BN iteration at one thread)."""
 
     @staticmethod

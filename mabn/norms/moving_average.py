@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fused
+from . import fused
 from .kernels import accumulation_dtype, gradient_sums, group_view, normalize, num_groups, per_sample
 from .wired import NeedsWiring
 
@@ -284,7 +284,7 @@ def mabn_backward(dy, x, weight, var, r, psi_window, use_window, eps: float):
 
 
 class _FusedMABNFunction(torch.autograd.Function):
-    """``mabn_train`` and ``mabn_backward``, compiled (``mabn.fused``); saves x and (G, C) values."""
+    """``mabn_train`` and ``mabn_backward``, compiled (``mabn.norms.fused``); saves x and (G, C) values."""
 
     fused_forward, fused_backward = fused.Fused(mabn_train), fused.Fused(mabn_backward)
 

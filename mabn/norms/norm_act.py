@@ -13,7 +13,7 @@ only its input, the parameters and per-(sample, channel) values for the backward
 the rest there (InPlace-ABN's idea, Rota Bulo et al., CVPR 2018): no more than BN + ReLU keeps,
 where autograd through timm's layers keeps three to six tensors of the input's size. The math is
 written once, as plain tensor functions (``*_train`` and ``*_backward``): eager by default,
-compiled by ``mabn.fused`` where BN's kernels are (fp32 on CPU, once turned on).
+compiled by ``mabn.norms.fused`` where BN's kernels are (fp32 on CPU, once turned on).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 
-from .. import fused
+from . import fused
 from .group_norm import groups_for
 from .kernels import accumulation_dtype, ema_states, group_view, num_groups, per_sample
 from .wired import NeedsWiring
@@ -171,7 +171,7 @@ class NormAct(torch.autograd.Function):
     """``kernels.train(x, *tensors, *options)`` (returning y and small values) in the forward, and
     ``kernels.backward(dy, x, *values, *kept tensors)`` (returning the gradients of x and of the first
     tensors) in the backward: x, the parameters and the small values are all it keeps. Compiled
-    (``mabn.fused``) where ``fused.applies`` to x split into ``groups``."""
+    (``mabn.norms.fused``) where ``fused.applies`` to x split into ``groups``."""
 
     @staticmethod
     def forward(ctx, kernels, options, groups, x, *tensors):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fused
+from . import fused
 from .kernels import group_view, num_groups, per_sample
 
 
@@ -108,7 +108,7 @@ KERNELS = fused.Kernels(powernorm_train, powernorm_backward)
 
 class _PowerFunction(torch.autograd.Function):
     """``powernorm_train`` and ``powernorm_backward`` as one autograd function, compiled
-    (``mabn.fused``) where ``fused.applies``: keeps x, the scaling's inverse root mean squares (1 /
+    (``mabn.norms.fused``) where ``fused.applies``: keeps x, the scaling's inverse root mean squares (1 /
     C-th of x per scaling group) and (G, C) values; the scaling is recomputed in the backward."""
 
     @staticmethod

@@ -84,7 +84,7 @@ def load_detection_checkpoint(checkpoint: Path, scratch: Path):
     detection run's ``checkpoint.pt``, at any step: evaluate it with ``run.evaluate()``."""
     from omegaconf import OmegaConf
 
-    from ..engine.detection.torchvision_engine import DetectionRun
+    from ..engine.coco.torchvision_engine import DetectionRun
     from ..engine.training import unwrap
 
     state = load_weights_only(checkpoint)  # a checkpoint runs no code when read

@@ -6,7 +6,7 @@ the recorded config of its kept run at the largest normalization batch, in fp32 
 a classifier on random images, and of Mask R-CNN (torchvision's engine) the backbone with its FPN.
 The model's own parameters and buffers are not counted; weights computed from them in the step
 are (MABN's centralized and GN+WS's standardized conv weights, kept unless a run recomputes them:
-``mabn.reparametrized_conv``)."""
+``mabn.norms.reparametrized_conv``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..benchmark import saved_bytes, training_step_saved_bytes
 from ..config import NormSpec
 from ..data.fashion_mnist import CLASSES
 from ..engine.classification import build_model
-from ..engine.detection.torchvision_engine import build_detector
+from ..engine.coco.torchvision_engine import build_detector
 from ..engine.distributed import Distributed
 from ..engine.training import prepare_model
 
