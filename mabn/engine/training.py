@@ -38,14 +38,18 @@ def wire(model: nn.Module, norm: NormSpec) -> nn.Module:
 
 def prepare_model(model: nn.Module, norm: NormSpec, env: Distributed, channels_last: bool = False) -> nn.Module:
     """Wire the norms to their convs and activations (``mabn.wire_norms``), centralize conv
-    weights for MABN (if configured), move to the device and wrap in DDP.
-
-    DDP does not broadcast buffers: every process keeps its own normalization statistics
-    (the paper's per-GPU statistics); syncbn synchronizes them itself."""
+    weights for MABN (if configured), move to the device and wrap in DDP (``wrap_ddp``)."""
     wire(model, norm)
     model.to(env.device)
     if channels_last and env.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    return wrap_ddp(model, env)
+
+
+def wrap_ddp(model: nn.Module, env: Distributed) -> nn.Module:
+    """``model`` in DDP over the processes (itself in one process), its buffers not synchronized:
+    every process keeps its own normalization statistics (the paper's per-GPU statistics);
+    syncbn synchronizes them itself."""
     if env.world_size == 1:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -34,7 +34,6 @@ Choices, and where they differ from detectron2's defaults:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -57,7 +56,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import HookBase, SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine import HookBase, SimpleTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -71,7 +70,7 @@ from ...schedules import schedule_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, init_distributed
 from ..run import Run, stop_step
-from ..training import build_sgd, unwrap, wire
+from ..training import build_sgd, unwrap, wire, wrap_ddp
 from .common import check_start, eval_every_steps_due
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
 from .detectron2_weights import load_backbone_weights
@@ -303,18 +302,7 @@ class Detectron2Run(Run):
 
     def fit(self) -> None:
         """Train from ``self.step`` to ``stop_step`` with detectron2's trainer and the run's hooks."""
-        device = self.env.device
-        if self.env.world_size > 1:
-            ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-            # statistics stay per process (the paper's per-GPU statistics); syncbn syncs itself
-            no_buffer_sync = (
-                {"forward_sync_buffers": False}
-                if "forward_sync_buffers" in ddp_options
-                else {"broadcast_buffers": False}
-            )
-            self.model = create_ddp_model(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
-            )
+        self.model = wrap_ddp(self.model, self.env)
         sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, self.step * self.cfg.batch)
         dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "train", self.train_dicts)
         loader = build_detection_train_loader(self.d2cfg, dataset=dataset, mapper=as_is, sampler=sampler)
