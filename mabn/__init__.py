@@ -20,6 +20,7 @@ _HOMES = {
         "PowerNorm2d",
         "SyncBatchNorm",
         "TokenNorm",
+        "set_micro_batch",
     ),
     ".registry": ("NORMS", "build_norm", "norm_layer", "register_norm"),
     ".wiring": ("centralize_weights", "wire_norms"),

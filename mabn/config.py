@@ -137,6 +137,7 @@ NUMERIC_KEYS = [
         for key in (
             "batch",
             "per_device_batch",
+            "accumulate_steps",
             "epochs",
             "max_steps",
             "stop_at_step",
@@ -169,6 +170,14 @@ NUMERIC_KEYS = [
         )
     ),
 ]
+
+
+def accumulate_steps(cfg: DictConfig) -> int:
+    """``accumulate_steps``, checked: micro-batches per optimizer step (1: no accumulation)."""
+    k = cfg.get("accumulate_steps", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"accumulate_steps={k} is not a whole number >= 1: use 1 (no accumulation) or more")
+    return k
 
 
 def check_numbers(cfg: DictConfig) -> None:

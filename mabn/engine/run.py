@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,8 +14,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, NormSpec, first_line, resolved
+from ..config import ConfigError, NormSpec, accumulate_steps, first_line, resolved
 from ..norms import fused
+from ..norms.accumulation import set_micro_batch
 from ..provenance import provenance
 from ..schedules import schedule_norms
 from . import checkpoint as ckpt
@@ -64,9 +66,10 @@ class Run:
     each step, and the start and end (logger, announcements, summary.json, model_final.pt).
 
     An engine's run sets ``cfg``, ``run_dir``, ``env``, ``norm`` (the ``NormSpec``), ``model``,
-    ``optimizer``, ``scheduler``, ``scaler``, ``images_per_step``, ``per_device_batch``,
-    ``total_steps``, ``stop_step`` and ``norm_schedule``, and defines ``fit`` (train with
-    ``hooks()`` to ``stop_step``), ``evaluate``, ``evaluation_due`` and ``summary``. While it
+    ``optimizer``, ``scheduler``, ``scaler``, ``amp``, ``per_device_batch`` (images per forward),
+    ``accumulate_steps``, ``images_per_step``, ``total_steps``, ``stop_step`` and
+    ``norm_schedule``, and defines ``fit`` (train with ``hooks()`` to ``stop_step``, each step
+    through ``optimizer_step``), ``evaluate``, ``evaluation_due`` and ``summary``. While it
     trains, ``last_loss`` and ``last_extras`` hold the current step's loss and its parts."""
 
     step, images_per_second, wandb_run_id, logger = 0, 0.0, None, None
@@ -109,6 +112,32 @@ class Run:
             hooks.Evaluation(),
             hooks.Checkpoints(),
         ]
+
+    def optimizer_step(self, micro_batches: list, loss_of, after_backward) -> None:
+        """One optimizer step on the step's ``micro_batches`` (``accumulate_steps`` of them, in
+        order; ``slices`` makes them): each micro-batch's loss (``loss_of(micro_batch) -> (loss,
+        extras)``, under autocast) is back-propagated divided by their number, the layers told which micro-batch runs
+        (``mabn.set_micro_batch``) and DDP's gradient all-reduce left to the last; then
+        ``after_backward()`` and the optimizer. ``last_loss`` and ``last_extras`` are the means
+        over the micro-batches."""
+        k = self.accumulate_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, parts = [], []
+        for index, micro_batch in enumerate(micro_batches):
+            if k > 1:
+                set_micro_batch(unwrap(self.model), index, k)
+            with torch.autocast(self.env.device.type, enabled=self.amp):
+                loss, extras = loss_of(micro_batch)
+            last = index == k - 1
+            with self.model.no_sync() if not last and hasattr(self.model, "no_sync") else nullcontext():
+                self.scaler.scale(loss if k == 1 else loss / k).backward()
+            losses.append(loss.detach())
+            parts.append(extras)
+        self.last_loss = losses[0] if k == 1 else torch.stack(losses).mean()
+        self.last_extras = parts[0] if k == 1 else {key: sum(p[key] for p in parts) / k for key in parts[0]}
+        after_backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def save(self) -> None:
         """Write the checkpoint after the current step (every engine: one format, one writer):
@@ -184,6 +213,7 @@ class Run:
         summary = {
             **self.summary(metrics),
             "images_per_second": self.images_per_second,
+            "images_per_step": self.images_per_step,
             "steps": self.step,
             **summary_keys(self.cfg, self.norm, self.env, self.norm_schedule),
         }
@@ -239,11 +269,11 @@ class TrainingRun(Run):
         self.model = prepare_model(model, self.norm, self.env, cfg.channels_last)
         self.amp = cfg.amp and self.env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.images_per_step = per_device_batch * self.env.world_size
+        self.accumulate_steps = accumulate_steps(cfg)
+        step_batch = per_device_batch * self.accumulate_steps  # a step's images on this device
+        self.images_per_step = step_batch * self.env.world_size
         self.optimizer = build_sgd(self.model, cfg.optim, self.images_per_step, self.norm.gamma_lr_factor)
-        self.sampler = EpochSampler(
-            len(train_set), per_device_batch, True, cfg.seed, self.env.rank, self.env.world_size
-        )
+        self.sampler = EpochSampler(len(train_set), step_batch, True, cfg.seed, self.env.rank, self.env.world_size)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -267,7 +297,7 @@ class TrainingRun(Run):
         from the global RNG (which the model's sampling uses), wherever a run resumes."""
         return DataLoader(
             dataset,
-            batch_size=self.per_device_batch,
+            batch_size=sampler.batch_size,
             sampler=sampler,
             num_workers=self.cfg.workers,
             pin_memory=self.env.device.type == "cuda",
@@ -293,16 +323,13 @@ class TrainingRun(Run):
             yield from self.loader(self.train_set, self.sampler)
 
     def train_step(self, batch, after_backward) -> None:
-        """One optimizer step on ``batch``; ``after_backward()`` runs before the weights change."""
+        """One optimizer step on ``batch`` (``optimizer_step``); ``after_backward()`` runs before
+        the weights change."""
         epoch = self.step // self.steps_per_epoch
-        with torch.autocast(self.env.device.type, enabled=self.amp):
-            loss, extras = self.loss(batch)
-        self.last_loss, self.last_extras = loss.detach(), {**extras, "epoch": epoch}
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        after_backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        k = self.accumulate_steps
+        micro_batches = [batch] if k == 1 else list(zip(*(slices(part, k) for part in batch)))  # (inputs, targets)
+        self.optimizer_step(micro_batches, self.loss, after_backward)
+        self.last_extras = {**self.last_extras, "epoch": epoch}
         self.scheduler.step()
         self.step += 1
 
@@ -314,6 +341,14 @@ class TrainingRun(Run):
             train_loop(self, self.hooks(), batches)
         finally:
             batches.close()  # the loader's worker processes end here
+
+
+def slices(samples, k: int) -> list:
+    """``samples`` (a tensor along its first dimension, or a list) as ``k`` equal slices, in order."""
+    if torch.is_tensor(samples):
+        return list(samples.chunk(k))
+    size = len(samples) // k
+    return [samples[i * size : (i + 1) * size] for i in range(k)]
 
 
 def stop_step(cfg, total_steps: int) -> int:
@@ -344,6 +379,8 @@ def announce_start(cfg, norm: NormSpec, total_steps: int, step: int, env, run_di
         label = norm.display_name
         model = OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "detector.name")
         per_device = OmegaConf.select(cfg, "per_device_batch", default=cfg.batch)
+        k = accumulate_steps(cfg)
+        per_device = f"{per_device} x {k} micro-batches per step" if k > 1 else per_device
         window = hooks.Estimate.WINDOW[1]
         estimate = f"a time estimate follows after {window} steps" if total_steps - step > window else "a short run"
         print(

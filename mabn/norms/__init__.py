@@ -5,7 +5,8 @@ relative PowerNorm.
 One module per family: ``kernels`` (the normalization batch and one-pass kernels),
 ``batch_norm`` (BN, BRN, SyncBN), ``moving_average`` (MABN), ``cross_iteration`` (CBN),
 ``group_norm`` (GN, LN, IN, GN + WS), ``norm_act`` (timm's EvoNorm and FRN layers),
-``power_norm`` (PowerNorm, and ``TokenNorm``: any of them over a transformer's tokens).
+``power_norm`` (PowerNorm, and ``TokenNorm``: any of them over a transformer's tokens);
+``accumulation`` (what the layers count under gradient accumulation: ``set_micro_batch``).
 
 Every layer takes the channel count first and accepts ``device``/``dtype``, so that timm,
 torchvision and detectron2 can build it through ``norm_layer(channels)``.
@@ -29,6 +30,7 @@ silently replace them. Parameter and buffer names follow ``nn.BatchNorm2d`` wher
 meaning is the same, so BN checkpoints load into ``BatchNorm2d``/``BatchRenorm2d``.
 """
 
+from .accumulation import set_micro_batch
 from .batch_norm import BatchNorm2d, BatchRenorm2d, SyncBatchNorm
 from .cross_iteration import CrossIterationBatchNorm2d
 from .group_norm import GroupNorm, GroupNormWS, InstanceNorm2d, LayerNorm2d
@@ -51,4 +53,5 @@ __all__ = [
     "EvoNormB0",
     "evonorm_s0",
     "frn",
+    "set_micro_batch",
 ]

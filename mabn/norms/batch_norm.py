@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .accumulation import StepCounted
 from .kernels import (
     _GroupBatchNormFunction,
     accumulation_dtype,
@@ -64,7 +65,8 @@ def batch_norm_train(
     """BatchNorm2d's grouped training forward (BatchRenorm2d's with ``num_iterations`` and its
     ``schedule`` (r_max, d_max, warmup_iters, r_max_iters, d_max_iters)) in plain tensor ops:
     y, the group statistics (mean, var) and BRN's (r, d), (G, C) each (1 and 0 for BN); the
-    buffers are updated in place, as the layers' eager code does."""
+    running statistics are updated in place, as the layers' eager code does (BRN counts its
+    iterations itself)."""
     channels = x.shape[1]
     xg = group_view(x, groups)
     var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
@@ -77,7 +79,6 @@ def batch_norm_train(
     r, d = torch.ones_like(var), torch.zeros_like(var)
     if schedule is not None:
         r_max, d_max = schedule_limits(num_iterations, schedule, running_var.dtype)
-        num_iterations.add_(1)
         r, d = renorm_factors(var, mean, states[:-1, :channels], states[:-1, channels:], r_max, d_max, eps)
     gain = torch.rsqrt(var + eps) * weight * r
     y = (xg - mean[:, None, :, None]) * gain[:, None, :, None] + (bias + weight * d)[:, None, :, None]
@@ -254,7 +255,7 @@ class BatchNorm2d(_GroupedBatchStats):
         )
 
 
-class BatchRenorm2d(_GroupedBatchStats):
+class BatchRenorm2d(StepCounted, _GroupedBatchStats):
     """Batch Renormalization (Ioffe, 2017) with a normalization batch.
 
     Per group: ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
@@ -316,7 +317,7 @@ class BatchRenorm2d(_GroupedBatchStats):
             return self._eval_forward(x)
         groups = num_groups(x.shape[0], self.normalization_batch)
         if fused.applies(x, groups):
-            return _FusedBatchNormFunction.apply(
+            y = _FusedBatchNormFunction.apply(
                 x,
                 self.weight,
                 self.bias,
@@ -329,14 +330,16 @@ class BatchRenorm2d(_GroupedBatchStats):
                 self.num_iterations,
                 self._schedule(),
             )
-        var, mean, count = self._group_stats(x, groups)
-        means, vars_ = self._running_states(var, mean, count)
-        r_max, d_max = self.limits()
-        self.num_iterations.add_(1)
-        r, d = renorm_factors(var, mean, means[:-1], vars_[:-1], r_max, d_max, self.eps)
-        # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
-        weight, bias = self.weight * r, self.bias + self.weight * d
-        return _GroupBatchNormFunction.apply(x, mean, var, weight, bias, self.eps)
+        else:
+            var, mean, count = self._group_stats(x, groups)
+            means, vars_ = self._running_states(var, mean, count)
+            r, d = renorm_factors(var, mean, means[:-1], vars_[:-1], *self.limits(), self.eps)
+            # gamma * (x_hat * r + d) + beta: batch norm with per-group weight gamma * r
+            weight, bias = self.weight * r, self.bias + self.weight * d
+            y = _GroupBatchNormFunction.apply(x, mean, var, weight, bias, self.eps)
+        if self.last_micro_batch():  # iterations are optimizer steps (mabn.norms.accumulation)
+            self.num_iterations.add_(1)
+        return y
 
 
 class _AllReduceSum(torch.autograd.Function):

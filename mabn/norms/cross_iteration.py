@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from . import fused
+from .accumulation import StepCounted
 from .batch_norm import _GroupedBatchStats
 from .kernels import gradient_sums, group_view, normalize, num_groups, per_sample
 from .wired import NeedsWiring
@@ -77,7 +78,7 @@ class _CompensatedNormFunction(torch.autograd.Function):
         return dx.to(dy.dtype), sum_dy_xhat.sum(0), sum_dy.sum(0), *[None] * 7
 
 
-class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
+class CrossIterationBatchNorm2d(StepCounted, NeedsWiring, _GroupedBatchStats):
     """Cross-Iteration BN (CBN), the authors' ``CBatchNorm2d`` (``two_stage=True``,
     ``out_p=False``), with a normalization batch.
 
@@ -94,7 +95,8 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
     running_mean) / (sqrt(running_var) + eps)``.
 
     Groups of a batch are consecutive steps, as MABN's (its preceding groups, whose weight is
-    today's, enter uncompensated). The derivatives are closed forms of a conv's weight
+    today's, enter uncompensated); so are the micro-batches of an accumulated step, while the
+    burn-in counts optimizer steps (``mabn.norms.accumulation``). The derivatives are closed forms of a conv's weight
     gradient (``dmu_c/dW[c]`` is the mean input patch, ``dnu_c/dW[c] = 2 mean(y_c * patch)``;
     for a grouped or depthwise conv, over the input channels of c's group, as the authors'
     ``autograd.grad`` gives them), computed only for the groups that stay in the buffer, where the authors call
@@ -194,7 +196,8 @@ class CrossIterationBatchNorm2d(NeedsWiring, _GroupedBatchStats):
         if not self.training:
             return self._eval_forward(x)
         groups = num_groups(x.shape[0], self.normalization_batch)
-        self.num_iterations.add_(1)
+        if self.first_micro_batch():  # iterations are optimizer steps (mabn.norms.accumulation)
+            self.num_iterations.add_(1)
         if not self._burned_in:
             self._burned_in = int(self.num_iterations) > self.burnin
         var, mean, count = self._group_stats(x, groups)

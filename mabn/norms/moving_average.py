@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
+from .accumulation import StepCounted
 from .kernels import accumulation_dtype, gradient_sums, group_view, normalize, num_groups, per_sample
 from .wired import NeedsWiring
 
@@ -58,7 +59,7 @@ def window_average(history: torch.Tensor, current: torch.Tensor):
     return averages, sequence[-window:]
 
 
-class MABN2d(NeedsWiring, nn.Module):
+class MABN2d(StepCounted, NeedsWiring, nn.Module):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020), docs/method.md.
 
     Per channel, with chi2 the second moment mean(x^2) of a normalization batch and psi the
@@ -82,6 +83,10 @@ class MABN2d(NeedsWiring, nn.Module):
       used to normalize, momentum 0.02 in PyTorch's convention (the paper's 0.98), and is set
       to that value on the first iteration (the ImageNet code; MABN.py starts it at 1);
     - eps = 1e-5.
+
+    Under gradient accumulation (``mabn.norms.accumulation``) each micro-batch's groups are the
+    next steps of the windows, while the iteration count and the EMA advance once per
+    optimizer step: k micro-batches of one group compute what one batch of k groups does.
 
     The authors' ImageNet layer (cls/networks/MABN.py) uses each group's own statistics on
     iteration 1, the window from iteration 2 on, and r = 1 for 99 iterations:
@@ -142,6 +147,9 @@ class MABN2d(NeedsWiring, nn.Module):
         self.register_buffer("chi2_window", torch.zeros(sma_window, num_features, device=device))
         self.register_buffer("psi_window", torch.zeros(sma_window, num_features, device=device))
         self.register_buffer("num_iterations", torch.tensor(0, dtype=torch.long, device=device))
+        # within an accumulated step only (a checkpoint falls between steps): not saved
+        self.register_buffer("step_offset", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("chi2_sum", torch.zeros(num_features, device=device), persistent=False)
 
     def extra_repr(self):
         return (
@@ -184,14 +192,23 @@ class MABN2d(NeedsWiring, nn.Module):
                 groups,
                 self._options(),
                 self.backward_stat == "batch",
+                self._micro(groups),
             )
         with torch.no_grad():
             var, r, use_window = mabn_statistics(
-                x, groups, self.ema_chi2, self.chi2_window, self.num_iterations, *self._options()
+                x, groups, self.ema_chi2, self.chi2_window, self.num_iterations, *self._options(), self._micro(groups)
             )
         if self.backward_stat == "batch":
             use_window = torch.zeros_like(use_window)
         return _MABNFunction.apply(x, self.weight, self.bias, var, r, self.psi_window, use_window, self.eps)
+
+    def _micro(self, groups: int):
+        """``mabn_statistics``'s ``micro`` for the current micro-batch (None without accumulation)."""
+        index, count = self.micro_batch
+        if count == 1:
+            return None
+        self.step_offset.fill_(index * groups)  # the step's groups before this micro-batch
+        return index == 0, index == count - 1, count, self.step_offset, self.chi2_sum
 
     def _options(self):
         """The statistics options of ``mabn_statistics``, in its order."""
@@ -206,12 +223,17 @@ class MABN2d(NeedsWiring, nn.Module):
         )
 
 
-def window_in_use(iteration, groups: int, sma_window: int, warmup_iters: int):
-    """(G, 1): whether each group's step (G steps per iteration) uses the window averages:
-    the window holds ``sma_window`` real statistics and warm-up is over."""
-    if groups == 1:
-        return (iteration >= max(sma_window, warmup_iters)).view(1, 1)
-    step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=iteration.device)
+def window_in_use(iteration, groups: int, sma_window: int, warmup_iters: int, micro=None):
+    """(G, 1): whether each group's step (G steps per iteration; under accumulation, ``micro``,
+    G per micro-batch) uses the window averages: the window holds ``sma_window`` real statistics
+    and warm-up is over."""
+    if micro is None:
+        if groups == 1:
+            return (iteration >= max(sma_window, warmup_iters)).view(1, 1)
+        step = (iteration - 1) * groups + torch.arange(1, groups + 1, device=iteration.device)
+    else:
+        _, _, count, offset, _ = micro
+        step = (iteration - 1) * groups * count + offset + torch.arange(1, groups + 1, device=iteration.device)
     return ((step >= sma_window) & (iteration >= warmup_iters)).unsqueeze(1)
 
 
@@ -228,22 +250,33 @@ def mabn_statistics(
     r_max: float,
     forward_stat: str,
     renorm: bool,
+    micro=None,
 ):
     """MABN2d's forward statistics: advance the chi2 window, the EMA and the iteration count (in
-    place); return the normalizing chi2, r and the SMA mask, (G, C), (G, C), (G, 1)."""
-    num_iterations.add_(1)
+    place); return the normalizing chi2, r and the SMA mask, (G, C), (G, C), (G, 1). Under
+    gradient accumulation, ``micro`` is (first, last, count, offset, chi2_sum) of the micro-batch
+    (``MABN2d._micro``): the iteration counts once per step, at the first micro-batch, and the
+    EMA moves once, at the last, to the mean over all the step's groups, as in one batch."""
+    if micro is None or micro[0]:
+        num_iterations.add_(1)
     iteration = num_iterations
     count = x.numel() // (groups * x.shape[1])
     squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=accumulation_dtype(x)).square()
     chi2 = squares.view(groups, -1, x.shape[1]).sum(1) / count
     chi2_sma, history = window_average(chi2_window, chi2)
     chi2_window.copy_(history)
-    use_window = window_in_use(iteration, groups, chi2_window.shape[0], warmup_iters)
+    use_window = window_in_use(iteration, groups, chi2_window.shape[0], warmup_iters, micro)
     smoothed = torch.where(use_window, chi2_sma, chi2)
     ema_before = ema_chi2.clone()
-    target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
-    moved = torch.lerp(ema_before, target.to(ema_before.dtype), momentum)
-    ema_chi2.copy_(torch.where(iteration == 1, target, moved))
+    if micro is None:
+        target = smoothed.mean(0)  # set on the first iteration, then moved by momentum
+    else:
+        first, last, count, _, chi2_sum = micro
+        chi2_sum.copy_(smoothed.sum(0) if first else chi2_sum + smoothed.sum(0))
+        target = chi2_sum / (groups * count)
+    if micro is None or last:
+        moved = torch.lerp(ema_before, target.to(ema_before.dtype), momentum)
+        ema_chi2.copy_(torch.where(iteration == 1, target, moved))
     if forward_stat == "batch":
         var = chi2
     elif forward_stat == "ema":
@@ -257,10 +290,12 @@ def mabn_statistics(
     return var, clipped, use_window
 
 
-def mabn_train(x, weight, bias, ema_chi2, chi2_window, num_iterations, groups: int, options, batch_backward: bool):
+def mabn_train(
+    x, weight, bias, ema_chi2, chi2_window, num_iterations, groups: int, options, batch_backward: bool, micro=None
+):
     """MABN2d's training forward in plain tensor ops: y, and the normalizing chi2, r and the
-    backward's SMA mask (``mabn_statistics``, whose ``options`` these are)."""
-    var, r, use_window = mabn_statistics(x, groups, ema_chi2, chi2_window, num_iterations, *options)
+    backward's SMA mask (``mabn_statistics``, whose ``options`` and ``micro`` these are)."""
+    var, r, use_window = mabn_statistics(x, groups, ema_chi2, chi2_window, num_iterations, *options, micro)
     if batch_backward:
         use_window = torch.zeros_like(use_window)
     gain = weight * r * torch.rsqrt(var + options[1])
@@ -290,10 +325,10 @@ class _FusedMABNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options, batch_backward
+        ctx, x, weight, bias, ema_chi2, chi2_window, psi_window, num_iterations, groups, options, batch_backward, micro
     ):
         y, var, r, use_window = _FusedMABNFunction.fused_forward(
-            x, weight, bias, ema_chi2, chi2_window, num_iterations, groups, options, batch_backward
+            x, weight, bias, ema_chi2, chi2_window, num_iterations, groups, options, batch_backward, micro
         )
         ctx.save_for_backward(x, weight.detach(), var, r, use_window)  # a plain tensor: one compiled graph
         ctx.psi_window = psi_window  # state advanced by backward, not a saved value

@@ -272,6 +272,18 @@ def test_stop_at_step_cuts_the_run_and_it_continues_exactly(scenes, tmp_path):
     assert all(torch.equal(value, final(tmp_path / "straight")[key]) for key, value in final(tmp_path / "cut").items())
 
 
+def test_accumulated_micro_batches_make_one_step_and_resume_exactly(scenes, tmp_path):
+    """accumulate_steps=2: the loader's 4 images per step in 2 micro-batches; stopped after step 1
+    and continued, the run ends as the one that never stopped."""
+    overrides = [*scenes, "norm=mabn", "max_steps=3", "log_every_steps=1", "accumulate_steps=2"]
+    straight = train(compose_config("train_coco", overrides), tmp_path / "straight")
+    assert straight["images_per_step"] == 4 and straight["steps"] == 3
+    train(compose_config("train_coco", [*overrides, "stop_at_step=1"]), tmp_path / "cut")
+    train(compose_config("train_coco", overrides), tmp_path / "cut")
+    losses = lambda d: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+
+
 @pytest.mark.multiprocess
 def test_two_process_ddp_with_torchrun(scenes, tmp_path):
     """One process per device started by torchrun (or SLURM), not by detectron2's launch()."""

@@ -102,6 +102,18 @@ def test_a_few_iterations_per_norm_report_ap(norm, scenes, tmp_path):
     assert all(f"final/eval/{k}" in logged[-1] for k in AP_KEYS)
 
 
+def test_accumulated_micro_batches_make_one_step(scenes, tmp_path):
+    """accumulate_steps=2: 2 micro-batches of 2 images per step, the lr scaled to the step's 4."""
+    cfg = compose_config("train_coco", [*scenes, "norm=mabn", "max_steps=2", "accumulate_steps=2"])
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 2 and summary["images_per_step"] == 4
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(
+        cfg.optim.base_lr * 4 / cfg.optim.reference_batch
+    )
+    assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [1, 2]
+
+
 def test_an_unreadable_val_image_is_evaluated_as_no_detections_not_as_its_stand_in(scenes, tmp_path, monkeypatch):
     own_scenes = [*scenes, f"data.root={tmp_path / 'scenes'}"]  # generated here: one file is deleted
     run = DetectionRun(compose_config("train_coco", [*own_scenes, "norm=bn", "data.max_bad_fraction=0.5"]), tmp_path)

@@ -269,9 +269,12 @@ def test_sweep_runs_every_job_on_the_cluster_and_logs_to_wandb_offline(sweep):
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 def test_requeued_job_resumes_and_ends_exactly_like_an_uninterrupted_run(sweep, tmp_path):
-    # checkpoints every 0.6 s; no evaluation before the end; 400 steps ~ 25 s of training
+    # checkpoints every 0.6 s; no evaluation before the end; 400 steps ~ 25 s of training; each
+    # step 2 accumulated micro-batches of 4 (the 8 images of TINY's step)
     overrides = [
         *TINY,
+        "per_device_batch=4",
+        "accumulate_steps=2",
         "norm=mabn",
         "batch=2",
         "seed=1",

@@ -19,7 +19,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data.datasets import register_coco_instances
 from detectron2.solver import build_lr_scheduler
 
-from ...config import ConfigError
+from ...config import ConfigError, accumulate_steps
 from ..distributed import Distributed, barrier
 from .common import split_paths
 
@@ -150,7 +150,7 @@ def build_detectron2_cfg(cfg, run_dir, env: Distributed | None = None) -> CfgNod
 
     optim, schedule = cfg.optim, cfg.schedule
     solver = d2.SOLVER
-    solver.IMS_PER_BATCH = cfg.batch * world_size
+    solver.IMS_PER_BATCH = cfg.batch * world_size * accumulate_steps(cfg)  # images per optimizer step
     solver.BASE_LR = optim.base_lr * solver.IMS_PER_BATCH / optim.reference_batch
     solver.MOMENTUM, solver.NESTEROV = optim.momentum, bool(optim.get("nesterov", False))
     solver.WEIGHT_DECAY = solver.WEIGHT_DECAY_NORM = optim.weight_decay  # on all parameters

@@ -64,12 +64,12 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from omegaconf.errors import OmegaConfBaseException
 
-from ...config import ConfigError, NormSpec, first_line
+from ...config import ConfigError, NormSpec, accumulate_steps, first_line
 from ...data.faults import SkipUnreadable
 from ...schedules import schedule_norms
 from .. import checkpoint as ckpt
 from ..distributed import Distributed, init_distributed
-from ..run import Run, stop_step
+from ..run import Run, slices, stop_step
 from ..training import build_sgd, unwrap, wire, wrap_ddp
 from .common import check_start, eval_every_steps_due
 from .detectron2_config import build_detectron2_cfg, build_lr_schedule
@@ -175,9 +175,9 @@ class _QuietFloatingPointError(logging.Filter):
 
 class Trainer(SimpleTrainer):
     """detectron2's SimpleTrainer with this suite's step for ``run`` (``mabn.engine.run.Run``):
-    autocast + gradient scaling when ``amp`` (as AMPTrainer), the step's loss and its parts in
-    the run's ``last_loss`` and ``last_extras`` for the hooks, and detectron2's own check of
-    non-finite boxes reported as the suite's non-finite-loss stop."""
+    the step through the run's ``optimizer_step`` (autocast and gradient scaling when ``amp``, as
+    AMPTrainer; gradient accumulation; the loss and its parts for the hooks), and detectron2's own
+    check of non-finite boxes reported as the suite's non-finite-loss stop."""
 
     def __init__(self, run, data_loader):
         super().__init__(run.model, data_loader, run.optimizer)
@@ -188,28 +188,24 @@ class Trainer(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
-        run = self.run
+        run, k = self.run, self.run.accumulate_steps
         if self.iter == self.start_iter:  # creating the loader's iterator draws a seed from torch's RNG:
             state = torch.get_rng_state()  # undone, so that a resumed run draws as an uninterrupted one
             data = next(self._data_loader_iter)
             torch.set_rng_state(state)
         else:
             data = next(self._data_loader_iter)
-        with torch.autocast(run.env.device.type, enabled=run.amp):
-            try:
-                loss_dict = self.model(data)
-            except FloatingPointError as error:  # detectron2's check of boxes and scores
-                raise FloatingPointError(
-                    f"{str(error).rstrip('.')} at step {self.iter}: stopped before updating the weights; the last "
-                    f"good checkpoint is kept at {run.checkpoint_path}; lower optim.base_lr or check the data"
-                ) from None
-            loss = sum(loss_dict.values())
-        run.last_loss, run.last_extras = loss.detach(), {f"train/{k}": v.detach() for k, v in loss_dict.items()}
-        self.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        self.after_backward()
-        run.scaler.step(self.optimizer)
-        run.scaler.update()
+        run.optimizer_step([data] if k == 1 else slices(data, k), self.loss, self.after_backward)
+
+    def loss(self, data) -> tuple[torch.Tensor, dict]:
+        try:
+            loss_dict = self.model(data)
+        except FloatingPointError as error:  # detectron2's check of boxes and scores
+            raise FloatingPointError(
+                f"{str(error).rstrip('.')} at step {self.iter}: stopped before updating the weights; the last "
+                f"good checkpoint is kept at {self.run.checkpoint_path}; lower optim.base_lr or check the data"
+            ) from None
+        return sum(loss_dict.values()), {f"train/{name}": v.detach() for name, v in loss_dict.items()}
 
 
 class AsDetectron2Hook(HookBase):
@@ -260,8 +256,9 @@ class Detectron2Run(Run):
                 f"the train split has {len(classes)} categories and the val split "
                 f"{self.d2cfg.MODEL.ROI_HEADS.NUM_CLASSES}: use splits of the same data set"
             )
-        self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH
-        self.per_device_batch = self.images_per_step // env.world_size
+        self.accumulate_steps = accumulate_steps(cfg)
+        self.images_per_step = self.d2cfg.SOLVER.IMS_PER_BATCH  # accumulate_steps micro-batches of batch
+        self.per_device_batch = cfg.batch
         self.total_steps = self.d2cfg.SOLVER.MAX_ITER
         self.stop_step = stop_step(cfg, self.total_steps)
         self.norm_schedule = schedule_norms(self.model, self.total_steps, self.norm)
@@ -303,7 +300,8 @@ class Detectron2Run(Run):
     def fit(self) -> None:
         """Train from ``self.step`` to ``stop_step`` with detectron2's trainer and the run's hooks."""
         self.model = wrap_ddp(self.model, self.env)
-        sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, self.step * self.cfg.batch)
+        seen = self.step * self.cfg.batch * self.accumulate_steps  # this process's images so far
+        sampler = ContinuedTrainingSampler(len(self.train_dicts), self.cfg.seed, seen)
         dataset = detection_dataset(self.d2cfg, self.cfg, self.run_dir, "train", self.train_dicts)
         loader = build_detection_train_loader(self.d2cfg, dataset=dataset, mapper=as_is, sampler=sampler)
         if self.rng_states is not None:
