@@ -158,6 +158,7 @@ NUMERIC_KEYS = [
         (key, 0, True)
         for key in (
             "workers",
+            "precise_stats.batches",
             "seed",
             "checkpoint_every_minutes",
             "optim.momentum",

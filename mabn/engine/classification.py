@@ -12,8 +12,10 @@ from ..data.imagenet import imagenet_datasets
 from ..data.synthetic import SyntheticImages
 from ..mimicnorm import center_after_steps, mimic
 from ..models import build_classifier
+from ..precise_statistics import precise_statistics
 from .distributed import all_reduce_sum
 from .run import TrainingRun
+from .sampling import EpochSampler
 from .training import norm_layer_from_config, unwrap
 
 
@@ -102,8 +104,24 @@ class ClassificationRun(TrainingRun):
             "eval/top5_error": 100 * (1 - counts[1].item() / counts[2].item()),
         }
 
+    def final_metrics(self) -> dict:
+        """With ``precise_stats.batches`` N: top-1/top-5 error with every norm's population statistics
+        recomputed over N training batches of the normalization batch (``mabn.precise_statistics``)."""
+        batches = self.cfg.get("precise_stats", {}).get("batches")
+        if not batches:
+            return {}
+        size = self.norm.options.get("normalization_batch") or self.per_device_batch
+        sampler = EpochSampler(len(self.train_set), size, True, self.cfg.seed, self.env.rank, self.env.world_size)
+        sampler.set_epoch(self.step // self.steps_per_epoch, 0)
+        inputs = (images.to(self.env.device) for images, _ in self.loader(self.train_set, sampler))
+        with precise_statistics(unwrap(self.model), inputs, batches) as used:
+            metrics = self.evaluate()
+        return {"eval/precise_batches": used, **{k.replace("eval/", "eval/precise_"): v for k, v in metrics.items()}}
+
     def summary(self, metrics):
-        return {"top1_error": metrics["eval/top1_error"], "top5_error": metrics["eval/top5_error"]}
+        summary = {"top1_error": metrics["eval/top1_error"], "top5_error": metrics["eval/top5_error"]}
+        precise = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/precise_")}
+        return summary | precise
 
 
 def train(cfg, run_dir) -> dict:

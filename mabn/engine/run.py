@@ -41,9 +41,16 @@ OPERATIONAL_KEYS = (
 )
 
 
+# keys added to the configs since runs were first checkpointed, at the values that compute what a
+# checkpoint without them computed: such a checkpoint still resumes
+ADDED_KEYS = {"accumulate_steps": 1, "precise_stats": {"batches": 0}}
+
+
 def run_identity(config: dict) -> dict:
     """The part of a resolved config that a resumed run must share with its checkpoint."""
-    return {k: v for k, v in config.items() if k not in OPERATIONAL_KEYS}
+    return {
+        k: v for k, v in config.items() if k not in OPERATIONAL_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)
+    }
 
 
 def load_run_checkpoint(run_dir: Path, cfg) -> dict | None:
@@ -88,6 +95,10 @@ class Run:
     def summary(self, metrics: dict) -> dict:
         """The engine's headline results for summary.json."""
         raise NotImplementedError
+
+    def final_metrics(self) -> dict:
+        """Metrics only the end of a run computes, beside the last evaluation's (none here)."""
+        return {}
 
     @property
     def checkpoint_path(self) -> Path:
@@ -209,7 +220,7 @@ class Run:
     def end(self) -> dict:
         """Log the final metrics and the summary, write model_final.pt and summary.json; returns
         the summary, with the config."""
-        metrics = self.metrics
+        metrics = self.metrics = {**self.metrics, **self.final_metrics()}
         summary = {
             **self.summary(metrics),
             "images_per_second": self.images_per_second,

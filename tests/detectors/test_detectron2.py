@@ -38,6 +38,7 @@ from mabn.engine.coco.detectron2_trainer import (  # noqa: E402
 )
 from mabn.engine.coco.detectron2_weights import load_backbone_weights  # noqa: E402
 from mabn.engine.hooks import Checkpoints, NonFiniteLoss  # noqa: E402
+from mabn.engine.run import Run  # noqa: E402
 from mabn.models import build_classifier  # noqa: E402
 from mabn.norms.centralization import is_centralized  # noqa: E402
 from mabn.norms.wired import NeedsWiring  # noqa: E402
@@ -331,17 +332,13 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_pa
 
     model = NaNModel()
     saved = []
-    run = SimpleNamespace(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        amp=False,
-        env=SimpleNamespace(device=torch.device("cpu")),
-        checkpoint_path=tmp_path / "checkpoint.pt",
-        cfg=SimpleNamespace(checkpoint_every_minutes=10),
-        evaluates_now=lambda: True,  # a checkpoint after every step, were there one
-        save=lambda: saved.append(run.step),
-    )
+    run = Run()  # the parts of a run that the step and these hooks read
+    run.model, run.optimizer = model, torch.optim.SGD(model.parameters(), lr=0.1)
+    run.scaler, run.amp, run.accumulate_steps = torch.amp.GradScaler("cpu", enabled=False), False, 1
+    run.env, run.run_dir = SimpleNamespace(device=torch.device("cpu")), tmp_path
+    run.cfg = SimpleNamespace(checkpoint_every_minutes=10)
+    run.evaluates_now = lambda: True  # a checkpoint after every step, were there one
+    run.save = lambda: saved.append(run.step)
     trainer = Trainer(run, iter(lambda: [{}], None))
     trainer.register_hooks([AsDetectron2Hook(run, hook) for hook in (NonFiniteLoss(), Checkpoints())])
     with pytest.raises(
