@@ -31,7 +31,9 @@ def run(norm: str, arm: list[str], steps: int, folder: Path) -> tuple[dict, dict
     tic = time.perf_counter()
     command = [sys.executable, "train_imagenet.py", f"norm={norm}", "batch=2", f"max_steps={steps}", *arm]
     command += ["log_every_steps=1", "workers=0", "fused_min_steps=1000000", f"hydra.run.dir={folder}"]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     return json.loads((folder / "summary.json").read_text()), losses, time.perf_counter() - tic

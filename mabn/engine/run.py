@@ -319,10 +319,10 @@ class TrainingRun(Run):
         )
 
     def val_sampler(self) -> EpochSampler:
-        """The validation set in order, split over the processes, nothing dropped."""
-        return EpochSampler(
-            len(self.val_set), self.per_device_batch, False, 0, self.env.rank, self.env.world_size, drop_last=False
-        )
+        """The validation set in order, split over the processes, nothing dropped, in batches of a
+        step's images per device (no activations are kept for a backward)."""
+        size = self.per_device_batch * self.accumulate_steps
+        return EpochSampler(len(self.val_set), size, False, 0, self.env.rank, self.env.world_size, drop_last=False)
 
     def batches(self):
         """Training batches from the current step on, epoch after epoch (each epoch's order

@@ -10,6 +10,7 @@ from run_files import train_losses
 
 from mabn.config import ConfigError
 from mabn.engine.classification import train
+from mabn.engine.run import run_identity
 
 COMMON = ["data=synthetic", "workers=0", "log_every_steps=1", "max_steps=12", "batch=2", "eval_every_epochs=100"]
 # each norm's counts short enough that the run crosses them (in optimizer steps, or PowerNorm's
@@ -59,3 +60,9 @@ def test_accumulate_steps_must_be_a_whole_number(tmp_path):
     with pytest.raises(ConfigError, match=r"accumulate_steps=0 is not a whole number >= 1"):
         run(tmp_path, "bad", "accumulate_steps=0")
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_from_before_accumulation_and_precise_statistics_still_resumes():
+    before = {"seed": 0, "batch": 2}  # a config written before the keys existed
+    assert run_identity({**before, "accumulate_steps": 1, "precise_stats": {"batches": 0}}) == run_identity(before)
+    assert run_identity({**before, "accumulate_steps": 2}) != run_identity(before)
