@@ -12,7 +12,8 @@ from mabn.config import ConfigError
 from mabn.engine.classification import train
 from mabn.engine.run import run_identity
 
-COMMON = ["data=synthetic", "workers=0", "log_every_steps=1", "max_steps=12", "batch=2", "eval_every_epochs=100"]
+COMMON = ["data=synthetic", "data.image_size=16", "model.options.widths=[16,16,32,32]", "workers=0"]
+COMMON += ["log_every_steps=1", "max_steps=12", "batch=2", "eval_every_epochs=100"]
 # each norm's counts short enough that the run crosses them (in optimizer steps, or PowerNorm's
 # in normalization batches)
 SCHEDULES = {
