@@ -16,6 +16,15 @@ def batches(steps, shape, dtype=torch.float64, seed=0):
         yield x, dy
 
 
+def forward_backward(layer, x, dy):
+    """Forward and backward of one iteration; returns y, dx, dweight, dbias."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+
 def assert_close(actual, expected, **kw):
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10, **kw)
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from reference_norms import ReferenceBRN, ReferenceMABN, assert_close, batches
+from reference_norms import ReferenceBRN, ReferenceMABN, assert_close, batches, forward_backward
 from torch import nn
 
 import mabn
@@ -26,15 +26,6 @@ ALL_NORMS = {
 }
 
 
-def run(layer, x, dy):
-    """Forward and backward of one iteration; returns y, dx, dweight, dbias."""
-    layer.zero_grad()
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dy)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
-
-
 @pytest.mark.parametrize("normalization_batch", [None, 8, 16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bn_full_batch_is_nn_batchnorm(normalization_batch, channels_last):
@@ -43,7 +34,7 @@ def test_bn_full_batch_is_nn_batchnorm(normalization_batch, channels_last):
     for x, dy in batches(3, (8, 5, 4, 3)):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        for a, b in zip(run(ours, x, dy), run(torch_bn, x, dy)):
+        for a, b in zip(forward_backward(ours, x, dy), forward_backward(torch_bn, x, dy)):
             assert_close(a, b)
     assert_close(ours.running_mean, torch_bn.running_mean)
     assert_close(ours.running_var, torch_bn.running_var)
@@ -58,7 +49,7 @@ def test_bn_groups_are_per_group_batchnorm(channels_last, shape):
     for x, dy in batches(3, shape):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        y, dx, dw, db = run(ours, x, dy)
+        y, dx, dw, db = forward_backward(ours, x, dy)
         torch_bn.zero_grad()
         xr = x.clone().requires_grad_(True)
         yr = torch.cat([torch_bn(chunk) for chunk in xr.split(2)])
@@ -109,7 +100,7 @@ def test_mabn_matches_step_by_step_reference(batch, normalization_batch, window)
     for x, dy in batches(40, (batch, channels, 3, 2)):
         ema_before = reference.ema.clone()
         expected = reference.step(x, dy, layer.weight.detach(), layer.bias.detach(), normalization_batch)
-        for got, want in zip(run(layer, x, dy), expected):
+        for got, want in zip(forward_backward(layer, x, dy), expected):
             assert_close(got, want)
         assert_close(layer.ema_chi2, reference.ema)
         if reference.iteration > 12:
@@ -133,8 +124,8 @@ def test_channels_last_inputs_give_the_contiguous_results(name, options):
     contiguous = mabn.build_norm(name, 5, **options).double()
     channels_last = copy.deepcopy(contiguous)
     for x, dy in batches(5, (8, 5, 4, 3)):
-        x_cl = x.to(memory_format=torch.channels_last)
-        for a, b in zip(run(contiguous, x, dy), run(channels_last, x_cl, dy.to(memory_format=torch.channels_last))):
+        x_cl, dy_cl = (t.to(memory_format=torch.channels_last) for t in (x, dy))
+        for a, b in zip(forward_backward(contiguous, x, dy), forward_backward(channels_last, x_cl, dy_cl)):
             assert_close(b, a)
     for (key, a), b in zip(contiguous.state_dict().items(), channels_last.state_dict().values()):
         assert_close(b, a, msg=key)
@@ -157,7 +148,7 @@ def test_mabn_ablations_match_reference(options, normalization_batch):
     reference = ReferenceMABN(3, 3, warmup_iters=2, renorm_warmup_iters=4, r_max=1.1, **options)
     for x, dy in batches(10, (4, 3, 3, 2)):
         expected = reference.step(x, dy, layer.weight.detach(), layer.bias.detach(), normalization_batch or 4)
-        for got, want in zip(run(layer, x, dy), expected):
+        for got, want in zip(forward_backward(layer, x, dy), expected):
             assert_close(got, want)
         assert_close(layer.ema_chi2, reference.ema)
 
@@ -207,7 +198,7 @@ def test_brn_without_relaxation_is_bn(normalization_batch):
     ).double()
     bn = BatchNorm2d(4, normalization_batch=normalization_batch, momentum=0.2).double()
     for x, dy in batches(4, (8, 4, 3, 3)):
-        for a, b in zip(run(brn, x, dy), run(bn, x, dy)):
+        for a, b in zip(forward_backward(brn, x, dy), forward_backward(bn, x, dy)):
             assert_close(a, b)
     assert_close(brn.running_mean, bn.running_mean)
     assert_close(brn.running_var, bn.running_var)
@@ -222,7 +213,7 @@ def test_brn_matches_reference_across_schedule(normalization_batch):
     with torch.no_grad():
         layer.weight.copy_(gamma)
     for x, dy in batches(12, (8, 3, 3, 2)):
-        y, dx, dw, db = run(layer, x, dy)
+        y, dx, dw, db = forward_backward(layer, x, dy)
         xr = x.clone().requires_grad_(True)
         gr = gamma.clone().requires_grad_(True)
         br = torch.zeros(3, dtype=torch.float64, requires_grad=True)

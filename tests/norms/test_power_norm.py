@@ -6,20 +6,12 @@ checkout of github sIncerass/powernorm outside this repository)."""
 import pytest
 import torch
 from authors_code import authors_module
-from reference_norms import ReferencePowerNorm, assert_close, batches
+from reference_norms import ReferencePowerNorm, assert_close, batches, forward_backward
 
 import mabn
 from mabn.norms import PowerNorm2d, TokenNorm
 
 OPTIONS = {"warmup_iters": 3, "alpha_fwd": 0.8, "alpha_bkw": 0.7}
-
-
-def run(layer, x, dy):
-    layer.zero_grad()
-    x = x.clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dy)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
 
 
 @pytest.mark.parametrize("normalization_batch", [None, 2, 4])
@@ -32,7 +24,7 @@ def test_powernorm_matches_the_step_by_step_reference_through_warm_up(normalizat
         layer.bias.uniform_(-0.5, 0.5)
     gamma, beta = layer.weight.detach().clone(), layer.bias.detach().clone()
     for step, (x, dy) in enumerate(batches(5, (8, 4, 3, 3))):  # steps 1-2-... cross the warm-up of 3
-        got = run(layer, x, dy)
+        got = forward_backward(layer, x, dy)
         expected = reference.step(x, dy, gamma, beta, normalization_batch)
         for name, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, expected):
             assert_close(a, b, msg=lambda m, name=name, step=step: f"step {step}, {name}: {m}")
