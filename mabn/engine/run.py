@@ -321,7 +321,7 @@ class TrainingRun(Run):
     def val_sampler(self) -> EpochSampler:
         """The validation set in order, split over the processes, nothing dropped, in batches of a
         step's images per device (no activations are kept for a backward)."""
-        size = self.per_device_batch * self.accumulate_steps
+        size = self.sampler.batch_size
         return EpochSampler(len(self.val_set), size, False, 0, self.env.rank, self.env.world_size, drop_last=False)
 
     def batches(self):
@@ -337,9 +337,8 @@ class TrainingRun(Run):
         """One optimizer step on ``batch`` (``optimizer_step``); ``after_backward()`` runs before
         the weights change."""
         epoch = self.step // self.steps_per_epoch
-        k = self.accumulate_steps
-        micro_batches = [batch] if k == 1 else list(zip(*(slices(part, k) for part in batch)))  # (inputs, targets)
-        self.optimizer_step(micro_batches, self.loss, after_backward)
+        parts = (slices(part, self.accumulate_steps) for part in batch)  # (inputs, targets)
+        self.optimizer_step(list(zip(*parts)), self.loss, after_backward)
         self.last_extras = {**self.last_extras, "epoch": epoch}
         self.scheduler.step()
         self.step += 1
@@ -355,7 +354,10 @@ class TrainingRun(Run):
 
 
 def slices(samples, k: int) -> list:
-    """``samples`` (a tensor along its first dimension, or a list) as ``k`` equal slices, in order."""
+    """``samples`` (a tensor along its first dimension, or a list) as ``k`` equal slices, in order
+    (itself, for one)."""
+    if k == 1:
+        return [samples]
     if torch.is_tensor(samples):
         return list(samples.chunk(k))
     size = len(samples) // k

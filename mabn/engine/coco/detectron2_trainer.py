@@ -188,14 +188,14 @@ class Trainer(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
-        run, k = self.run, self.run.accumulate_steps
+        run = self.run
         if self.iter == self.start_iter:  # creating the loader's iterator draws a seed from torch's RNG:
             state = torch.get_rng_state()  # undone, so that a resumed run draws as an uninterrupted one
             data = next(self._data_loader_iter)
             torch.set_rng_state(state)
         else:
             data = next(self._data_loader_iter)
-        run.optimizer_step([data] if k == 1 else slices(data, k), self.loss, self.after_backward)
+        run.optimizer_step(slices(data, run.accumulate_steps), self.loss, self.after_backward)
 
     def loss(self, data) -> tuple[torch.Tensor, dict]:
         try:
